@@ -1,0 +1,12 @@
+//! cdp: a customer data platform run from one YAML manifest in git.
+//!
+//! Data flows sources → validate and map → identity resolution → profiles →
+//! audiences → destinations. This crate holds every stage as a library; the
+//! `cdp` binary is a thin command-line shell over it.
+//!
+//! Modules, in the order dependencies point: [`manifest`] (the typed manifest
+//! and its validation) ← [`audience`] (the rule language) ← [`cli`].
+
+pub mod audience;
+pub mod cli;
+pub mod manifest;
