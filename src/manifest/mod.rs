@@ -168,6 +168,10 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
         );
         return Loaded { manifest: None, diagnostics, source: None };
     }
+    // Top-level `x-…` keys are extension fields, ignored: a place to define anchors.
+    if let Value::Object(map) = &mut value {
+        map.retain(|k, _| !k.starts_with("x-"));
+    }
     diagnostics.extend(env::interpolate(&mut value, &spans, opts.env, opts.env_mode));
     diagnostics.extend(schema::check(&value, &spans));
     let (manifest, ghosts) = lenient(&value);
@@ -187,6 +191,11 @@ pub struct Ghosts {
 }
 
 impl Ghosts {
+    /// Whether every entry type-checked.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.sections.is_empty()
+    }
+
     /// Whether references into `section` to `name` should be trusted to exist.
     pub fn covers(&self, section: &'static str, name: &str) -> bool {
         self.sections.contains(section) || self.names.contains(&(section, name.to_owned()))

@@ -62,6 +62,10 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let allowed = allowed_keys(&pointer);
             for key in unexpected {
+                if key == "<<" {
+                    // The YAML reader already reported the merge key itself.
+                    continue;
+                }
                 let child = push_segment(&pointer, key);
                 let mut d = Diagnostic::error(
                     diag::UNKNOWN_KEY,
@@ -71,6 +75,10 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
                 .at(spans.key(&child));
                 d = match super::suggest(key, allowed.iter().map(String::as_str)) {
                     Some(s) => d.hint(format!("did you mean `{s}`?")),
+                    None if pointer.is_empty() => d.hint(format!(
+                        "allowed keys: {}; top-level keys starting with `x-` are ignored (a place for anchors)",
+                        allowed.join(", ")
+                    )),
                     None if !allowed.is_empty() => d.hint(format!("allowed keys: {}", allowed.join(", "))),
                     None => d,
                 };
@@ -87,9 +95,9 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
                 Diagnostic::error(diag::WRONG_TYPE, &path, format!("{here} must be {expected}, found {found}")).at(at);
             if expected.contains("string") && !instance.is_object() && !instance.is_array() {
                 d = d.hint("quote the value");
-            } else if expected.contains("object") {
+            } else if expected.contains("mapping") {
                 d = d.hint("write a mapping of `key: value` lines, indented under this key");
-            } else if expected.contains("array") {
+            } else if expected.contains("list") {
                 d = d.hint("write a list: `[a, b]` or one `- item` per line");
             }
             out.push(d);
@@ -110,6 +118,23 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
                 .as_array()
                 .map(|a| a.iter().filter_map(|o| o.as_str().map(str::to_owned)).collect())
                 .unwrap_or_default();
+            let got = instance.as_str().map_or_else(|| describe(instance), |s| format!("`{s}`"));
+            let mut d = Diagnostic::error(diag::NOT_ALLOWED, &path, format!("{got} is not allowed for {here}")).at(at);
+            d = match instance.as_str().and_then(|s| super::suggest(s, opts.iter().map(String::as_str))) {
+                Some(s) => d.hint(format!("did you mean `{s}`? allowed: {}", opts.join(", "))),
+                None => d.hint(format!("allowed: {}", opts.join(", "))),
+            };
+            out.push(d);
+        }
+        ValidationErrorKind::AnyOf { .. } | ValidationErrorKind::OneOfNotValid { .. }
+            if constants(e, &pointer).is_some() =>
+        {
+            // A documented enum is a `oneOf` of constants: report it like `enum`.
+            let opts: Vec<String> = constants(e, &pointer)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|o| o.as_str().map(str::to_owned))
+                .collect();
             let got = instance.as_str().map_or_else(|| describe(instance), |s| format!("`{s}`"));
             let mut d = Diagnostic::error(diag::NOT_ALLOWED, &path, format!("{got} is not allowed for {here}")).at(at);
             d = match instance.as_str().and_then(|s| super::suggest(s, opts.iter().map(String::as_str))) {
@@ -149,8 +174,38 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
             }
         }
         _ => {
-            out.push(Diagnostic::error(diag::OUT_OF_RANGE, &path, format!("{here}: {}", e.masked())).at(at));
+            let mut d = Diagnostic::error(diag::OUT_OF_RANGE, &path, format!("{here}: {}", e.masked())).at(at);
+            if let Some((parent, key)) = pointer.rsplit_once('/')
+                && let Some(desc) = field_description(parent, key)
+            {
+                d = d.hint(first_sentence(&desc));
+            }
+            out.push(d);
         }
+    }
+}
+
+/// The constants a choice allows, when every branch is a constant (or `null`
+/// for an optional value).
+fn constants(e: &jsonschema::ValidationError<'_>, pointer: &str) -> Option<Vec<Value>> {
+    match e.kind() {
+        ValidationErrorKind::Constant { expected_value } => Some(vec![(**expected_value).clone()]),
+        ValidationErrorKind::Enum { options } => options.as_array().cloned(),
+        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => {
+            let mut all = Vec::new();
+            for branch in context {
+                let null_branch = branch.iter().all(|x| {
+                    matches!(x.kind(), ValidationErrorKind::Type { .. }) && x.instance_path().to_string() == pointer
+                });
+                if null_branch && !branch.is_empty() {
+                    continue;
+                }
+                let [only] = branch.as_slice() else { return None };
+                all.extend(constants(only, pointer)?);
+            }
+            (!all.is_empty()).then_some(all)
+        }
+        _ => None,
     }
 }
 
@@ -236,12 +291,17 @@ fn allowed_keys(pointer: &str) -> Vec<String> {
 
 fn field_description(pointer: &str, name: &str) -> Option<String> {
     let s = schema_at(pointer)?.get("properties")?.get(name)?;
+    let own = s.get("description").and_then(Value::as_str);
     let s = resolve(schema(), s).unwrap_or(s);
-    s.get("description").and_then(Value::as_str).map(str::to_owned)
+    own.or_else(|| s.get("description").and_then(Value::as_str)).map(str::to_owned)
 }
 
 fn shape_hint(pointer: &str) -> String {
-    match schema_at(pointer).and_then(|s| s.get("description")).and_then(Value::as_str) {
+    let described = pointer
+        .rsplit_once('/')
+        .and_then(|(parent, key)| field_description(parent, &key.replace("~1", "/").replace("~0", "~")));
+    match described.as_deref().or_else(|| schema_at(pointer).and_then(|s| s.get("description")).and_then(Value::as_str))
+    {
         Some(d) => first_sentence(d),
         None => "see the manifest reference in the README".into(),
     }
