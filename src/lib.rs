@@ -8,5 +8,6 @@
 //! and its validation) ← [`audience`] (the rule language) ← [`cli`].
 
 pub mod audience;
+pub mod bench;
 pub mod cli;
 pub mod manifest;

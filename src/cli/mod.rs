@@ -27,8 +27,28 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
-    /// Print the manifest's JSON Schema.
-    Schema,
+    /// Print the manifest's JSON Schema (or its Markdown field reference).
+    Schema {
+        /// Print the field reference as Markdown instead (the README embeds it).
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Benchmarks, each next to a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Validate a generated manifest; compare with a bare YAML scan; time hostile inputs.
+    Validate {
+        /// Lines of the generated manifest.
+        #[arg(long, default_value_t = 5_000)]
+        lines: usize,
+        /// Runs per measurement (the median is shown).
+        #[arg(long, default_value_t = 11)]
+        runs: usize,
+    },
 }
 
 /// Output formats of `validate`.
@@ -47,8 +67,16 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file, format } => validate::run(&file, format),
-        Command::Schema => {
-            print!("{}", crate::manifest::schema::schema_text());
+        Command::Bench(Bench::Validate { lines, runs }) => {
+            print!("{}", crate::bench::validate::run(lines, runs));
+            ExitCode::SUCCESS
+        }
+        Command::Schema { markdown } => {
+            if markdown {
+                print!("{}", crate::manifest::schema::reference_markdown());
+            } else {
+                print!("{}", crate::manifest::schema::schema_text());
+            }
             ExitCode::SUCCESS
         }
     }

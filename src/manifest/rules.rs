@@ -121,8 +121,7 @@ impl<'a> Ctx<'a> {
             let fields = value.split_whitespace().count();
             // The parser's message echoes the input with a caret; keep its explanation only.
             let text = e.to_string();
-            let detail =
-                text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != value.trim() && *l != "^").last();
+            let detail = text.lines().map(str::trim).rfind(|l| !l.is_empty() && *l != value.trim() && *l != "^");
             let msg = match detail {
                 Some(d) if !d.chars().all(|c| c == '^' || c == ' ') => {
                     format!("`{value}` is not a valid cron schedule: {d}")
@@ -169,9 +168,9 @@ impl<'a> Ctx<'a> {
             self.hint("lowercase letters, digits, `-` and `_`, starting with a letter, e.g. `acme-retail`");
         }
         let url = &self.m.storage.url;
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
-            && !super::env::is_reference(url)
-        {
+        let supported =
+            url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !supported && !super::env::is_reference(url) {
             self.err(diag::BAD_STORAGE, "/storage/url", format!("`{url}` is not a supported storage URL"));
             self.hint("use `sqlite://PATH` (embedded) or `postgres://USER@HOST:PORT/DB`");
         }
@@ -971,15 +970,8 @@ impl<'a> Ctx<'a> {
         for (n, c) in &m.model.computed {
             s.var(n.clone(), self.computed_type(c));
         }
-        for (n, p) in &m.model.predicted {
-            s.var(
-                n.clone(),
-                if p.model == PredictModel::Bgnbd || p.model == PredictModel::Clv {
-                    Type::Number
-                } else {
-                    Type::Number
-                },
-            );
+        for n in m.model.predicted.keys() {
+            s.var(n.clone(), Type::Number);
         }
         for p in &m.consent.purposes {
             s.var(format!("consent.{p}"), Type::Bool);

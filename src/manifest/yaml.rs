@@ -16,7 +16,7 @@ use std::collections::HashMap;
 /// Deepest nesting of mappings and sequences accepted.
 pub const MAX_DEPTH: usize = 64;
 /// Most values (scalars, mappings, sequences, counting alias copies) accepted.
-pub const MAX_NODES: usize = 1_000_000;
+pub const MAX_NODES: usize = 250_000;
 
 /// Where each key and value of the document sits, by JSON pointer.
 #[derive(Debug, Default)]

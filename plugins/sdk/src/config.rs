@@ -15,7 +15,7 @@ use crate::error::ConnectorError;
 /// use serde::Deserialize;
 /// use cdp_plugin_sdk::parse_config;
 ///
-/// #[derive(Deserialize)]
+/// #[derive(Debug, Deserialize)]
 /// struct Config { file: String, #[serde(default)] has_header: Option<bool> }
 ///
 /// let cfg: Config = parse_config(r#"{"file": "/input/a.csv"}"#)?;

@@ -1,0 +1,26 @@
+//! Benchmarks behind `cdp bench …`. Each one measures cdp next to a baseline
+//! taken in the same run on the same machine and prints the ratio, so figures
+//! from noisy machines still compare. They are commands, not timed tests.
+
+pub mod validate;
+
+use std::time::{Duration, Instant};
+
+/// Runs `f` `runs` times and returns the median duration and the last result.
+pub fn median<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut times = Vec::with_capacity(runs);
+    let mut last = None;
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        let out = f();
+        times.push(start.elapsed());
+        last = Some(out);
+    }
+    times.sort();
+    (times[times.len() / 2], last.expect("at least one run"))
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
