@@ -5,9 +5,14 @@
 //! `cdp` binary is a thin command-line shell over it.
 //!
 //! Modules, in the order dependencies point: [`manifest`] (the typed manifest
-//! and its validation) ← [`audience`] (the rule language) ← [`cli`].
+//! and its validation) ← pure domain: [`audience`] (the rule language),
+//! [`identity`] (normalisation and resolution), [`ingest`] (mapping records
+//! onto the model) ← [`store`] (SQLite/PostgreSQL) ← [`cli`], [`bench`].
 
 pub mod audience;
 pub mod bench;
 pub mod cli;
+pub mod identity;
+pub mod ingest;
 pub mod manifest;
+pub mod store;

@@ -1,17 +1,23 @@
 //! Command-line interface: argument parsing and dispatch only. Each command
-//! lives in its own file and returns an exit code; `main` maps errors to the
-//! codes of the CLI contract (see README).
+//! lives in its own file; `run` maps results to the exit codes of the CLI
+//! contract (see README) and prints error chains.
 
+mod ingest;
+mod profile;
 mod validate;
 
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// cdp: a customer data platform run from one YAML manifest in git.
 #[derive(Debug, Parser)]
 #[command(name = "cdp", version, about, long_about = None)]
 pub struct Cli {
+    /// The manifest file (`-` reads standard input, for `validate`).
+    #[arg(short = 'f', long = "file", global = true, default_value = "cdp.yaml")]
+    pub file: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -20,9 +26,6 @@ pub struct Cli {
 pub enum Command {
     /// Check a manifest: syntax, schema and semantic rules, all at once, offline.
     Validate {
-        /// The manifest file (`-` reads standard input).
-        #[arg(short = 'f', long = "file", default_value = "cdp.yaml")]
-        file: PathBuf,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
@@ -33,9 +36,54 @@ pub enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// Load records from a JSON Lines or CSV file as if SOURCE had produced them.
+    Ingest {
+        /// The source (from `sources`) whose mapping applies.
+        source: String,
+        /// The input file: `.csv` with a header row, anything else JSON Lines.
+        #[arg(long = "input", short = 'i')]
+        input: PathBuf,
+        /// Records per transaction.
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+        /// Skip the lines a previous ingest of this file already committed.
+        #[arg(long)]
+        resume: bool,
+        /// Write every rejected line (number and reason) to this JSON Lines file.
+        #[arg(long)]
+        rejects: Option<PathBuf>,
+        /// No progress bar or summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Golden records: look up, explain and split profiles.
+    #[command(subcommand)]
+    Profile(ProfileCmd),
     /// Benchmarks, each next to a baseline measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCmd {
+    /// The golden record: identifiers, traits with provenance, consent, audiences, recent events.
+    Get {
+        /// An identifier of the person, e.g. `email=ada@example.org`.
+        key_value: String,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+        /// How many recent events to show.
+        #[arg(long, default_value_t = 20)]
+        events: usize,
+    },
+    /// Why these identifiers were joined: the records and rules behind each.
+    Explain {
+        key_value: String,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Split one identifier off its profile for good (recorded in the ledger).
+    Unmerge { key_value: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,33 +99,101 @@ pub enum Bench {
     },
 }
 
-/// Output formats of `validate`.
+/// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// Source lines with carets, for people.
+    /// For people.
     Human,
-    /// `{"valid": bool, "diagnostics": [...]}`.
+    /// Stable JSON (see README).
     Json,
-    /// GitHub Actions annotations (`::error file=…,line=…::…`).
+    /// GitHub Actions annotations (`validate` only).
     Github,
 }
 
 /// Parses arguments and runs the command.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { file, format } => validate::run(&file, format),
-        Command::Bench(Bench::Validate { lines, runs }) => {
-            print!("{}", crate::bench::validate::run(lines, runs));
-            ExitCode::SUCCESS
-        }
+    init_tracing();
+    let file = cli.file;
+    let result = match cli.command {
+        Command::Validate { format } => return validate::run(&file, format),
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", crate::manifest::schema::reference_markdown());
             } else {
                 print!("{}", crate::manifest::schema::schema_text());
             }
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(Bench::Validate { lines, runs }) => {
+            print!("{}", crate::bench::validate::run(lines, runs));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest { source, input, batch, resume, rejects, quiet } => block_on(async {
+            ingest::run(ingest::Args {
+                manifest: &file,
+                source: &source,
+                file: &input,
+                batch,
+                resume,
+                rejects: rejects.as_deref(),
+                quiet,
+            })
+            .await
+            .map(|_| ExitCode::SUCCESS)
+        }),
+        Command::Profile(cmd) => block_on(async {
+            match cmd {
+                ProfileCmd::Get { key_value, format, events } => profile::get(&file, &key_value, format, events).await,
+                ProfileCmd::Explain { key_value, format } => profile::explain(&file, &key_value, format).await,
+                ProfileCmd::Unmerge { key_value } => profile::unmerge(&file, &key_value).await,
+            }
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
         }
     }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
+}
+
+/// Loads a manifest for a command that acts on it: errors stop the command,
+/// with the same diagnostics `validate` prints.
+pub(crate) fn load_manifest(path: &Path) -> Result<(crate::manifest::Manifest, PathBuf)> {
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let loaded = crate::manifest::load_file(path, &crate::manifest::Options::validate(&base))?;
+    if loaded.has_errors() {
+        let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
+        eprint!(
+            "{}",
+            crate::manifest::diag::render_human(&path.display().to_string(), loaded.source.as_deref(), &errors)
+        );
+        bail!("{} is invalid; fix it (see `cdp validate`) and run again", path.display());
+    }
+    let m = loaded.manifest.context("manifest")?;
+    Ok((m, base))
+}
+
+/// Opens the manifest's store.
+pub(crate) async fn connect(m: &crate::manifest::Manifest, base: &Path) -> Result<crate::store::Store> {
+    if crate::manifest::env::is_reference(&m.storage.url) {
+        bail!("storage.url needs an environment variable that is not set: {}", m.storage.url);
+    }
+    crate::store::Store::connect(&m.storage.url, base)
+        .await
+        .with_context(|| format!("cannot open the store at {}", m.storage.url))
 }

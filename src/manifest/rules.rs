@@ -957,54 +957,8 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The scope audience rules are checked against.
     fn profile_scope(&self) -> Scope {
-        let m = self.m;
-        let mut s = Scope::new();
-        s.namespace("consent", "consent purpose")
-            .namespace("audiences", "audience")
-            .namespace("identities", "identity key");
-        for (n, t) in &m.model.traits {
-            s.var(n.clone(), trait_type(t.kind));
-        }
-        for (n, c) in &m.model.computed {
-            s.var(n.clone(), self.computed_type(c));
-        }
-        for n in m.model.predicted.keys() {
-            s.var(n.clone(), Type::Number);
-        }
-        for p in &m.consent.purposes {
-            s.var(format!("consent.{p}"), Type::Bool);
-        }
-        for a in m.audiences.keys() {
-            s.var(format!("audiences.{a}"), Type::Bool);
-        }
-        for k in m.identity.keys.keys() {
-            s.var(format!("identities.{k}"), Type::List(Box::new(Type::String)));
-        }
-        s
-    }
-
-    fn computed_type(&self, c: &Computed) -> Type {
-        let prop = |spec: &Option<String>| {
-            let (ev, p) = spec.as_deref()?.split_once('.')?;
-            self.m.model.events.get(ev)?.properties.get(p).copied()
-        };
-        if c.count.is_some() || c.distinct.is_some() {
-            Type::Int
-        } else if c.last_seen.is_some() {
-            Type::Timestamp
-        } else if c.avg.is_some() {
-            Type::Number
-        } else if c.sum.is_some() {
-            match prop(&c.sum) {
-                Some(FieldType::Integer) => Type::Int,
-                _ => Type::Number,
-            }
-        } else {
-            let spec = [&c.min, &c.max, &c.first, &c.last].into_iter().find(|s| s.is_some()).cloned().flatten();
-            prop(&spec).map_or(Type::Number, field_type)
-        }
+        audience_scope(self.m)
     }
 
     fn expression(&mut self, pointer: &str, src: &str, scope: &Scope) {
@@ -1201,6 +1155,57 @@ fn a(word: &str) -> String {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) { format!("an {word}") } else { format!("a {word}") }
 }
 
+/// The names audience rules may use, with their types: traits, computed and
+/// predicted traits, `consent.*`, `audiences.*` and `identities.*`.
+pub fn audience_scope(m: &Manifest) -> Scope {
+    let mut s = Scope::new();
+    s.namespace("consent", "consent purpose")
+        .namespace("audiences", "audience")
+        .namespace("identities", "identity key");
+    for (n, t) in &m.model.traits {
+        s.var(n.clone(), trait_type(t.kind));
+    }
+    for (n, c) in &m.model.computed {
+        s.var(n.clone(), computed_type(m, c));
+    }
+    for n in m.model.predicted.keys() {
+        s.var(n.clone(), Type::Number);
+    }
+    for p in &m.consent.purposes {
+        s.var(format!("consent.{p}"), Type::Bool);
+    }
+    for a in m.audiences.keys() {
+        s.var(format!("audiences.{a}"), Type::Bool);
+    }
+    for k in m.identity.keys.keys() {
+        s.var(format!("identities.{k}"), Type::List(Box::new(Type::String)));
+    }
+    s
+}
+
+/// The type a computed trait yields.
+pub fn computed_type(m: &Manifest, c: &Computed) -> Type {
+    let prop = |spec: &Option<String>| {
+        let (ev, p) = spec.as_deref()?.split_once('.')?;
+        m.model.events.get(ev)?.properties.get(p).copied()
+    };
+    if c.count.is_some() || c.distinct.is_some() {
+        Type::Int
+    } else if c.last_seen.is_some() {
+        Type::Timestamp
+    } else if c.avg.is_some() {
+        Type::Number
+    } else if c.sum.is_some() {
+        match prop(&c.sum) {
+            Some(FieldType::Integer) => Type::Int,
+            _ => Type::Number,
+        }
+    } else {
+        let spec = [&c.min, &c.max, &c.first, &c.last].into_iter().find(|s| s.is_some()).cloned().flatten();
+        prop(&spec).map_or(Type::Number, field_type)
+    }
+}
+
 fn trait_type(t: TraitType) -> Type {
     match t {
         TraitType::String => Type::String,
@@ -1213,7 +1218,8 @@ fn trait_type(t: TraitType) -> Type {
     }
 }
 
-fn field_type(t: FieldType) -> Type {
+/// The expression type of an event property or entity field type.
+pub fn field_type(t: FieldType) -> Type {
     match t {
         FieldType::String => Type::String,
         FieldType::Number => Type::Number,

@@ -51,6 +51,7 @@
 //!   an unsorted file gives no earlier point every row before which is
 //!   covered.
 
+mod parse;
 mod reader;
 
 pub use reader::CsvReader;
@@ -84,7 +85,7 @@ pub struct Config {
 #[serde(tag = "by", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Incremental {
     /// Continue after the byte offset of the last row read (append-only files).
-    Offset,
+    Offset {},
     /// Emit only rows whose `column` value is greater than the last run's maximum.
     Column {
         /// The column compared, e.g. `updated_at`.

@@ -63,6 +63,11 @@ impl<R: BufRead> RowReader<R> {
         self.offset
     }
 
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Line breaks consumed before [`RowReader::offset`].
     pub fn line(&self) -> u64 {
         self.line
@@ -203,19 +208,21 @@ mod tests {
     fn fields_quotes_and_line_ends() {
         let input = b"a,b,c\r\n\"x,1\",\"say \"\"hi\"\"\",\r\n\"multi\nline\",2,3\n\n4,,\"\"\r5,6\"7,\"q\"tail\n8";
         let rows = rows(input);
-        let got: Vec<(Vec<String>, u64, u64, bool)> =
-            rows.iter().map(|r| (cells(r), r.line, r.start, r.blank)).collect();
+        let got: Vec<(Vec<String>, u64, &[u8], bool)> = rows
+            .iter()
+            .map(|r| (cells(r), r.line, &input[r.start as usize..][..2.min(input.len() - r.start as usize)], r.blank))
+            .collect();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(
             got,
             [
-                (s(&["a", "b", "c"]), 1, 0, false),
-                (s(&["x,1", "say \"hi\"", ""]), 2, 7, false),
-                (s(&["multi\nline", "2", "3"]), 3, 31, false),
-                (s(&[""]), 5, 47, true),
-                (s(&["4", "", ""]), 6, 48, false),
-                (s(&["5", "6\"7", "qtail"]), 7, 55, false),
-                (s(&["8"]), 8, 69, false),
+                (s(&["a", "b", "c"]), 1, &b"a,"[..], false),
+                (s(&["x,1", "say \"hi\"", ""]), 2, b"\"x", false),
+                (s(&["multi\nline", "2", "3"]), 3, b"\"m", false),
+                (s(&[""]), 5, b"\n4", true),
+                (s(&["4", "", ""]), 6, b"4,", false),
+                (s(&["5", "6\"7", "qtail"]), 7, b"5,", false),
+                (s(&["8"]), 8, b"8", false),
             ]
         );
         assert!(rows.iter().all(|r| !r.unterminated));

@@ -1,12 +1,12 @@
-//! The CSV reader: header handling, row mapping and checkpoints.
+//! The CSV source reader: header handling, row mapping and checkpoints.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 
 use cdp_plugin_sdk::{ConnectorError, ReadEvent, Records, SourceReader, log};
-use csv::ByteRecord;
 use serde_json::{Map, Value, json};
 
+use crate::parse::{Row, RowReader};
 use crate::{Config, Incremental};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -56,35 +56,36 @@ enum Mode {
 #[derive(Debug)]
 pub struct CsvReader {
     path: String,
-    rdr: csv::Reader<File>,
-    /// File offset the csv reader started at.
-    base_offset: u64,
-    /// Physical lines before `base_offset`.
-    base_line: u64,
+    rows: RowReader<BufReader<File>>,
     /// Column names; `None` for ignored (unnamed) columns.
     names: Vec<Option<String>>,
     mode: Mode,
     done: bool,
 }
 
-fn csv_reader(file: File, delimiter: u8) -> csv::Reader<File> {
-    csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(file)
-}
-
-fn is_blank(rec: &ByteRecord) -> bool {
-    rec.len() == 1 && rec[0].is_empty()
-}
-
-/// What the previous run left, if it applies to this config.
-fn offset_state(state: &Option<Value>) -> Option<(u64, u64)> {
-    let s = state.as_ref()?;
+/// What the previous run left, if it is an offset checkpoint.
+fn offset_state(state: Option<&Value>) -> Option<(u64, u64)> {
+    let s = state?;
     let offset = s.get("offset")?.as_u64()?;
     let line = s.get("line").and_then(Value::as_u64).unwrap_or(0);
     Some((offset, line))
+}
+
+fn open_at(path: &str, mut file: File, delimiter: u8, offset: u64, line: u64) -> Result<RowReader<BufReader<File>>, ConnectorError> {
+    file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(path, &e))?;
+    Ok(RowReader::new(BufReader::new(file), delimiter, offset, line))
+}
+
+/// Whether `offset` still starts a row: the byte before it ends a line, or
+/// (when the last row read had no line break) the byte at it starts one.
+fn at_row_boundary(file: &mut File, offset: u64, len: u64, path: &str) -> Result<bool, ConnectorError> {
+    if offset == 0 || offset == len {
+        return Ok(true);
+    }
+    let mut two = [0u8; 2];
+    file.seek(SeekFrom::Start(offset - 1)).map_err(|e| io_error(path, &e))?;
+    file.read_exact(&mut two).map_err(|e| io_error(path, &e))?;
+    Ok(matches!(two[0], b'\n' | b'\r') || matches!(two[1], b'\n' | b'\r'))
 }
 
 impl CsvReader {
@@ -97,29 +98,25 @@ impl CsvReader {
         let mut file = File::open(&path).map_err(|e| io_error(&path, &e))?;
         let len = file.metadata().map_err(|e| io_error(&path, &e))?.len();
 
-        let mut head = [0u8; 3];
-        let mut got = 0;
-        while got < head.len() {
-            match file.read(&mut head[got..]).map_err(|e| io_error(&path, &e))? {
-                0 => break,
-                n => got += n,
-            }
-        }
-        let start = if head[..got] == *BOM { BOM.len() as u64 } else { 0 };
-        file.seek(SeekFrom::Start(start)).map_err(|e| io_error(&path, &e))?;
+        let mut head = Vec::with_capacity(3);
+        (&mut file)
+            .take(3)
+            .read_to_end(&mut head)
+            .map_err(|e| io_error(&path, &e))?;
+        let start = if head == BOM { BOM.len() as u64 } else { 0 };
 
         // The header row, and where the data starts.
-        let mut data_offset = start;
-        let mut data_line = 0u64;
+        let mut data = (start, 0u64);
         let mut names: Vec<Option<String>> = Vec::new();
+        let mut empty = false;
         if config.has_header {
-            let mut rdr = csv_reader(file, delimiter);
-            let mut rec = ByteRecord::new();
+            let mut rows = open_at(&path, file, delimiter, start, 0)?;
             loop {
-                match rdr.read_byte_record(&mut rec) {
-                    Ok(true) if is_blank(&rec) => continue,
-                    Ok(true) => {
-                        names = rec
+                match rows.read_row().map_err(|e| io_error(&path, &e))? {
+                    Some(row) if row.blank => continue,
+                    Some(row) => {
+                        names = row
+                            .fields
                             .iter()
                             .map(|cell| {
                                 let name = String::from_utf8_lossy(cell).trim().to_string();
@@ -128,19 +125,18 @@ impl CsvReader {
                             .collect();
                         break;
                     }
-                    Ok(false) => break,
-                    Err(e) => {
-                        return Err(ConnectorError::transient("file_io", format!("{path}: {e}")));
+                    None => {
+                        empty = true;
+                        break;
                     }
                 }
             }
-            data_offset = start + rdr.position().byte();
-            data_line = rdr.position().line() - 1;
-            file = rdr.into_inner();
+            data = (rows.offset(), rows.line());
+            file = rows_into_file(rows);
             check_unique(names.iter().flatten().map(String::as_str))?;
         }
         if let Some(columns) = &config.columns {
-            if config.has_header && !names.is_empty() && names.len() != columns.len() {
+            if config.has_header && !empty && names.len() != columns.len() {
                 log::warn!(
                     "{path}: the header has {} columns but config.columns names {}; rows are read with config.columns",
                     names.len(),
@@ -152,20 +148,19 @@ impl CsvReader {
                 .map(|c| Some(c.trim().to_string()).filter(|c| !c.is_empty()))
                 .collect();
         }
-        let header_seen = !names.is_empty();
 
-        let (mut offset, mut line) = (data_offset, data_line);
+        let (mut offset, mut line) = data;
         let mode = match &config.incremental {
             None => Mode::Full,
-            Some(Incremental::Offset) => {
-                match offset_state(&state) {
+            Some(Incremental::Offset {}) => {
+                match offset_state(state.as_ref()) {
                     Some((o, _)) if o > len => log::warn!(
                         "{path}: the file ({len} bytes) is shorter than the checkpoint offset {o}; it was rotated or truncated, reading it from the start"
                     ),
-                    Some((o, _)) if o < data_offset => log::warn!(
-                        "{path}: the checkpoint offset {o} lies inside the header; reading from the start"
+                    Some((o, _)) if o < data.0 => log::warn!(
+                        "{path}: the checkpoint offset {o} lies before the first row; reading from the start"
                     ),
-                    Some((o, l)) if o == data_offset || at_row_boundary(&mut file, o, len, &path)? => {
+                    Some((o, l)) if o == data.0 || at_row_boundary(&mut file, o, len, &path)? => {
                         offset = o;
                         line = l;
                     }
@@ -181,12 +176,10 @@ impl CsvReader {
                 Mode::Offset
             }
             Some(Incremental::Column { column }) => {
-                let index = names
-                    .iter()
-                    .position(|n| n.as_deref() == Some(column.as_str()));
+                let index = names.iter().position(|n| n.as_deref() == Some(column.as_str()));
                 let index = match index {
                     Some(i) => i,
-                    None if !header_seen => 0,
+                    None if empty => 0,
                     None => {
                         return Err(ConnectorError::config(
                             "unknown_column",
@@ -200,9 +193,7 @@ impl CsvReader {
                         Some(Value::String(m)) => Some(m.clone()),
                         Some(Value::Null) => None,
                         _ => {
-                            log::warn!(
-                                "{path}: the checkpoint {s} is not a column checkpoint; emitting every row"
-                            );
+                            log::warn!("{path}: the checkpoint {s} is not a column checkpoint; emitting every row");
                             None
                         }
                     },
@@ -215,40 +206,29 @@ impl CsvReader {
             }
         };
 
-        file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(&path, &e))?;
         Ok(CsvReader {
-            rdr: csv_reader(file, delimiter),
-            base_offset: offset,
-            base_line: line,
-            done: !header_seen,
+            rows: open_at(&path, file, delimiter, offset, line)?,
+            done: empty,
             names,
             mode,
             path,
         })
     }
 
-    /// The checkpoint of the current position (offset mode).
-    fn offset_checkpoint(&self) -> Value {
-        let pos = self.rdr.position();
-        json!({
-            "offset": self.base_offset + pos.byte(),
-            "line": self.base_line + pos.line() - 1,
-        })
-    }
-
     /// Maps one row to a record, or `None` (with a warning) if it is malformed.
-    fn row(&self, rec: &ByteRecord, line: u64) -> Option<Map<String, Value>> {
-        if rec.len() != self.names.len() {
+    fn record(&self, row: &Row) -> Option<Map<String, Value>> {
+        if row.fields.len() != self.names.len() {
             log::warn!(
-                "{} line {line}: expected {} fields, found {}; row skipped",
+                "{} line {}: expected {} fields, found {}; row skipped",
                 self.path,
+                row.line,
                 self.names.len(),
-                rec.len()
+                row.fields.len()
             );
             return None;
         }
         let mut map = Map::new();
-        for (name, cell) in self.names.iter().zip(rec.iter()) {
+        for (name, cell) in self.names.iter().zip(&row.fields) {
             let Some(name) = name else { continue };
             if cell.is_empty() {
                 continue;
@@ -258,7 +238,7 @@ impl CsvReader {
                     map.insert(name.clone(), Value::String(s.to_string()));
                 }
                 Err(_) => {
-                    log::warn!("{} line {line}: not valid UTF-8; row skipped", self.path);
+                    log::warn!("{} line {}: not valid UTF-8; row skipped", self.path, row.line);
                     return None;
                 }
             }
@@ -267,19 +247,8 @@ impl CsvReader {
     }
 }
 
-/// Whether `offset` still starts a row: the byte before it ends a line, or
-/// (when the last row had no line break) the byte at it starts one.
-fn at_row_boundary(file: &mut File, offset: u64, len: u64, path: &str) -> Result<bool, ConnectorError> {
-    if offset == 0 {
-        return Ok(true);
-    }
-    let mut two = [0u8; 2];
-    file.seek(SeekFrom::Start(offset - 1)).map_err(|e| io_error(path, &e))?;
-    let want = if offset < len { 2 } else { 1 };
-    file.read_exact(&mut two[..want]).map_err(|e| io_error(path, &e))?;
-    let before_is_break = matches!(two[0], b'\n' | b'\r');
-    let at_is_break = want == 2 && matches!(two[1], b'\n' | b'\r');
-    Ok(before_is_break || at_is_break || offset == len)
+fn rows_into_file(rows: RowReader<BufReader<File>>) -> File {
+    rows.into_inner().into_inner()
 }
 
 impl SourceReader for CsvReader {
@@ -289,60 +258,69 @@ impl SourceReader for CsvReader {
         }
         let max = max.max(1);
         let mut records = Records::new();
-        let mut rec = ByteRecord::new();
         let mut progressed = false;
         let mut skipped = 0u32;
         let mut eof = false;
+        // Where the checkpoint may point: after the last row handled.
+        let mut resume = (self.rows.offset(), self.rows.line());
         while records.len() < max {
-            match self.rdr.read_byte_record(&mut rec) {
-                Ok(false) => {
-                    eof = true;
-                    break;
+            let row = self.rows.read_row().map_err(|e| io_error(&self.path, &e))?;
+            let Some(row) = row else {
+                eof = true;
+                break;
+            };
+            if row.unterminated {
+                // Possibly still being written: do not move past it.
+                log::warn!(
+                    "{} line {}: a quoted field is not closed by the end of the file; row skipped",
+                    self.path,
+                    row.line
+                );
+                skipped += 1;
+                eof = true;
+                break;
+            }
+            progressed = true;
+            resume = (self.rows.offset(), self.rows.line());
+            if row.blank {
+                continue;
+            }
+            let Some(record) = self.record(&row) else {
+                skipped += 1;
+                continue;
+            };
+            if let Mode::Column { index, threshold, max } = &mut self.mode {
+                let value = record
+                    .get(self.names[*index].as_deref().unwrap_or_default())
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                if !value.is_empty() && max.as_deref().is_none_or(|m| value.as_str() > m) {
+                    *max = Some(value.clone());
                 }
-                Ok(true) => {
-                    progressed = true;
-                    if is_blank(&rec) {
-                        continue;
-                    }
-                    let line = self.base_line + rec.position().map_or(0, |p| p.line());
-                    let Some(row) = self.row(&rec, line) else {
-                        skipped += 1;
-                        continue;
-                    };
-                    if let Mode::Column { index, threshold, max } = &mut self.mode {
-                        let value = std::str::from_utf8(&rec[*index]).unwrap_or_default();
-                        if !value.is_empty() && max.as_deref().is_none_or(|m| value > m) {
-                            *max = Some(value.to_string());
-                        }
-                        let newer = match threshold.as_deref() {
-                            None => true,
-                            Some(t) => !value.is_empty() && value > t,
-                        };
-                        if !newer {
-                            continue;
-                        }
-                    }
-                    records.push(&row)?;
-                }
-                Err(e) => {
-                    return Err(ConnectorError::transient("file_io", format!("{}: {e}", self.path)));
+                let newer = match threshold.as_deref() {
+                    None => true,
+                    Some(t) => !value.is_empty() && value.as_str() > t,
+                };
+                if !newer {
+                    continue;
                 }
             }
+            records.push(&record)?;
         }
         if skipped > 0 {
             log::metric("rows_skipped_total", f64::from(skipped));
         }
 
         let mut events = Vec::new();
-        let emitted = !records.is_empty();
-        if emitted {
+        if !records.is_empty() {
             events.push(ReadEvent::records(records));
         }
         match &self.mode {
             Mode::Full => {}
             Mode::Offset => {
                 if progressed {
-                    events.push(ReadEvent::checkpoint(self.offset_checkpoint()));
+                    events.push(ReadEvent::checkpoint(json!({ "offset": resume.0, "line": resume.1 })));
                 }
             }
             Mode::Column { max, .. } => {

@@ -1,0 +1,160 @@
+//! `cdp ingest SOURCE --file F`: load a JSON Lines or CSV file as if SOURCE
+//! had produced it. Reading and mapping run on their own thread; each batch is
+//! applied in one transaction with the file's cursor.
+
+use super::{connect, load_manifest};
+use crate::ingest::{Mapper, file};
+use crate::store::ingest::{BatchReport, IdentityConfig};
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+pub struct Args<'a> {
+    pub manifest: &'a Path,
+    pub source: &'a str,
+    pub file: &'a Path,
+    pub batch: usize,
+    pub resume: bool,
+    pub rejects: Option<&'a Path>,
+    pub quiet: bool,
+}
+
+/// What an ingest did, for the summary and for benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub lines: u64,
+    pub rejected: u64,
+    pub skipped: u64,
+    pub dropped_ids: u64,
+    pub report: BatchReport,
+    pub seconds: f64,
+}
+
+pub async fn run(a: Args<'_>) -> Result<Summary> {
+    let (m, base) = load_manifest(a.manifest)?;
+    // Check the source before touching the database.
+    Mapper::new(&m, a.source).map_err(anyhow::Error::msg)?;
+    let store = connect(&m, &base).await?;
+    let cfg = IdentityConfig::from_manifest(&m);
+    let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
+    let stream = format!("file:{}:{}", a.source, canonical.display());
+    let start_after: u64 =
+        if a.resume { store.cursor(&stream).await?.and_then(|p| p.parse().ok()).unwrap_or(0) } else { 0 };
+    let lines = file::open(&canonical).with_context(|| format!("cannot open {}", a.file.display()))?;
+    let mut rejects_out = match a.rejects {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+
+    let progress = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} lines read, {msg} [{elapsed}] {per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    };
+
+    // The reader thread maps records; this task writes batches.
+    type Batch = (Vec<crate::ingest::Record>, Vec<(u64, String)>, u64, u64, u64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
+    let manifest = m.clone();
+    let source = a.source.to_owned();
+    let batch_size = a.batch.max(1);
+    let reader = std::thread::spawn(move || -> Result<()> {
+        let mut mapper = Mapper::new(&manifest, &source).map_err(anyhow::Error::msg)?;
+        let now = crate::store::now_ms();
+        let (mut recs, mut rejs) = (Vec::with_capacity(batch_size), Vec::new());
+        let mut last_line = 0u64;
+        let mut skipped = 0u64;
+        for (line, rec) in lines {
+            last_line = line;
+            if line <= start_after {
+                skipped += 1;
+                continue;
+            }
+            match rec.map_err(crate::ingest::Rejection).and_then(|v| mapper.map(&v, now)) {
+                Ok(r) => recs.push(r),
+                Err(e) => rejs.push((line, e.0)),
+            }
+            if recs.len() >= batch_size {
+                let dropped = std::mem::take(&mut mapper.dropped_ids);
+                let batch = (std::mem::take(&mut recs), std::mem::take(&mut rejs), last_line, skipped, dropped);
+                skipped = 0;
+                if tx.blocking_send(batch).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let dropped = std::mem::take(&mut mapper.dropped_ids);
+        let _ = tx.blocking_send((recs, rejs, last_line, skipped, dropped));
+        Ok(())
+    });
+
+    let started = Instant::now();
+    let mut s = Summary::default();
+    let mut shown = 0;
+    while let Some((recs, rejs, last_line, skipped, dropped)) = rx.recv().await {
+        s.skipped += skipped;
+        s.dropped_ids += dropped;
+        s.lines = s.lines.max(last_line);
+        s.rejected += rejs.len() as u64;
+        for (line, reason) in &rejs {
+            if let Some(out) = rejects_out.as_mut() {
+                writeln!(out, "{}", serde_json::json!({"line": line, "reason": reason}))?;
+            }
+            if shown < 20 && !a.quiet {
+                progress.suspend(|| eprintln!("{}:{line}: rejected: {reason}", a.file.display()));
+                shown += 1;
+            }
+        }
+        let position = last_line.to_string();
+        let r = store.apply_batch(&cfg, recs, Some((&stream, &position))).await?;
+        s.report.add(&r);
+        progress.set_position(last_line);
+        progress.set_message(format!("{} accepted, {} rejected", s.report.accepted, s.rejected));
+    }
+    reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
+    progress.finish_and_clear();
+    if let Some(mut out) = rejects_out {
+        out.flush()?;
+    }
+    s.seconds = started.elapsed().as_secs_f64();
+    if !a.quiet {
+        if s.rejected > 20 {
+            eprintln!(
+                "… {} more rejections{}",
+                s.rejected - 20,
+                if a.rejects.is_some() { " in the rejects file" } else { "; pass --rejects FILE for all" }
+            );
+        }
+        print_summary(a.source, &s);
+    }
+    Ok(s)
+}
+
+fn print_summary(source: &str, s: &Summary) {
+    let r = &s.report;
+    println!(
+        "ingested {} lines into `{source}` in {:.2}s ({:.0} records/s)",
+        s.lines,
+        s.seconds,
+        r.accepted as f64 / s.seconds.max(1e-9)
+    );
+    println!("  accepted        {}", r.accepted);
+    println!("  duplicates      {} (already stored, skipped by message id)", r.duplicates);
+    println!("  rejected        {}", s.rejected);
+    if s.skipped > 0 {
+        println!("  resumed after   {} lines", s.skipped);
+    }
+    println!("  new profiles    {}", r.new_profiles);
+    println!("  merges          {}", r.merges);
+    println!("  splits          {}", r.splits);
+    println!("  limit conflicts {}", r.conflicts);
+    println!("  identifiers dropped (placeholders, blocklisted, malformed) {}", s.dropped_ids);
+}

@@ -1,0 +1,7 @@
+//! Identity resolution: from the identifiers records carry to one profile per
+//! person. [`normalize`] makes equal identifiers compare equal; [`resolve`]
+//! decides, deterministically and independent of arrival order, which
+//! identifiers belong together under the manifest's limits and priorities.
+
+pub mod normalize;
+pub mod resolve;

@@ -1,0 +1,959 @@
+//! Applying a batch of mapped records: deduplicate by message id, resolve
+//! identities (recomputing every identity-graph component a new link touches),
+//! attach traits, events, entity rows and consent to each record's anchor
+//! identifier, write the merge ledger, and commit all of it together with the
+//! input's cursor in one transaction.
+//!
+//! Traits, events and consent hang off identifiers, not profiles: a profile is
+//! the set of identifiers resolution puts together, so a merge or split only
+//! re-points identifiers (and the denormalised `profile_id` columns kept for
+//! reads), never rewrites trait history.
+
+use super::{Result, Store, in_list, now_ms, values_clause};
+use crate::identity::resolve::{self, Ident, KeyRules, Link};
+use crate::ingest::Record;
+use crate::manifest::Manifest;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde_json::Value;
+use sqlx::{AnyConnection, Row};
+
+/// Identity keys in priority order, with their limits.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub keys: Vec<String>,
+    pub rules: KeyRules,
+}
+
+impl IdentityConfig {
+    pub fn from_manifest(m: &Manifest) -> Self {
+        let keys: Vec<String> = m.identity.keys.keys().cloned().collect();
+        let limits = m.identity.keys.values().map(|k| k.limit).collect();
+        // Priority: the listed order first, then the declaration order.
+        let mut order: Vec<&String> = m.identity.priority.iter().collect();
+        order.extend(keys.iter().filter(|k| !m.identity.priority.contains(k)));
+        let rank = keys.iter().map(|k| order.iter().position(|o| *o == k).unwrap_or(usize::MAX) as u32).collect();
+        IdentityConfig { keys, rules: KeyRules { limits, rank } }
+    }
+
+    fn key_index(&self, key: &str) -> u16 {
+        self.keys.iter().position(|k| k == key).map_or(u16::MAX, |i| i as u16)
+    }
+
+    fn rank(&self, key: &str) -> u32 {
+        self.rules.rank.get(usize::from(self.key_index(key))).copied().unwrap_or(u32::MAX)
+    }
+}
+
+/// What a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub new_profiles: u64,
+    pub merges: u64,
+    pub splits: u64,
+    pub conflicts: u64,
+}
+
+impl BatchReport {
+    pub fn add(&mut self, o: &BatchReport) {
+        self.accepted += o.accepted;
+        self.duplicates += o.duplicates;
+        self.new_profiles += o.new_profiles;
+        self.merges += o.merges;
+        self.splits += o.splits;
+        self.conflicts += o.conflicts;
+    }
+}
+
+/// A bind parameter.
+#[derive(Debug, Clone)]
+pub(crate) enum P {
+    I(i64),
+    S(String),
+    OI(Option<i64>),
+    OS(Option<String>),
+    OF(Option<f64>),
+}
+
+pub(crate) type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+pub(crate) fn bind(q: Query<'_>, p: P) -> Query<'_> {
+    match p {
+        P::I(v) => q.bind(v),
+        P::S(v) => q.bind(v),
+        P::OI(v) => q.bind(v),
+        P::OS(v) => q.bind(v),
+        P::OF(v) => q.bind(v),
+    }
+}
+
+const IN_CHUNK: usize = 900;
+const ROW_PARAMS: usize = 9_000;
+
+/// Runs `prefix VALUES (…), (…) suffix` in chunks that stay under parameter limits.
+async fn insert_rows(
+    store: &Store,
+    conn: &mut AnyConnection,
+    prefix: &str,
+    cols: usize,
+    rows: Vec<Vec<P>>,
+    suffix: &str,
+) -> Result<()> {
+    let per = (ROW_PARAMS / cols).max(1);
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
+        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
+        let sql = store.sql(&sql).into_owned();
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            for p in row {
+                q = bind(q, p);
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Runs `prefix (…ids…) suffix` once per chunk of an IN list, with `head`
+/// parameters bound before the list.
+async fn in_chunks(
+    store: &Store,
+    conn: &mut AnyConnection,
+    head: &[P],
+    prefix: &str,
+    ids: &[i64],
+    suffix: &str,
+) -> Result<()> {
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!("{prefix} ({}) {suffix}", in_list(chunk.len()));
+        let sql = store.sql(&sql).into_owned();
+        let mut q = sqlx::query(&sql);
+        for p in head {
+            q = bind(q, p.clone());
+        }
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// A link from this batch: observed time, source, message id, identifier ids.
+type PendingLink = (i64, String, String, Vec<i64>);
+
+#[derive(Debug, Clone)]
+struct Existing {
+    id: i64,
+    profile: i64,
+    component: i64,
+}
+
+/// A stored or new identifier in the working set of a resolution.
+#[derive(Debug, Clone)]
+struct Node {
+    id: i64,
+    key: String,
+    value: String,
+    old: Option<(i64, i64)>,
+    isolated: bool,
+}
+
+/// Folded trait observations of one (identifier, trait, source).
+#[derive(Debug, Clone)]
+struct TraitFold {
+    first: (i64, String),
+    last: (i64, String),
+    min: String,
+    max: String,
+    sum: Option<f64>,
+    nmin: Option<f64>,
+    nmax: Option<f64>,
+    n: i64,
+}
+
+impl TraitFold {
+    fn new(at: i64, v: &Value) -> Self {
+        let text = v.to_string();
+        let num = v.as_f64();
+        TraitFold {
+            first: (at, text.clone()),
+            last: (at, text.clone()),
+            min: text.clone(),
+            max: text,
+            sum: num,
+            nmin: num,
+            nmax: num,
+            n: 1,
+        }
+    }
+
+    fn add(&mut self, at: i64, v: &Value) {
+        let text = v.to_string();
+        if (at, &text) < (self.first.0, &self.first.1) {
+            self.first = (at, text.clone());
+        }
+        if (at, &text) > (self.last.0, &self.last.1) {
+            self.last = (at, text.clone());
+        }
+        if text < self.min {
+            self.min = text.clone();
+        }
+        if text > self.max {
+            self.max = text;
+        }
+        if let Some(x) = v.as_f64() {
+            self.sum = Some(self.sum.unwrap_or(0.0) + x);
+            self.nmin = Some(self.nmin.map_or(x, |m| m.min(x)));
+            self.nmax = Some(self.nmax.map_or(x, |m| m.max(x)));
+        }
+        self.n += 1;
+    }
+}
+
+impl Store {
+    /// Applies one batch of records, and the cursor `(stream, position)` of the
+    /// input they came from, in one transaction.
+    pub async fn apply_batch(
+        &self,
+        cfg: &IdentityConfig,
+        records: Vec<Record>,
+        cursor: Option<(&str, &str)>,
+    ) -> Result<BatchReport> {
+        let mut tx = self.pool.begin().await?;
+        let report = self.apply_in(&mut tx, cfg, records).await?;
+        if let Some((stream, position)) = cursor {
+            sqlx::query(&self.sql(
+                "INSERT INTO cursors (stream, position, updated_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (stream) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+            ))
+            .bind(stream)
+            .bind(position)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn apply_in(
+        &self,
+        conn: &mut AnyConnection,
+        cfg: &IdentityConfig,
+        records: Vec<Record>,
+    ) -> Result<BatchReport> {
+        let mut report = BatchReport::default();
+        let received = now_ms();
+
+        // 1. Duplicates, within the batch and against what is stored.
+        let mut seen: FxHashSet<(String, String)> = FxHashSet::default();
+        let mut records: Vec<Record> = records
+            .into_iter()
+            .filter(|r| {
+                let fresh = seen.insert((r.source.clone(), r.message_id.clone()));
+                if !fresh {
+                    report.duplicates += 1;
+                }
+                fresh
+            })
+            .collect();
+        let stored = self.stored_messages(conn, &records).await?;
+        records.retain(|r| {
+            let dup = stored.contains(&(r.source.clone(), r.message_id.clone()));
+            if dup {
+                report.duplicates += 1;
+            }
+            !dup
+        });
+        if records.is_empty() {
+            return Ok(report);
+        }
+        // Canonical order: results never depend on the order records arrived in.
+        records.sort_by(|a, b| (a.at, &a.source, &a.message_id).cmp(&(b.at, &b.source, &b.message_id)));
+
+        // 2. Identifiers: stored ones, and new ones with fresh ids.
+        let existing = self.lookup_identities(conn, &records).await?;
+        let mut idmap: FxHashMap<(String, String), i64> = existing.iter().map(|(k, e)| (k.clone(), e.id)).collect();
+        let mut new_nodes: Vec<(i64, String, String, i64, String, String)> = Vec::new();
+        for r in &records {
+            for (k, v) in &r.ids {
+                if let std::collections::hash_map::Entry::Vacant(e) = idmap.entry((k.clone(), v.clone())) {
+                    let id = self.next_id();
+                    e.insert(id);
+                    new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
+                }
+            }
+        }
+
+        // 3. Links: records with several identifiers. A link changes the graph
+        // when its identifier set is new, or earlier than the stored one.
+        let mut batch_links: FxHashMap<String, PendingLink> = FxHashMap::default();
+        for r in &records {
+            if r.ids.len() < 2 {
+                continue;
+            }
+            let mut ids: Vec<i64> = r.ids.iter().map(|(k, v)| idmap[&(k.clone(), v.clone())]).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() < 2 {
+                continue;
+            }
+            let key = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let cand = (r.at, r.source.clone(), r.message_id.clone(), ids);
+            match batch_links.get(&key) {
+                Some(cur) if (cur.0, &cur.1, &cur.2) <= (cand.0, &cand.1, &cand.2) => {}
+                _ => {
+                    batch_links.insert(key, cand);
+                }
+            }
+        }
+        let stored_links = self.lookup_links(conn, batch_links.keys().cloned().collect()).await?;
+        let changing: Vec<(String, PendingLink)> = batch_links
+            .into_iter()
+            .filter(|(key, l)| match stored_links.get(key) {
+                None => true,
+                Some((at, src, msg)) => (l.0, &l.1, &l.2) < (*at, src, msg),
+            })
+            .collect();
+
+        // 4. Resolve every component a changing link touches.
+        let mut profile_of: FxHashMap<i64, i64> = existing.values().map(|e| (e.id, e.profile)).collect();
+        let mut component_of: FxHashMap<i64, i64> = existing.values().map(|e| (e.id, e.component)).collect();
+        let mut id_updates: Vec<(i64, i64, i64)> = Vec::new(); // (identity, profile, component)
+        let mut new_profiles: Vec<i64> = Vec::new();
+        let mut absorbed: Vec<(i64, i64)> = Vec::new(); // (absorbed, into)
+        let mut ledger: Vec<Vec<P>> = Vec::new();
+        let mut component_moves: Vec<(i64, Vec<i64>)> = Vec::new();
+        if !changing.is_empty() {
+            let touched: Vec<i64> = {
+                let mut t: Vec<i64> = changing
+                    .iter()
+                    .flat_map(|(_, l)| l.3.iter())
+                    .filter_map(|id| component_of.get(id).copied())
+                    .collect();
+                t.sort_unstable();
+                t.dedup();
+                t
+            };
+            let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
+            let mut nodes: Vec<Node> = stored_nodes;
+            let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
+            for n in &new_nodes {
+                if changing.iter().any(|(_, l)| l.3.contains(&n.0)) && !index.contains_key(&n.0) {
+                    index.insert(n.0, nodes.len() as u32);
+                    nodes.push(Node { id: n.0, key: n.1.clone(), value: n.2.clone(), old: None, isolated: false });
+                }
+            }
+            let changing_keys: FxHashSet<&String> = changing.iter().map(|(k, _)| k).collect();
+            let mut links: Vec<Link> = Vec::new();
+            let mut link_is_new: Vec<bool> = Vec::new();
+            for (key, at, src, msg, ids) in old_links {
+                if changing_keys.contains(&key) {
+                    continue; // replaced by an earlier occurrence in this batch
+                }
+                let ids: Vec<u32> = ids.iter().filter_map(|i| index.get(i).copied()).collect();
+                links.push(Link { at, source: src, message_id: msg, ids });
+                link_is_new.push(false);
+            }
+            for (_, (at, src, msg, ids)) in &changing {
+                let ids: Vec<u32> = ids.iter().filter_map(|i| index.get(i).copied()).collect();
+                links.push(Link { at: *at, source: src.clone(), message_id: msg.clone(), ids });
+                link_is_new.push(true);
+            }
+            let idents: Vec<Ident> = nodes
+                .iter()
+                .map(|n| Ident { key: cfg.key_index(&n.key), value: n.value.clone(), isolated: n.isolated })
+                .collect();
+            let part = resolve::partition(&idents, &links, &cfg.rules);
+
+            // Components: plain connectivity of the working set.
+            let mut comp_root: Vec<u32> = (0..nodes.len() as u32).collect();
+            fn find(p: &mut [u32], mut x: u32) -> u32 {
+                while p[x as usize] != x {
+                    p[x as usize] = p[p[x as usize] as usize];
+                    x = p[x as usize];
+                }
+                x
+            }
+            for l in &links {
+                for w in l.ids.windows(2) {
+                    let (a, b) = (find(&mut comp_root, w[0]), find(&mut comp_root, w[1]));
+                    if a != b {
+                        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+                        comp_root[hi as usize] = lo;
+                    }
+                }
+            }
+            let mut comp_id: FxHashMap<u32, i64> = FxHashMap::default();
+            let mut comp_members: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+            for i in 0..nodes.len() {
+                let r = find(&mut comp_root, i as u32);
+                comp_members.entry(r).or_default().push(i);
+            }
+            for (root, members) in &comp_members {
+                let olds: Vec<i64> = members.iter().filter_map(|i| nodes[*i].old.map(|o| o.1)).collect();
+                let id = olds
+                    .iter()
+                    .min()
+                    .copied()
+                    .unwrap_or_else(|| members.iter().map(|i| nodes[*i].id).min().unwrap_or(0));
+                comp_id.insert(*root, id);
+                let mut merged: Vec<i64> = olds.into_iter().filter(|c| *c != id).collect();
+                merged.sort_unstable();
+                merged.dedup();
+                if !merged.is_empty() {
+                    component_moves.push((id, merged));
+                }
+            }
+
+            // Profiles: each cluster keeps the profile most of its stored identifiers had.
+            let mut clusters: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+            for (i, c) in part.cluster.iter().enumerate() {
+                clusters.entry(*c).or_default().push(i);
+            }
+            let mut order: Vec<(u32, Vec<usize>)> = clusters.into_iter().collect();
+            order.sort_by_key(|(c, m)| (std::cmp::Reverse(m.len()), *c));
+            let mut taken: FxHashSet<i64> = FxHashSet::default();
+            let mut cluster_profile: FxHashMap<u32, i64> = FxHashMap::default();
+            for (c, members) in &order {
+                let mut counts: FxHashMap<i64, usize> = FxHashMap::default();
+                for i in members {
+                    if let Some((p, _)) = nodes[*i].old {
+                        *counts.entry(p).or_default() += 1;
+                    }
+                }
+                let mut cands: Vec<(i64, usize)> = counts.into_iter().collect();
+                cands.sort_by_key(|(p, n)| (std::cmp::Reverse(*n), *p));
+                let pick = cands.iter().map(|(p, _)| *p).find(|p| !taken.contains(p));
+                let profile = match pick {
+                    Some(p) => p,
+                    None => {
+                        let p = self.next_id();
+                        new_profiles.push(p);
+                        if let Some((old, _)) = cands.first() {
+                            report.splits += 1;
+                            ledger.push(ledger_row(
+                                "split",
+                                p,
+                                Some(*old),
+                                None,
+                                None,
+                                None,
+                                "a limit separated identifiers that were one profile",
+                                None,
+                            ));
+                        }
+                        p
+                    }
+                };
+                taken.insert(profile);
+                cluster_profile.insert(*c, profile);
+            }
+            for (i, n) in nodes.iter().enumerate() {
+                let profile = cluster_profile[&part.cluster[i]];
+                let component = comp_id[&find(&mut comp_root, i as u32)];
+                profile_of.insert(n.id, profile);
+                component_of.insert(n.id, component);
+                if let Some((op, oc)) = n.old
+                    && (op != profile || oc != component)
+                {
+                    id_updates.push((n.id, profile, component));
+                }
+            }
+            // Stored profiles that lost every identifier were merged into another.
+            let mut old_profiles: FxHashMap<i64, Vec<usize>> = FxHashMap::default();
+            for (i, n) in nodes.iter().enumerate() {
+                if let Some((p, _)) = n.old {
+                    old_profiles.entry(p).or_default().push(i);
+                }
+            }
+            let mut olds: Vec<(i64, Vec<usize>)> = old_profiles.into_iter().collect();
+            olds.sort_by_key(|(p, _)| *p);
+            for (p, members) in olds {
+                if taken.contains(&p) {
+                    continue;
+                }
+                let mut into: FxHashMap<i64, usize> = FxHashMap::default();
+                for i in &members {
+                    *into.entry(cluster_profile[&part.cluster[*i]]).or_default() += 1;
+                }
+                let Some(q) = into.into_iter().max_by_key(|(q, n)| (*n, std::cmp::Reverse(*q))).map(|(q, _)| q) else {
+                    continue;
+                };
+                absorbed.push((p, q));
+                report.merges += 1;
+                // The new link that carried identifiers of both explains the merge.
+                let why = links.iter().zip(&link_is_new).filter(|(_, new)| **new).find_map(|(l, _)| {
+                    let via = l.ids.iter().find(|i| nodes[**i as usize].old.is_some_and(|o| o.0 == p))?;
+                    let other = l.ids.iter().find(|i| {
+                        cluster_profile[&part.cluster[**i as usize]] == q
+                            && nodes[**i as usize].old.is_none_or(|o| o.0 != p)
+                    });
+                    other?;
+                    Some((l, *via))
+                });
+                let (src, msg, rule, ident) = match why {
+                    Some((l, via)) => {
+                        let n = &nodes[via as usize];
+                        (
+                            Some(l.source.clone()),
+                            Some(l.message_id.clone()),
+                            format!("deterministic: the record carries {} `{}` of both profiles", n.key, n.value),
+                            Some(n.id),
+                        )
+                    }
+                    None => (None, None, "deterministic: recomputed with an earlier record".to_owned(), None),
+                };
+                ledger.push(ledger_row("merge", q, Some(p), ident, src, msg, &rule, None));
+            }
+            for ev in &part.events {
+                if let resolve::Event::Conflict { link, anchor, ident, key } = ev
+                    && link_is_new[*link]
+                {
+                    report.conflicts += 1;
+                    let l = &links[*link];
+                    let n = &nodes[*ident as usize];
+                    let key_name = cfg.keys.get(usize::from(*key)).cloned().unwrap_or_default();
+                    let limit = cfg.rules.limits.get(usize::from(*key)).copied().flatten().unwrap_or(0);
+                    let profile = profile_of[&nodes[*anchor as usize].id];
+                    ledger.push(ledger_row(
+                        "conflict",
+                        profile,
+                        profile_of.get(&n.id).copied().filter(|x| *x != profile),
+                        Some(n.id),
+                        Some(l.source.clone()),
+                        Some(l.message_id.clone()),
+                        &format!(
+                            "limit: a profile holds at most {limit} {key_name}; {} `{}` stays apart",
+                            n.key, n.value
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        // New identifiers outside any link (or in links already resolved) get profiles of their own.
+        for n in &new_nodes {
+            if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(n.0) {
+                let p = self.next_id();
+                new_profiles.push(p);
+                e.insert(p);
+                component_of.insert(n.0, n.0);
+            }
+        }
+        report.new_profiles = new_profiles.len() as u64;
+
+        // 5. Writes.
+        if !new_profiles.is_empty() {
+            let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]).collect();
+            insert_rows(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows, "").await?;
+        }
+        for (p, q) in &absorbed {
+            sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE id = ?"))
+                .bind(*q)
+                .bind(*p)
+                .execute(&mut *conn)
+                .await?;
+            // Earlier merges into `p` now point at `q`.
+            sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE merged_into = ?"))
+                .bind(*q)
+                .bind(*p)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !new_nodes.is_empty() {
+            let rows = new_nodes
+                .iter()
+                .map(|(id, k, v, at, src, msg)| {
+                    vec![
+                        P::I(*id),
+                        P::S(k.clone()),
+                        P::S(v.clone()),
+                        P::I(profile_of[id]),
+                        P::I(component_of[id]),
+                        P::I(*at),
+                        P::S(src.clone()),
+                        P::S(msg.clone()),
+                    ]
+                })
+                .collect();
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO identities (id, key, value, profile_id, component, first_at, source, message_id)",
+                8,
+                rows,
+                "",
+            )
+            .await?;
+        }
+        let mut by_target: FxHashMap<(i64, i64), Vec<i64>> = FxHashMap::default();
+        for (id, p, c) in &id_updates {
+            by_target.entry((*p, *c)).or_default().push(*id);
+        }
+        let mut by_profile: FxHashMap<i64, Vec<i64>> = FxHashMap::default();
+        for ((p, c), ids) in by_target {
+            in_chunks(
+                self,
+                conn,
+                &[P::I(p), P::I(c)],
+                "UPDATE identities SET profile_id = ?, component = ? WHERE id IN",
+                &ids,
+                "",
+            )
+            .await?;
+            by_profile.entry(p).or_default().extend(ids);
+        }
+        for (p, ids) in by_profile {
+            in_chunks(self, conn, &[P::I(p)], "UPDATE records SET profile_id = ? WHERE identity_id IN", &ids, "")
+                .await?;
+            in_chunks(self, conn, &[P::I(p)], "UPDATE entities SET profile_id = ? WHERE identity_id IN", &ids, "")
+                .await?;
+        }
+        for (into, from) in &component_moves {
+            in_chunks(self, conn, &[P::I(*into)], "UPDATE links SET component = ? WHERE component IN", from, "")
+                .await?;
+        }
+        if !changing.is_empty() {
+            let rows = changing
+                .iter()
+                .map(|(key, (at, src, msg, ids))| {
+                    vec![
+                        P::I(component_of[&ids[0]]),
+                        P::I(*at),
+                        P::S(src.clone()),
+                        P::S(msg.clone()),
+                        P::S(key.clone()),
+                    ]
+                })
+                .collect();
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO links (component, at, source, message_id, ids)",
+                5,
+                rows,
+                "ON CONFLICT (ids) DO UPDATE SET component = excluded.component, at = excluded.at, \
+                 source = excluded.source, message_id = excluded.message_id",
+            )
+            .await?;
+        }
+
+        // Each record attaches to its strongest identifier.
+        let mut record_rows = Vec::with_capacity(records.len());
+        let mut folds: FxHashMap<(i64, String, String), TraitFold> = FxHashMap::default();
+        let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
+        let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
+        for r in &records {
+            let anchor = r
+                .ids
+                .iter()
+                .min_by(|a, b| (cfg.rank(&a.0), &a.0, &a.1).cmp(&(cfg.rank(&b.0), &b.0, &b.1)))
+                .map(|(k, v)| idmap[&(k.clone(), v.clone())])
+                .unwrap_or_default();
+            let profile = profile_of.get(&anchor).copied().unwrap_or_default();
+            let (kind, name, payload) = match (&r.event, &r.entity) {
+                (Some((n, props)), _) => ("event", Some(n.clone()), Value::Object(props.clone())),
+                (None, Some((e, _, fields))) => ("entity", Some(e.clone()), Value::Object(fields.clone())),
+                (None, None) => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
+            };
+            record_rows.push(vec![
+                P::S(r.source.clone()),
+                P::S(r.message_id.clone()),
+                P::I(r.at),
+                P::I(received),
+                P::I(anchor),
+                P::I(profile),
+                P::S(kind.to_owned()),
+                P::OS(name),
+                P::S(payload.to_string()),
+            ]);
+            for (t, v) in &r.traits {
+                folds
+                    .entry((anchor, t.clone(), r.source.clone()))
+                    .and_modify(|f| f.add(r.at, v))
+                    .or_insert_with(|| TraitFold::new(r.at, v));
+            }
+            if let Some((entity, key, fields)) = &r.entity {
+                // Records are in canonical order: the last row written for a key is the newest.
+                entity_rows.insert(
+                    (entity.clone(), key.clone()),
+                    vec![
+                        P::S(entity.clone()),
+                        P::S(key.clone()),
+                        P::OI(Some(anchor)),
+                        P::OI(Some(profile)),
+                        P::S(r.source.clone()),
+                        P::I(r.at),
+                        P::S(Value::Object(fields.clone()).to_string()),
+                    ],
+                );
+            }
+            for (purpose, granted) in &r.consent {
+                consent_rows.insert(
+                    (anchor, purpose.clone()),
+                    vec![
+                        P::I(anchor),
+                        P::S(purpose.clone()),
+                        P::I(i64::from(*granted)),
+                        P::I(r.at),
+                        P::S(r.source.clone()),
+                        P::S(r.message_id.clone()),
+                    ],
+                );
+            }
+        }
+        report.accepted = records.len() as u64;
+        insert_rows(
+            self,
+            conn,
+            "INSERT INTO records (source, message_id, at, received_at, identity_id, profile_id, kind, name, payload)",
+            9,
+            record_rows,
+            "",
+        )
+        .await?;
+        if !folds.is_empty() {
+            let mut keys: Vec<(i64, String, String)> = folds.keys().cloned().collect();
+            keys.sort();
+            let rows = keys
+                .into_iter()
+                .map(|k| {
+                    let f = &folds[&k];
+                    vec![
+                        P::I(k.0),
+                        P::S(k.1),
+                        P::S(k.2),
+                        P::S(f.first.1.clone()),
+                        P::I(f.first.0),
+                        P::S(f.last.1.clone()),
+                        P::I(f.last.0),
+                        P::S(f.min.clone()),
+                        P::S(f.max.clone()),
+                        P::OF(f.sum),
+                        P::OF(f.nmin),
+                        P::OF(f.nmax),
+                        P::I(f.n),
+                    ]
+                })
+                .collect();
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, last_at, \
+                 min_value, max_value, num_sum, num_min, num_max, n)",
+                13,
+                rows,
+                "ON CONFLICT (identity_id, name, source) DO UPDATE SET \
+                 first_value = CASE WHEN excluded.first_at < trait_obs.first_at OR (excluded.first_at = trait_obs.first_at AND excluded.first_value < trait_obs.first_value) THEN excluded.first_value ELSE trait_obs.first_value END, \
+                 first_at = CASE WHEN excluded.first_at < trait_obs.first_at THEN excluded.first_at ELSE trait_obs.first_at END, \
+                 last_value = CASE WHEN excluded.last_at > trait_obs.last_at OR (excluded.last_at = trait_obs.last_at AND excluded.last_value > trait_obs.last_value) THEN excluded.last_value ELSE trait_obs.last_value END, \
+                 last_at = CASE WHEN excluded.last_at > trait_obs.last_at THEN excluded.last_at ELSE trait_obs.last_at END, \
+                 min_value = CASE WHEN excluded.min_value < trait_obs.min_value THEN excluded.min_value ELSE trait_obs.min_value END, \
+                 max_value = CASE WHEN excluded.max_value > trait_obs.max_value THEN excluded.max_value ELSE trait_obs.max_value END, \
+                 num_sum = COALESCE(trait_obs.num_sum, 0) + COALESCE(excluded.num_sum, 0), \
+                 num_min = CASE WHEN trait_obs.num_min IS NULL OR excluded.num_min < trait_obs.num_min THEN excluded.num_min ELSE trait_obs.num_min END, \
+                 num_max = CASE WHEN trait_obs.num_max IS NULL OR excluded.num_max > trait_obs.num_max THEN excluded.num_max ELSE trait_obs.num_max END, \
+                 n = trait_obs.n + excluded.n",
+            )
+            .await?;
+        }
+        if !entity_rows.is_empty() {
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO entities (entity, key, identity_id, profile_id, source, at, fields)",
+                7,
+                entity_rows.into_values().collect(),
+                "ON CONFLICT (entity, key) DO UPDATE SET identity_id = excluded.identity_id, profile_id = excluded.profile_id, \
+                 source = excluded.source, at = excluded.at, fields = excluded.fields WHERE excluded.at >= entities.at",
+            )
+            .await?;
+        }
+        if !consent_rows.is_empty() {
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO consent (identity_id, purpose, granted, at, source, message_id)",
+                6,
+                consent_rows.into_values().collect(),
+                "ON CONFLICT (identity_id, purpose) DO UPDATE SET granted = excluded.granted, at = excluded.at, \
+                 source = excluded.source, message_id = excluded.message_id WHERE excluded.at >= consent.at",
+            )
+            .await?;
+        }
+        if !ledger.is_empty() {
+            let rows = ledger
+                .into_iter()
+                .map(|mut row| {
+                    row.insert(0, P::I(received));
+                    row
+                })
+                .collect();
+            insert_rows(
+                self,
+                conn,
+                "INSERT INTO ledger (at, kind, profile_id, other_profile_id, identity_id, source, message_id, rule, detail)",
+                9,
+                rows,
+                "",
+            )
+            .await?;
+        }
+        Ok(report)
+    }
+
+    async fn stored_messages(
+        &self,
+        conn: &mut AnyConnection,
+        records: &[Record],
+    ) -> Result<FxHashSet<(String, String)>> {
+        let mut by_source: FxHashMap<&str, Vec<&str>> = FxHashMap::default();
+        for r in records {
+            by_source.entry(&r.source).or_default().push(&r.message_id);
+        }
+        let mut out = FxHashSet::default();
+        for (source, ids) in by_source {
+            for chunk in ids.chunks(IN_CHUNK) {
+                let sql = format!(
+                    "SELECT message_id FROM records WHERE source = ? AND message_id IN ({})",
+                    in_list(chunk.len())
+                );
+                let sql = self.sql(&sql).into_owned();
+                let mut q = sqlx::query(&sql).bind(source);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                for row in q.fetch_all(&mut *conn).await? {
+                    out.insert((source.to_owned(), row.try_get::<String, _>(0)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lookup_identities(
+        &self,
+        conn: &mut AnyConnection,
+        records: &[Record],
+    ) -> Result<FxHashMap<(String, String), Existing>> {
+        let mut by_key: FxHashMap<&str, FxHashSet<&str>> = FxHashMap::default();
+        for r in records {
+            for (k, v) in &r.ids {
+                by_key.entry(k).or_default().insert(v);
+            }
+        }
+        let mut out = FxHashMap::default();
+        for (key, values) in by_key {
+            let values: Vec<&str> = values.into_iter().collect();
+            for chunk in values.chunks(IN_CHUNK) {
+                let sql = format!(
+                    "SELECT id, value, profile_id, component FROM identities WHERE key = ? AND value IN ({})",
+                    in_list(chunk.len())
+                );
+                let sql = self.sql(&sql).into_owned();
+                let mut q = sqlx::query(&sql).bind(key);
+                for v in chunk {
+                    q = q.bind(*v);
+                }
+                for row in q.fetch_all(&mut *conn).await? {
+                    let e = Existing { id: row.try_get(0)?, profile: row.try_get(2)?, component: row.try_get(3)? };
+                    out.insert((key.to_owned(), row.try_get::<String, _>(1)?), e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lookup_links(
+        &self,
+        conn: &mut AnyConnection,
+        keys: Vec<String>,
+    ) -> Result<FxHashMap<String, (i64, String, String)>> {
+        let mut out = FxHashMap::default();
+        for chunk in keys.chunks(IN_CHUNK) {
+            let sql = format!("SELECT ids, at, source, message_id FROM links WHERE ids IN ({})", in_list(chunk.len()));
+            let sql = self.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for k in chunk {
+                q = q.bind(k.as_str());
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                out.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every identifier and link of the given components.
+    #[allow(clippy::type_complexity)]
+    async fn load_components(
+        &self,
+        conn: &mut AnyConnection,
+        components: &[i64],
+    ) -> Result<(Vec<Node>, Vec<(String, i64, String, String, Vec<i64>)>)> {
+        let mut nodes = Vec::new();
+        let mut links = Vec::new();
+        for chunk in components.chunks(IN_CHUNK) {
+            let sql = format!(
+                "SELECT id, key, value, profile_id, component, isolated FROM identities WHERE component IN ({})",
+                in_list(chunk.len())
+            );
+            let sql = self.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q.bind(*c);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                nodes.push(Node {
+                    id: row.try_get(0)?,
+                    key: row.try_get(1)?,
+                    value: row.try_get(2)?,
+                    old: Some((row.try_get(3)?, row.try_get(4)?)),
+                    isolated: row.try_get::<i64, _>(5)? != 0,
+                });
+            }
+            let sql =
+                format!("SELECT ids, at, source, message_id FROM links WHERE component IN ({})", in_list(chunk.len()));
+            let sql = self.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q.bind(*c);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let key: String = row.try_get(0)?;
+                let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
+                links.push((key, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, ids));
+            }
+        }
+        nodes.sort_by_key(|n| n.id);
+        Ok((nodes, links))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ledger_row(
+    kind: &str,
+    profile: i64,
+    other: Option<i64>,
+    identity: Option<i64>,
+    source: Option<String>,
+    message_id: Option<String>,
+    rule: &str,
+    detail: Option<String>,
+) -> Vec<P> {
+    vec![
+        P::S(kind.to_owned()),
+        P::I(profile),
+        P::OI(other),
+        P::OI(identity),
+        P::OS(source),
+        P::OS(message_id),
+        P::S(rule.to_owned()),
+        P::OS(detail),
+    ]
+}

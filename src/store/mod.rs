@@ -1,0 +1,240 @@
+//! Storage: the one place cdp talks SQL. An embedded SQLite file by default,
+//! PostgreSQL when one machine is no longer enough; both through sqlx's `Any`
+//! driver with the same statements, rendered per backend where they differ.
+//!
+//! Every batch of records is applied in one transaction together with the
+//! cursor of the input it came from (`ingest.rs`), so a crash never loses or
+//! half-applies a batch. SQLite runs in WAL mode with `synchronous=FULL`: a
+//! committed batch survives power loss.
+
+pub mod ingest;
+pub mod profile;
+mod schema;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported storage URL `{0}`: use sqlite://PATH or postgres://…")]
+    Url(String),
+    #[error("cannot create the directory for {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("the database was written by a newer cdp (schema version {0})")]
+    TooNew(i64),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A connection pool to the state database.
+#[derive(Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    ids: AtomicI64,
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database named by `url` and applies
+    /// migrations. Relative SQLite paths are relative to `base_dir`.
+    pub async fn connect(url: &str, base_dir: &Path) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            let full = if path == ":memory:" || Path::new(path).is_absolute() {
+                path.to_owned()
+            } else {
+                base_dir.join(path).to_string_lossy().into_owned()
+            };
+            if let Some(dir) = Path::new(&full).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: full.clone(), source })?;
+            }
+            let query = if query.is_empty() { "mode=rwc".to_owned() } else { query.to_owned() };
+            (Backend::Sqlite, format!("sqlite://{full}?{query}"))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(StoreError::Url(url.to_owned()));
+        };
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            // SQLite has one writer; more connections would only wait on its lock.
+            .max_connections(if backend == Backend::Sqlite { 1 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA cache_size = -65536").await?;
+                        conn.execute("PRAGMA temp_store = MEMORY").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        let store = Store { pool, backend, ids: AtomicI64::new(0) };
+        store.migrate().await?;
+        store.seed_ids().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Renders a statement written with `?` placeholders and `{id}`/`{f64}`
+    /// types for this backend.
+    pub fn sql<'a>(&self, q: &'a str) -> Cow<'a, str> {
+        render(self.backend, q)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        self.pool
+            .execute("CREATE TABLE IF NOT EXISTS cdp_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)")
+            .await?;
+        let current: Option<i64> =
+            sqlx::query("SELECT MAX(version) FROM cdp_migrations").fetch_one(&self.pool).await?.try_get(0)?;
+        let current = current.unwrap_or(0);
+        let newest = schema::MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > newest {
+            return Err(StoreError::TooNew(current));
+        }
+        for (version, name, statements) in schema::MIGRATIONS {
+            if *version <= current {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            for s in *statements {
+                tx.execute(&*self.sql(s)).await?;
+            }
+            sqlx::query(&self.sql("INSERT INTO cdp_migrations (version, name, applied_at) VALUES (?, ?, ?)"))
+                .bind(*version)
+                .bind(*name)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        Ok(())
+    }
+
+    /// Ids are allocated in the process: time-ordered (good for B-tree inserts)
+    /// and above anything already stored.
+    async fn seed_ids(&self) -> Result<()> {
+        let mut max = 0i64;
+        for table in ["profiles", "identities"] {
+            let v: Option<i64> =
+                sqlx::query(&format!("SELECT MAX(id) FROM {table}")).fetch_one(&self.pool).await?.try_get(0)?;
+            max = max.max(v.unwrap_or(0));
+        }
+        // Millisecond clock in the high bits keeps ids from different runs apart.
+        let clock = now_ms().saturating_sub(1_600_000_000_000) << 16;
+        self.ids.store(max.max(clock) + 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub(crate) fn next_id(&self) -> i64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Where a named input stream stopped, if it ever ran.
+    pub async fn cursor(&self, stream: &str) -> Result<Option<String>> {
+        let row = sqlx::query(&self.sql("SELECT position FROM cursors WHERE stream = ?"))
+            .bind(stream)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+}
+
+/// Renders placeholders and types for a backend.
+pub fn render(backend: Backend, q: &str) -> Cow<'_, str> {
+    let q: Cow<'_, str> = if q.contains('{') {
+        let (id, f64) = match backend {
+            Backend::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "REAL"),
+            Backend::Postgres => ("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION"),
+        };
+        Cow::Owned(q.replace("{id}", id).replace("{f64}", f64))
+    } else {
+        Cow::Borrowed(q)
+    };
+    if backend == Backend::Sqlite || !q.contains('?') {
+        return q;
+    }
+    let mut out = String::with_capacity(q.len() + 16);
+    let mut n = 0;
+    let mut quoted = false;
+    for c in q.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `(?, ?, …)` groups for a multi-row VALUES clause: `rows` groups of `cols`.
+pub fn values_clause(rows: usize, cols: usize) -> String {
+    let group = format!("({})", vec!["?"; cols].join(", "));
+    let mut s = String::with_capacity(rows * (group.len() + 2));
+    for i in 0..rows {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&group);
+    }
+    s
+}
+
+/// `?, ?, …` for an IN list.
+pub fn in_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_placeholders_for_postgres() {
+        assert_eq!(render(Backend::Postgres, "SELECT ? WHERE a = '?' AND b = ?"), "SELECT $1 WHERE a = '?' AND b = $2");
+        assert_eq!(render(Backend::Sqlite, "SELECT ?"), "SELECT ?");
+        assert!(render(Backend::Postgres, "id {id}").contains("BIGSERIAL"));
+        assert_eq!(values_clause(2, 3), "(?, ?, ?), (?, ?, ?)");
+    }
+}

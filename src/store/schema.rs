@@ -1,0 +1,118 @@
+//! Migrations for SQLite and PostgreSQL. One list, applied in order on
+//! connect, each version once, recorded in `cdp_migrations`. The two backends
+//! share every statement except where their types differ; `{id}` and `{f64}`
+//! are rendered per backend.
+
+/// `(version, name, statements)`.
+pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
+    1,
+    "profiles, identities, records, traits, entities, consent, ledger",
+    &[
+        "CREATE TABLE profiles (
+            id BIGINT PRIMARY KEY,
+            created_at BIGINT NOT NULL,
+            merged_into BIGINT
+        )",
+        // One row per identifier. `component` groups identifiers connected by
+        // any record (ignoring limits); `profile_id` is the resolved person.
+        "CREATE TABLE identities (
+            id BIGINT PRIMARY KEY,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            component BIGINT NOT NULL,
+            first_at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            isolated BIGINT NOT NULL DEFAULT 0,
+            UNIQUE (key, value)
+        )",
+        "CREATE INDEX identities_profile ON identities (profile_id)",
+        "CREATE INDEX identities_component ON identities (component)",
+        // Records that carried two or more identifiers: the identity graph.
+        "CREATE TABLE links (
+            id {id},
+            component BIGINT NOT NULL,
+            at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            ids TEXT NOT NULL
+        )",
+        "CREATE INDEX links_component ON links (component)",
+        "CREATE UNIQUE INDEX links_ids ON links (ids)",
+        // Every accepted record, deduplicated by (source, message id).
+        "CREATE TABLE records (
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            received_at BIGINT NOT NULL,
+            identity_id BIGINT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            name TEXT,
+            payload TEXT NOT NULL,
+            PRIMARY KEY (source, message_id)
+        )",
+        "CREATE INDEX records_profile ON records (profile_id, at)",
+        "CREATE INDEX records_identity ON records (identity_id)",
+        // Trait observations per identifier and source, folded so every merge
+        // policy can be answered: first, latest, min, max, sum.
+        "CREATE TABLE trait_obs (
+            identity_id BIGINT NOT NULL,
+            name TEXT NOT NULL,
+            source TEXT NOT NULL,
+            first_value TEXT NOT NULL,
+            first_at BIGINT NOT NULL,
+            last_value TEXT NOT NULL,
+            last_at BIGINT NOT NULL,
+            min_value TEXT NOT NULL,
+            max_value TEXT NOT NULL,
+            num_sum {f64},
+            num_min {f64},
+            num_max {f64},
+            n BIGINT NOT NULL,
+            PRIMARY KEY (identity_id, name, source)
+        )",
+        "CREATE TABLE entities (
+            entity TEXT NOT NULL,
+            key TEXT NOT NULL,
+            identity_id BIGINT,
+            profile_id BIGINT,
+            source TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            fields TEXT NOT NULL,
+            PRIMARY KEY (entity, key)
+        )",
+        "CREATE INDEX entities_profile ON entities (profile_id)",
+        "CREATE TABLE consent (
+            identity_id BIGINT NOT NULL,
+            purpose TEXT NOT NULL,
+            granted BIGINT NOT NULL,
+            at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            PRIMARY KEY (identity_id, purpose)
+        )",
+        // Every merge, split, limit conflict and unmerge, with the record and rule behind it.
+        "CREATE TABLE ledger (
+            id {id},
+            at BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            other_profile_id BIGINT,
+            identity_id BIGINT,
+            source TEXT,
+            message_id TEXT,
+            rule TEXT NOT NULL,
+            detail TEXT
+        )",
+        "CREATE INDEX ledger_profile ON ledger (profile_id)",
+        "CREATE INDEX ledger_other ON ledger (other_profile_id)",
+        // Where each input stream stopped, committed with the records it covers.
+        "CREATE TABLE cursors (
+            stream TEXT PRIMARY KEY,
+            position TEXT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+    ],
+)];
