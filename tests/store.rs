@@ -1,0 +1,377 @@
+//! Storage, identity resolution and the golden record, run against both
+//! backends: a SQLite file in a temp dir and a fresh database on the machine's
+//! PostgreSQL (`CDP_TEST_PG`, default `postgres://root@127.0.0.1:5432/test`).
+//! Set `CDP_SKIP_PG=1` only where no PostgreSQL can run; CI never does.
+
+use cdp::ingest::{Mapper, Record};
+use cdp::manifest::{Manifest, Options, load_str};
+use cdp::store::Store;
+use cdp::store::ingest::IdentityConfig;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MANIFEST: &str = r#"
+version: 1
+name: t
+sources:
+  web:
+    collector: {}
+    map:
+      message_id: id
+      timestamp: at
+      identities: { crm_id: crm, email: email, phone: phone, anonymous_id: anon }
+      traits: { tier: tier, points: points, name: name, visits: visits, city: city, signup: signup }
+      event: { name_field: event }
+      consent: { email_marketing: optin }
+  crm:
+    collector: {}
+    map:
+      message_id: id
+      timestamp: at
+      identities: { crm_id: crm, email: email }
+      traits: { tier: tier, name: name }
+  pos:
+    collector: {}
+    map:
+      message_id: id
+      timestamp: at
+      identities: { crm_id: crm }
+      entity: { name: booking }
+identity:
+  keys:
+    crm_id: { limit: 1 }
+    email: { normalize: email, limit: 2 }
+    phone: { normalize: e164, default_region: SE }
+    anonymous_id: {}
+  priority: [crm_id, email, phone, anonymous_id]
+model:
+  traits:
+    tier: { type: string, merge: { source_priority: [crm, web] } }
+    points: { type: integer, merge: max }
+    name: { type: string }
+    visits: { type: integer, merge: sum }
+    city: { type: string, merge: first }
+    signup: { type: date, merge: min }
+  events:
+    order_completed: { properties: { revenue: number } }
+  entities:
+    booking: { key: booking_id, fields: { booking_id: string, nights: integer } }
+  computed:
+    ltv: { sum: order_completed.revenue }
+consent:
+  purposes: [email_marketing]
+audiences:
+  big: { where: "ltv >= 100" }
+"#;
+
+fn manifest() -> Manifest {
+    let l = load_str(MANIFEST, &Options::validate("."));
+    assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+    l.manifest.expect("manifest")
+}
+
+fn records(m: &Manifest, source: &str, raws: &[Value]) -> Vec<Record> {
+    let mut mapper = Mapper::new(m, source).expect("source");
+    raws.iter().map(|r| mapper.map(r, 0).unwrap_or_else(|e| panic!("{r}: {e}"))).collect()
+}
+
+static DB: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh store on each backend: (name, store, cleanup).
+async fn backends() -> Vec<(&'static str, Store, Option<String>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = Store::connect("sqlite://state/cdp.db", dir.path()).await.expect("sqlite");
+    let mut out = vec![("sqlite", sqlite, None, dir)];
+    if std::env::var_os("CDP_SKIP_PG").is_none() {
+        let admin_url = std::env::var("CDP_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        let name = format!("cdp_t_{}_{}", std::process::id(), DB.fetch_add(1, Ordering::SeqCst));
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is required (set CDP_SKIP_PG=1 to skip): {e}"));
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await.expect("drop");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("bad CDP_TEST_PG"),
+        };
+        let pg = Store::connect(&url, std::path::Path::new(".")).await.expect("postgres");
+        out.push(("postgres", pg, Some(name), tempfile::tempdir().expect("tempdir")));
+    }
+    out
+}
+
+async fn drop_db(name: Option<String>) {
+    if let Some(name) = name {
+        let admin_url = std::env::var("CDP_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        if let Ok(admin) = sqlx::AnyPool::connect(&admin_url).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+#[test]
+fn identify_and_events_make_one_golden_record_and_reingest_changes_nothing() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            let batch = records(
+                &m,
+                "web",
+                &[
+                    json!({"id": "1", "at": "2026-01-01T00:00:00Z", "anon": "a1", "email": "Ada@X.org", "name": "Ada", "optin": true}),
+                    json!({"id": "2", "at": "2026-01-02T00:00:00Z", "anon": "a1", "event": "order_completed", "revenue": 60}),
+                    json!({"id": "3", "at": "2026-01-03T00:00:00Z", "anon": "a2", "email": "ada@x.org", "event": "order_completed", "revenue": "50.5"}),
+                ],
+            );
+            let r = store.apply_batch(&cfg, batch.clone(), Some(("test", "3"))).await.expect("apply");
+            assert_eq!((r.accepted, r.new_profiles, r.duplicates), (3, 1, 0), "{name}");
+            let p = store.find_profile(&m, "email", " ADA@x.org").await.expect("find");
+            assert_eq!(store.find_profile(&m, "anonymous_id", "a2").await.expect("a2"), p, "{name}");
+            let g = store.golden(&m, p, 10).await.expect("golden");
+            assert_eq!(g.identities.len(), 3, "{name}");
+            assert_eq!(g.traits["name"].value, json!("Ada"));
+            assert_eq!(g.computed["ltv"], json!(110.5), "{name}");
+            assert!(g.consent["email_marketing"].granted);
+            assert_eq!(g.audiences, vec!["big".to_owned()], "{name}");
+            assert_eq!(g.events.len(), 2);
+            assert_eq!(store.cursor("test").await.expect("cursor").as_deref(), Some("3"));
+
+            let before = store.partition().await.expect("partition");
+            let again = store.apply_batch(&cfg, batch, None).await.expect("again");
+            assert_eq!((again.accepted, again.duplicates), (0, 3), "{name}");
+            assert_eq!(store.partition().await.expect("partition"), before, "{name}");
+            let g2 = store.golden(&m, p, 10).await.expect("golden");
+            assert_eq!(g2.computed["ltv"], json!(110.5), "{name}: re-ingest must not double count");
+            drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn unique_keys_never_merge_and_the_conflict_is_explained() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            let batch = records(
+                &m,
+                "crm",
+                &[
+                    json!({"id": "c1", "at": "2026-01-01T00:00:00Z", "crm": "A", "email": "family@x.org"}),
+                    json!({"id": "c2", "at": "2026-01-02T00:00:00Z", "crm": "B", "email": "family@x.org"}),
+                ],
+            );
+            let r = store.apply_batch(&cfg, batch, None).await.expect("apply");
+            assert_eq!(r.conflicts, 1, "{name}");
+            let a = store.find_profile(&m, "crm_id", "A").await.expect("A");
+            let b = store.find_profile(&m, "crm_id", "B").await.expect("B");
+            assert_ne!(a, b, "{name}: two CRM ids never merge");
+            assert_eq!(store.find_profile(&m, "email", "family@x.org").await.expect("email"), a, "earliest link keeps the email");
+            let x = store.explain(b).await.expect("explain");
+            assert!(x.ledger.iter().any(|e| e["kind"] == "conflict" && e["rule"].as_str().unwrap_or("").contains("crm_id")), "{name}: {:?}", x.ledger);
+            drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn a_late_earlier_record_reresolves_the_component() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            // B claims the email first in arrival order, but A's record is older.
+            let late = records(&m, "crm", &[json!({"id": "b", "at": "2026-03-01T00:00:00Z", "crm": "B", "email": "e@x.org"})]);
+            store.apply_batch(&cfg, late, None).await.expect("b");
+            let early = records(&m, "crm", &[json!({"id": "a", "at": "2026-01-01T00:00:00Z", "crm": "A", "email": "e@x.org"})]);
+            store.apply_batch(&cfg, early, None).await.expect("a");
+            let a = store.find_profile(&m, "crm_id", "A").await.expect("A");
+            assert_eq!(store.find_profile(&m, "email", "e@x.org").await.expect("email"), a, "{name}");
+            assert_eq!(
+                store.partition().await.expect("partition"),
+                vec![vec!["crm_id=A".to_owned(), "email=e@x.org".to_owned()], vec!["crm_id=B".to_owned()]],
+                "{name}"
+            );
+            drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn merges_are_logged_with_their_record_and_unmerge_sticks() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            let first = records(
+                &m,
+                "web",
+                &[
+                    json!({"id": "1", "at": "2026-01-01T00:00:00Z", "anon": "a1", "email": "p@x.org"}),
+                    json!({"id": "2", "at": "2026-01-01T00:00:00Z", "anon": "a2", "phone": "0701234567"}),
+                ],
+            );
+            assert_eq!(store.apply_batch(&cfg, first, None).await.expect("1").new_profiles, 2);
+            let joining = records(&m, "web", &[json!({"id": "3", "at": "2026-01-02T00:00:00Z", "email": "p@x.org", "phone": "+46 70 123 45 67"})]);
+            let r = store.apply_batch(&cfg, joining, None).await.expect("join");
+            assert_eq!(r.merges, 1, "{name}");
+            let p = store.find_profile(&m, "phone", "070-123 45 67").await.expect("phone");
+            assert_eq!(store.find_profile(&m, "anonymous_id", "a1").await.expect("a1"), p, "{name}");
+            let x = store.explain(p).await.expect("explain");
+            let merge = x.ledger.iter().find(|e| e["kind"] == "merge").expect("merge in ledger");
+            assert_eq!(merge["record"], "web/3", "{name}");
+
+            let (from, to) = store.unmerge(&m, "anonymous_id", "a2").await.expect("unmerge");
+            assert_eq!(from, p);
+            // A later record carrying a2 with the email does not join it back.
+            let again = records(&m, "web", &[json!({"id": "4", "at": "2026-01-03T00:00:00Z", "anon": "a2", "email": "p@x.org"})]);
+            store.apply_batch(&cfg, again, None).await.expect("again");
+            assert_eq!(store.find_profile(&m, "anonymous_id", "a2").await.expect("a2"), to, "{name}");
+            assert_ne!(store.find_profile(&m, "email", "p@x.org").await.expect("email"), to);
+            drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn merge_policies_keep_provenance() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            let mut batch = records(
+                &m,
+                "web",
+                &[
+                    json!({"id": "w1", "at": "2026-01-01T00:00:00Z", "crm": "C", "tier": "bronze", "points": 10, "visits": 2, "city": "Oslo", "signup": "2024-05-01"}),
+                    json!({"id": "w2", "at": "2026-02-01T00:00:00Z", "crm": "C", "tier": "gold", "points": 7, "visits": 3, "city": "Bergen", "signup": "2023-01-01", "optin": "no"}),
+                ],
+            );
+            batch.extend(records(&m, "crm", &[json!({"id": "k1", "at": "2025-06-01T00:00:00Z", "crm": "C", "tier": "silver", "name": "Kari"})]));
+            store.apply_batch(&cfg, batch, None).await.expect("apply");
+            let p = store.find_profile(&m, "crm_id", "C").await.expect("C");
+            let g = store.golden(&m, p, 0).await.expect("golden");
+            assert_eq!(g.traits["tier"].value, json!("silver"), "{name}: crm outranks web");
+            assert_eq!(g.traits["tier"].source, "crm");
+            assert_eq!(g.traits["points"].value, json!(10), "{name}: max");
+            assert_eq!(g.traits["visits"].value, json!(5), "{name}: sum");
+            assert_eq!(g.traits["city"].value, json!("Oslo"), "{name}: first");
+            assert_eq!(g.traits["signup"].value, json!("2023-01-01"), "{name}: min");
+            assert_eq!(g.traits["name"].observed_at, "2025-06-01T00:00:00Z");
+            assert!(!g.consent["email_marketing"].granted, "{name}: withdrawn");
+            drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn entities_attach_to_profiles_and_keep_the_newest_row() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends().await {
+            let batch = records(
+                &m,
+                "pos",
+                &[
+                    json!({"id": "b1", "at": "2026-01-02T00:00:00Z", "crm": "Z", "booking_id": "BK1", "nights": "3"}),
+                    json!({"id": "b0", "at": "2026-01-01T00:00:00Z", "crm": "Z", "booking_id": "BK1", "nights": "2"}),
+                ],
+            );
+            store.apply_batch(&cfg, batch, None).await.expect("apply");
+            let p = store.find_profile(&m, "crm_id", "Z").await.expect("Z");
+            let g = store.golden(&m, p, 0).await.expect("golden");
+            assert_eq!(g.entities.len(), 1, "{name}");
+            assert_eq!(g.entities[0]["fields"]["nights"], json!(3), "{name}");
+            drop_db(db).await;
+        }
+    });
+}
+
+/// Random records over a small pool of identifiers, so merges, limits and
+/// conflicts are frequent.
+fn arb_records() -> impl Strategy<Value = Vec<Value>> {
+    let rec = (0..4usize, 0..3usize, 0..4usize, 0..5usize, 0..30i64, 0..3usize, prop::bool::ANY).prop_map(
+        |(crm, email, phone, anon, day, tier, with_crm)| {
+            let mut o = serde_json::Map::new();
+            if with_crm {
+                o.insert("crm".into(), json!(format!("C{crm}")));
+            }
+            if email > 0 {
+                o.insert("email".into(), json!(format!("e{email}@x.org")));
+            }
+            if phone > 0 {
+                o.insert("phone".into(), json!(format!("+4670000000{phone}")));
+            }
+            o.insert("anon".into(), json!(format!("a{anon}")));
+            o.insert("at".into(), json!(format!("2026-01-{:02}T00:00:00Z", day + 1)));
+            o.insert("tier".into(), json!(["bronze", "silver", "gold"][tier]));
+            o.insert("visits".into(), json!(1));
+            Value::Object(o)
+        },
+    );
+    prop::collection::vec(rec, 1..24).prop_map(|mut v| {
+        for (i, r) in v.iter_mut().enumerate() {
+            r["id"] = json!(format!("m{i}"));
+        }
+        v
+    })
+}
+
+async fn resolve_all(m: &Manifest, raws: &[Value], batch: usize) -> Vec<(Vec<Vec<String>>, Vec<Value>)> {
+    let cfg = IdentityConfig::from_manifest(m);
+    let mut out = Vec::new();
+    for (_, store, db, _dir) in backends().await {
+        for chunk in raws.chunks(batch.max(1)) {
+            store.apply_batch(&cfg, records(m, "web", chunk), None).await.expect("apply");
+        }
+        let partition = store.partition().await.expect("partition");
+        let mut golden = Vec::new();
+        for group in &partition {
+            let (k, v) = group[0].split_once('=').expect("k=v");
+            let p = store.find_profile(m, k, v).await.expect("find");
+            let g = store.golden(m, p, 0).await.expect("golden");
+            golden.push(json!({"tier": g.traits.get("tier").map(|t| &t.value), "visits": g.traits.get("visits").map(|t| &t.value)}));
+        }
+        out.push((partition, golden));
+        drop_db(db).await;
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Any arrival order, in any batch sizes, yields the same partition of
+    /// identifiers and the same golden traits, on both backends.
+    #[test]
+    fn arrival_order_does_not_change_the_result(raws in arb_records(), seed in 0u64..1000, batch in 1usize..8) {
+        let m = manifest();
+        let mut shuffled = raws.clone();
+        // Deterministic shuffle from the seed.
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        for i in (1..shuffled.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        let rt = rt();
+        let want = rt.block_on(resolve_all(&m, &raws, raws.len()));
+        let got = rt.block_on(resolve_all(&m, &shuffled, batch));
+        for (w, g) in want.iter().zip(&got) {
+            prop_assert_eq!(&w.0, &g.0);
+            prop_assert_eq!(&w.1, &g.1);
+        }
+        // Both backends agree with each other too.
+        if want.len() == 2 {
+            prop_assert_eq!(&want[0], &want[1]);
+        }
+    }
+}
