@@ -174,9 +174,17 @@ fn unique_keys_never_merge_and_the_conflict_is_explained() {
             let a = store.find_profile(&m, "crm_id", "A").await.expect("A");
             let b = store.find_profile(&m, "crm_id", "B").await.expect("B");
             assert_ne!(a, b, "{name}: two CRM ids never merge");
-            assert_eq!(store.find_profile(&m, "email", "family@x.org").await.expect("email"), a, "earliest link keeps the email");
+            assert_eq!(
+                store.find_profile(&m, "email", "family@x.org").await.expect("email"),
+                a,
+                "earliest link keeps the email"
+            );
             let x = store.explain(b).await.expect("explain");
-            assert!(x.ledger.iter().any(|e| e["kind"] == "conflict" && e["rule"].as_str().unwrap_or("").contains("crm_id")), "{name}: {:?}", x.ledger);
+            assert!(
+                x.ledger.iter().any(|e| e["kind"] == "conflict" && e["rule"].as_str().unwrap_or("").contains("crm_id")),
+                "{name}: {:?}",
+                x.ledger
+            );
             drop_db(db).await;
         }
     });
@@ -189,9 +197,11 @@ fn a_late_earlier_record_reresolves_the_component() {
         let cfg = IdentityConfig::from_manifest(&m);
         for (name, store, db, _dir) in backends().await {
             // B claims the email first in arrival order, but A's record is older.
-            let late = records(&m, "crm", &[json!({"id": "b", "at": "2026-03-01T00:00:00Z", "crm": "B", "email": "e@x.org"})]);
+            let late =
+                records(&m, "crm", &[json!({"id": "b", "at": "2026-03-01T00:00:00Z", "crm": "B", "email": "e@x.org"})]);
             store.apply_batch(&cfg, late, None).await.expect("b");
-            let early = records(&m, "crm", &[json!({"id": "a", "at": "2026-01-01T00:00:00Z", "crm": "A", "email": "e@x.org"})]);
+            let early =
+                records(&m, "crm", &[json!({"id": "a", "at": "2026-01-01T00:00:00Z", "crm": "A", "email": "e@x.org"})]);
             store.apply_batch(&cfg, early, None).await.expect("a");
             let a = store.find_profile(&m, "crm_id", "A").await.expect("A");
             assert_eq!(store.find_profile(&m, "email", "e@x.org").await.expect("email"), a, "{name}");
@@ -220,7 +230,11 @@ fn merges_are_logged_with_their_record_and_unmerge_sticks() {
                 ],
             );
             assert_eq!(store.apply_batch(&cfg, first, None).await.expect("1").new_profiles, 2);
-            let joining = records(&m, "web", &[json!({"id": "3", "at": "2026-01-02T00:00:00Z", "email": "p@x.org", "phone": "+46 70 123 45 67"})]);
+            let joining = records(
+                &m,
+                "web",
+                &[json!({"id": "3", "at": "2026-01-02T00:00:00Z", "email": "p@x.org", "phone": "+46 70 123 45 67"})],
+            );
             let r = store.apply_batch(&cfg, joining, None).await.expect("join");
             assert_eq!(r.merges, 1, "{name}");
             let p = store.find_profile(&m, "phone", "070-123 45 67").await.expect("phone");
@@ -232,7 +246,11 @@ fn merges_are_logged_with_their_record_and_unmerge_sticks() {
             let (from, to) = store.unmerge(&m, "anonymous_id", "a2").await.expect("unmerge");
             assert_eq!(from, p);
             // A later record carrying a2 with the email does not join it back.
-            let again = records(&m, "web", &[json!({"id": "4", "at": "2026-01-03T00:00:00Z", "anon": "a2", "email": "p@x.org"})]);
+            let again = records(
+                &m,
+                "web",
+                &[json!({"id": "4", "at": "2026-01-03T00:00:00Z", "anon": "a2", "email": "p@x.org"})],
+            );
             store.apply_batch(&cfg, again, None).await.expect("again");
             assert_eq!(store.find_profile(&m, "anonymous_id", "a2").await.expect("a2"), to, "{name}");
             assert_ne!(store.find_profile(&m, "email", "p@x.org").await.expect("email"), to);

@@ -97,6 +97,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 11)]
         runs: usize,
     },
+    /// Ingest generated records end to end; compare with raw inserts (and COPY) of the same rows.
+    Ingest {
+        /// How many records.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: usize,
+        /// Also run on PostgreSQL: a database URL to create a scratch database from.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Directory for the SQLite files (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Output formats.
@@ -129,6 +141,13 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(Bench::Ingest { records, postgres, dir }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+            std::fs::create_dir_all(&dir)?;
+            print!("{}", crate::bench::ingest::run(records, &dir, postgres.as_deref()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Ingest { source, input, batch, resume, rejects, quiet } => block_on(async {
             ingest::run(ingest::Args {
                 manifest: &file,

@@ -609,8 +609,6 @@ impl Store {
             by_profile.entry(p).or_default().extend(ids);
         }
         for (p, ids) in by_profile {
-            in_chunks(self, conn, &[P::I(p)], "UPDATE records SET profile_id = ? WHERE identity_id IN", &ids, "")
-                .await?;
             in_chunks(self, conn, &[P::I(p)], "UPDATE entities SET profile_id = ? WHERE identity_id IN", &ids, "")
                 .await?;
         }
@@ -667,7 +665,6 @@ impl Store {
                 P::I(r.at),
                 P::I(received),
                 P::I(anchor),
-                P::I(profile),
                 P::S(kind.to_owned()),
                 P::OS(name),
                 P::S(payload.to_string()),
@@ -711,8 +708,8 @@ impl Store {
         insert_rows(
             self,
             conn,
-            "INSERT INTO records (source, message_id, at, received_at, identity_id, profile_id, kind, name, payload)",
-            9,
+            "INSERT INTO records (source, message_id, at, received_at, identity_id, kind, name, payload)",
+            8,
             record_rows,
             "",
         )

@@ -239,12 +239,19 @@ impl Store {
             consent.insert(p.clone(), view);
         }
         // Events: computed traits read all of them; the record shows the most recent.
-        let rows = sqlx::query(&self.sql(
-            "SELECT name, at, source, message_id, payload FROM records WHERE profile_id = ? AND kind = 'event' ORDER BY at DESC, message_id DESC",
-        ))
-        .bind(profile)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT name, at, source, message_id, payload FROM records WHERE kind = 'event' AND identity_id IN ({})",
+                super::in_list(chunk.len())
+            );
+            let sql = self.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            rows.extend(q.fetch_all(&self.pool).await?);
+        }
         let mut events = Vec::with_capacity(rows.len());
         for r in rows {
             let payload: String = r.try_get(4)?;
@@ -256,6 +263,7 @@ impl Store {
                 properties: serde_json::from_str(&payload).unwrap_or(Value::Null),
             });
         }
+        events.sort_by(|a, b| (&b.at, &b.message_id).cmp(&(&a.at, &a.message_id)));
         let computed = computed_traits(m, &events, now);
         let audiences = evaluate_audiences(m, &traits, &computed, &consent, &identities, now);
         let ent_rows = sqlx::query(
@@ -393,13 +401,11 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        for table in ["records", "entities"] {
-            sqlx::query(&self.sql(&format!("UPDATE {table} SET profile_id = ? WHERE identity_id = ?")))
-                .bind(to)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
+        sqlx::query(&self.sql("UPDATE entities SET profile_id = ? WHERE identity_id = ?"))
+            .bind(to)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&self.sql(
             "INSERT INTO ledger (at, kind, profile_id, other_profile_id, identity_id, rule) VALUES (?, 'unmerge', ?, ?, ?, ?)",
         ))

@@ -40,20 +40,20 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
         )",
         "CREATE INDEX links_component ON links (component)",
         "CREATE UNIQUE INDEX links_ids ON links (ids)",
-        // Every accepted record, deduplicated by (source, message id).
+        // Every accepted record, deduplicated by (source, message id). Records
+        // belong to the identifier they anchor on; their profile is that
+        // identifier's, so merges never rewrite this table.
         "CREATE TABLE records (
             source TEXT NOT NULL,
             message_id TEXT NOT NULL,
             at BIGINT NOT NULL,
             received_at BIGINT NOT NULL,
             identity_id BIGINT NOT NULL,
-            profile_id BIGINT NOT NULL,
             kind TEXT NOT NULL,
             name TEXT,
             payload TEXT NOT NULL,
             PRIMARY KEY (source, message_id)
         )",
-        "CREATE INDEX records_profile ON records (profile_id, at)",
         "CREATE INDEX records_identity ON records (identity_id)",
         // Trait observations per identifier and source, folded so every merge
         // policy can be answered: first, latest, min, max, sum.

@@ -1,0 +1,264 @@
+//! `cdp bench ingest`: records per second through the whole ingest path
+//! (mapping, normalisation, deduplication, identity resolution, trait folding,
+//! one durable transaction per batch) next to the raw insert rate of the same
+//! records into the same database in the same run — the physical limit of this
+//! design — and, on PostgreSQL, next to COPY.
+
+use super::people::{self, Labeled};
+use crate::ingest::{Mapper, Record};
+use crate::manifest::{self, Manifest};
+use crate::store::ingest::{BatchReport, IdentityConfig};
+use crate::store::{Backend, Store, values_clause};
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+/// Records per transaction.
+pub const BATCH: usize = 5_000;
+const PER_PERSON: usize = 10;
+
+/// Peak resident memory of this process so far, in MiB (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn bench_manifest() -> Result<Manifest> {
+    let l = manifest::load_str(people::MANIFEST, &manifest::Options::validate("."));
+    l.manifest.context("the benchmark manifest is invalid")
+}
+
+/// Generates the records of `n` records' worth of people, chunk by chunk.
+fn chunks(n: usize) -> impl Iterator<Item = Vec<Labeled>> {
+    let ppl = people::people(42, n.div_ceil(PER_PERSON));
+    let total = ppl.len();
+    (0..total).step_by(500).map(move |i| people::records(42 + i as u64, &ppl[i..(i + 500).min(total)], PER_PERSON))
+}
+
+/// Runs cdp's ingest path over `n` generated records into `store`.
+pub async fn run_cdp(store: &Store, n: usize) -> Result<(BatchReport, f64, u64)> {
+    let m = bench_manifest()?;
+    let cfg = IdentityConfig::from_manifest(&m);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Record>, u64)>(4);
+    let producer = std::thread::spawn(move || -> Result<()> {
+        let mut mappers: Vec<(&str, Mapper<'_>)> = ["crm", "web", "pos"]
+            .into_iter()
+            .map(|s| Mapper::new(&m, s).map(|mp| (s, mp)).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut rejected = 0;
+        let mut sent = 0usize;
+        'outer: for chunk in chunks(n) {
+            for l in chunk {
+                if sent >= n {
+                    break 'outer;
+                }
+                sent += 1;
+                let Some((_, mapper)) = mappers.iter_mut().find(|(s, _)| *s == l.source) else { continue };
+                match mapper.map(&l.record, 0) {
+                    Ok(r) => batch.push(r),
+                    Err(_) => rejected += 1,
+                }
+                if batch.len() >= BATCH {
+                    if tx.blocking_send((std::mem::take(&mut batch), rejected)).is_err() {
+                        return Ok(());
+                    }
+                    rejected = 0;
+                }
+            }
+        }
+        let _ = tx.blocking_send((batch, rejected));
+        Ok(())
+    });
+    let start = Instant::now();
+    let mut total = BatchReport::default();
+    let mut rejected = 0;
+    while let Some((batch, rej)) = rx.recv().await {
+        rejected += rej;
+        total.add(&store.apply_batch(&cfg, batch, None).await?);
+    }
+    producer.join().map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+    Ok((total, start.elapsed().as_secs_f64(), rejected))
+}
+
+/// The baseline: the same records as rows (source, message id, time, JSON)
+/// appended with multi-row INSERTs, one transaction per batch.
+pub async fn run_raw(store: &Store, n: usize) -> Result<f64> {
+    sqlx::query("CREATE TABLE raw_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
+        .execute(store.pool())
+        .await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, String, String, String)>>(4);
+    let producer = std::thread::spawn(move || {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut sent = 0usize;
+        'outer: for chunk in chunks(n) {
+            for l in chunk {
+                if sent >= n {
+                    break 'outer;
+                }
+                sent += 1;
+                let id = l.record["id"].as_str().unwrap_or_default().to_owned();
+                let at = l.record["at"].as_str().unwrap_or_default().to_owned();
+                batch.push((l.source.to_owned(), id, at, l.record.to_string()));
+                if batch.len() >= BATCH && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = tx.blocking_send(batch);
+    });
+    let start = Instant::now();
+    while let Some(batch) = rx.recv().await {
+        let mut t = store.pool().begin().await?;
+        for rows in batch.chunks(500) {
+            let sql = format!(
+                "INSERT INTO raw_records (source, message_id, at, payload) VALUES {}",
+                values_clause(rows.len(), 4)
+            );
+            let sql = store.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for (s, id, at, p) in rows {
+                q = q.bind(s.as_str()).bind(id.as_str()).bind(at.as_str()).bind(p.as_str());
+            }
+            q.execute(&mut *t).await?;
+        }
+        t.commit().await?;
+    }
+    let _ = producer.join();
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// PostgreSQL only: COPY of the same rows, the fastest way in.
+pub async fn run_copy(url: &str, n: usize) -> Result<f64> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::query("CREATE TABLE copy_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
+        .execute(&pool)
+        .await?;
+    let start = Instant::now();
+    let mut conn = pool.acquire().await?;
+    let mut copy =
+        conn.copy_in_raw("COPY copy_records (source, message_id, at, payload) FROM STDIN WITH (FORMAT csv)").await?;
+    let mut sent = 0usize;
+    let mut buf = String::with_capacity(1 << 20);
+    'outer: for chunk in chunks(n) {
+        for l in chunk {
+            if sent >= n {
+                break 'outer;
+            }
+            sent += 1;
+            let payload = l.record.to_string().replace('"', "\"\"");
+            let _ = writeln!(
+                buf,
+                "{},{},{},\"{payload}\"",
+                l.source,
+                l.record["id"].as_str().unwrap_or_default(),
+                l.record["at"].as_str().unwrap_or_default()
+            );
+            if buf.len() > (1 << 20) {
+                copy.send(buf.as_bytes()).await?;
+                buf.clear();
+            }
+        }
+    }
+    copy.send(buf.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Runs the benchmark on SQLite in `dir`, and on PostgreSQL when `pg` names a
+/// server database to create scratch databases from.
+pub async fn run(n: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), {BATCH} per transaction",
+        n.div_ceil(PER_PERSON)
+    );
+    let cdp_db = dir.join("cdp.db");
+    let raw_db = dir.join("raw.db");
+    for p in [&cdp_db, &raw_db] {
+        let _ = std::fs::remove_file(p);
+    }
+    let store = Store::connect(&format!("sqlite://{}", cdp_db.display()), dir).await?;
+    let (report, secs, rejected) = run_cdp(&store, n).await?;
+    let rss = peak_rss_mib().unwrap_or(0.0);
+    let raw_store = Store::connect(&format!("sqlite://{}", raw_db.display()), dir).await?;
+    let raw_secs = run_raw(&raw_store, n).await?;
+    report_lines(
+        &mut out,
+        "SQLite (WAL, synchronous=FULL)",
+        &report,
+        rejected,
+        secs,
+        raw_secs,
+        "raw multi-row INSERT",
+        rss,
+    );
+    if let Some(admin) = pg {
+        let name = format!("cdp_bench_{}", std::process::id());
+        let admin_pool = sqlx::PgPool::connect(admin).await.context("connect to PostgreSQL")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin_pool).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin_pool).await?;
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => anyhow::bail!("bad PostgreSQL URL {admin}"),
+        };
+        let result = async {
+            let store = Store::connect(&url, dir).await?;
+            assert_eq!(store.backend(), Backend::Postgres);
+            let (report, secs, rejected) = run_cdp(&store, n).await?;
+            let raw_secs = run_raw(&store, n).await?;
+            let copy_secs = run_copy(&url, n).await?;
+            report_lines(&mut out, "PostgreSQL", &report, rejected, secs, raw_secs, "raw multi-row INSERT", 0.0);
+            let _ = writeln!(
+                out,
+                "  baseline COPY: {:>10.0} rows/s   cdp / COPY = {:.0}%",
+                n as f64 / copy_secs,
+                100.0 * copy_secs / secs
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin_pool).await;
+        result?;
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_lines(
+    out: &mut String,
+    what: &str,
+    r: &BatchReport,
+    rejected: u64,
+    secs: f64,
+    raw_secs: f64,
+    base: &str,
+    rss: f64,
+) {
+    let n = r.accepted + r.duplicates + rejected;
+    let _ = writeln!(out, "{what}:");
+    let _ = writeln!(
+        out,
+        "  cdp ingest:    {:>10.0} records/s  ({} accepted, {} profiles, {} merges, {} conflicts, {} rejected) in {:.1}s",
+        r.accepted as f64 / secs,
+        r.accepted,
+        r.new_profiles.saturating_sub(r.merges),
+        r.merges,
+        r.conflicts,
+        rejected,
+        secs
+    );
+    let _ = writeln!(
+        out,
+        "  baseline {base}: {:>10.0} rows/s   cdp / raw = {:.0}%",
+        n as f64 / raw_secs,
+        100.0 * raw_secs / secs
+    );
+    if rss > 0.0 {
+        let _ = writeln!(out, "  peak memory after cdp ingest: {rss:.0} MiB");
+    }
+}
