@@ -15,7 +15,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -26,12 +26,12 @@ impl Rng {
 
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 { 0 } else { self.next_u64() % n }
     }
 
     /// True with probability `p`.
     pub fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 
     pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -174,7 +174,7 @@ pub fn people(seed: u64, people: usize) -> Vec<Person> {
 /// and postcode (typos, nicknames, swaps, moves) for probabilistic matching.
 /// About `per_person` records per person.
 pub fn records(seed: u64, ppl: &[Person], per_person: usize) -> Vec<Labeled> {
-    let mut rng = Rng::new(seed ^ 0xC0FF_EE);
+    let mut rng = Rng::new(seed ^ 0x00C0_FFEE);
     let mut out = Vec::with_capacity(ppl.len() * per_person);
     // Unique across calls: derived from the person id and a per-person counter;
     // multiplying by an odd constant is a bijection, so ids look random but never repeat.
