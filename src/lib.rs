@@ -15,4 +15,5 @@ pub mod cli;
 pub mod identity;
 pub mod ingest;
 pub mod manifest;
+pub mod rng;
 pub mod store;

@@ -314,6 +314,45 @@ fn entities_attach_to_profiles_and_keep_the_newest_row() {
     });
 }
 
+#[test]
+fn probabilistic_matching_links_people_without_a_shared_key() {
+    rt().block_on(async {
+        let text = cdp::bench::people::MANIFEST;
+        let m = load_str(text, &Options::validate(".")).manifest.expect("bench manifest");
+        let cfg = IdentityConfig::from_manifest(&m);
+        let ppl = cdp::bench::people::people(5, 400);
+        let recs = cdp::bench::people::records(5, &ppl, 3);
+        for (name, store, db, _dir) in backends().await {
+            for src in ["crm", "pos"] {
+                let raws: Vec<Value> = recs.iter().filter(|r| r.source == src).map(|r| r.record.clone()).collect();
+                let mut mapper = Mapper::new(&m, src).expect("source");
+                let batch: Vec<Record> = raws.iter().filter_map(|r| mapper.map(r, 0).ok()).collect();
+                store.apply_batch(&cfg, batch, None).await.expect("apply");
+            }
+            let before = store.partition().await.expect("partition").len();
+            let r = store.match_profiles(&m).await.expect("match");
+            assert!(r.candidates > 0 && r.links > 300, "{name}: {r:?}");
+            let after = store.partition().await.expect("partition").len();
+            assert!(after <= before - 300, "{name}: {before} -> {after}");
+            // Running again links nothing new.
+            let again = store.match_profiles(&m).await.expect("match");
+            assert_eq!(again.batch.merges, 0, "{name}");
+            // The merge is explained with its score.
+            let p = store.find_profile(&m, "receipt", "R0").await.expect("R0");
+            let x = store.explain(p).await.expect("explain");
+            if x.identities.len() > 1 {
+                let linked: Vec<&Value> = x.identities.iter().flat_map(|i| i.linked_by.iter()).collect();
+                assert!(
+                    linked.iter().any(|l| l["rule"] == "probabilistic (Fellegi-Sunter)"
+                        && l["probability"].as_f64().unwrap_or(0.0) >= 0.95),
+                    "{name}: {linked:?}"
+                );
+            }
+            drop_db(db).await;
+        }
+    });
+}
+
 /// Random records over a small pool of identifiers, so merges, limits and
 /// conflicts are frequent.
 fn arb_records() -> impl Strategy<Value = Vec<Value>> {

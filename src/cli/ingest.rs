@@ -18,6 +18,8 @@ pub struct Args<'a> {
     pub resume: bool,
     pub rejects: Option<&'a Path>,
     pub quiet: bool,
+    /// Run probabilistic matching afterwards when the manifest configures it.
+    pub run_match: bool,
 }
 
 /// What an ingest did, for the summary and for benchmarks.
@@ -125,6 +127,14 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         out.flush()?;
     }
     s.seconds = started.elapsed().as_secs_f64();
+    if a.run_match && m.identity.matching.is_some() && s.report.accepted > 0 {
+        let started = Instant::now();
+        let r = store.match_profiles(&m).await?;
+        if !a.quiet {
+            print_match(&r);
+            println!("  matching took {:.2}s", started.elapsed().as_secs_f64());
+        }
+    }
     if !a.quiet {
         if s.rejected > 20 {
             eprintln!(
@@ -136,6 +146,20 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         print_summary(a.source, &s);
     }
     Ok(s)
+}
+
+pub(crate) fn print_match(r: &crate::store::matching::MatchReport) {
+    println!(
+        "probabilistic matching: {} profiles compared, {} candidate pairs{}, λ = {:.4}",
+        r.profiles,
+        r.candidates,
+        if r.skipped_blocks > 0 { format!(" ({} oversize blocks skipped)", r.skipped_blocks) } else { String::new() },
+        r.lambda
+    );
+    println!(
+        "  {} pairs above the threshold: {} merges, {} limit conflicts, {} already linked",
+        r.links, r.batch.merges, r.batch.conflicts, r.batch.duplicates
+    );
 }
 
 fn print_summary(source: &str, s: &Summary) {

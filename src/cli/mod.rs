@@ -55,7 +55,12 @@ pub enum Command {
         /// No progress bar or summary.
         #[arg(long, short)]
         quiet: bool,
+        /// Skip probabilistic matching after the ingest.
+        #[arg(long)]
+        no_match: bool,
     },
+    /// Probabilistic matching over all profiles (`identity.match`); links above the threshold.
+    Match,
     /// Golden records: look up, explain and split profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
@@ -88,6 +93,12 @@ pub enum ProfileCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// Identity accuracy: pairwise precision, recall and F1 against generated ground truth.
+    Identity {
+        /// How many people (about 12 records each).
+        #[arg(long, default_value_t = 10_000)]
+        people: usize,
+    },
     /// Validate a generated manifest; compare with a bare YAML scan; time hostile inputs.
     Validate {
         /// Lines of the generated manifest.
@@ -141,6 +152,11 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(Bench::Identity { people }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            print!("{}", crate::bench::identity::run(people, tmp.path()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Bench(Bench::Ingest { records, postgres, dir }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
@@ -148,7 +164,7 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::ingest::run(records, &dir, postgres.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Ingest { source, input, batch, resume, rejects, quiet } => block_on(async {
+        Command::Ingest { source, input, batch, resume, rejects, quiet, no_match } => block_on(async {
             ingest::run(ingest::Args {
                 manifest: &file,
                 source: &source,
@@ -157,9 +173,20 @@ pub fn run() -> ExitCode {
                 resume,
                 rejects: rejects.as_deref(),
                 quiet,
+                run_match: !no_match,
             })
             .await
             .map(|_| ExitCode::SUCCESS)
+        }),
+        Command::Match => block_on(async {
+            let (m, base) = load_manifest(&file)?;
+            if m.identity.matching.is_none() {
+                bail!("the manifest has no `identity.match` section");
+            }
+            let store = connect(&m, &base).await?;
+            let r = store.match_profiles(&m).await?;
+            ingest::print_match(&r);
+            Ok(ExitCode::SUCCESS)
         }),
         Command::Profile(cmd) => block_on(async {
             match cmd {

@@ -34,6 +34,9 @@ pub struct Record {
     pub event: Option<EventData>,
     pub entity: Option<EntityRow>,
     pub consent: Vec<(String, bool)>,
+    /// Stored as the record's payload instead of its traits (probabilistic
+    /// links keep their score and field weights here).
+    pub meta: Option<Value>,
 }
 
 /// Why a record was not accepted.
@@ -178,7 +181,7 @@ impl<'m> Mapper<'m> {
                 }
             }
         }
-        Ok(Record { source: self.source.clone(), message_id, at, ids, traits, event, entity, consent })
+        Ok(Record { source: self.source.clone(), message_id, at, ids, traits, event, entity, consent, meta: None })
     }
 
     fn identifier(&self, key: &str, raw: &str) -> Option<String> {

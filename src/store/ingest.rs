@@ -471,6 +471,18 @@ impl Store {
                     old_profiles.entry(p).or_default().push(i);
                 }
             }
+            // New links by the stored profiles they touch, to explain merges.
+            let mut new_links_of: FxHashMap<i64, Vec<usize>> = FxHashMap::default();
+            for (li, l) in links.iter().enumerate().filter(|(li, _)| link_is_new[*li]) {
+                for i in &l.ids {
+                    if let Some((p, _)) = nodes[*i as usize].old {
+                        let e = new_links_of.entry(p).or_default();
+                        if e.last() != Some(&li) {
+                            e.push(li);
+                        }
+                    }
+                }
+            }
             let mut olds: Vec<(i64, Vec<usize>)> = old_profiles.into_iter().collect();
             olds.sort_by_key(|(p, _)| *p);
             for (p, members) in olds {
@@ -487,7 +499,7 @@ impl Store {
                 absorbed.push((p, q));
                 report.merges += 1;
                 // The new link that carried identifiers of both explains the merge.
-                let why = links.iter().zip(&link_is_new).filter(|(_, new)| **new).find_map(|(l, _)| {
+                let why = new_links_of.get(&p).into_iter().flatten().map(|li| &links[*li]).find_map(|l| {
                     let via = l.ids.iter().find(|i| nodes[**i as usize].old.is_some_and(|o| o.0 == p))?;
                     let other = l.ids.iter().find(|i| {
                         cluster_profile[&part.cluster[**i as usize]] == q
@@ -657,7 +669,10 @@ impl Store {
             let (kind, name, payload) = match (&r.event, &r.entity) {
                 (Some((n, props)), _) => ("event", Some(n.clone()), Value::Object(props.clone())),
                 (None, Some((e, _, fields))) => ("entity", Some(e.clone()), Value::Object(fields.clone())),
-                (None, None) => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
+                (None, None) => match &r.meta {
+                    Some(meta) => ("link", None, meta.clone()),
+                    None => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
+                },
             };
             record_rows.push(vec![
                 P::S(r.source.clone()),

@@ -8,6 +8,7 @@
 //! committed batch survives power loss.
 
 pub mod ingest;
+pub mod matching;
 pub mod profile;
 mod schema;
 

@@ -325,6 +325,18 @@ impl Store {
                 ));
             }
         }
+        // Probabilistic links carry their score in the link record's payload.
+        let mut scores: IndexMap<String, Value> = IndexMap::new();
+        for l in links.iter().filter(|l| l.2 == "match") {
+            let row = sqlx::query(&self.sql("SELECT payload FROM records WHERE source = ? AND message_id = ?"))
+                .bind(&l.2)
+                .bind(&l.3)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(r) = row {
+                scores.insert(l.3.clone(), parse_json(&r.try_get::<String, _>(0)?));
+            }
+        }
         for (i, isolated) in identities {
             let linked_by: Vec<Value> = links
                 .iter()
@@ -337,7 +349,12 @@ impl Store {
                         .filter_map(|o| by_id.get(o))
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
-                    json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with, "rule": "deterministic: identifiers in one record"})
+                    match scores.get(&l.3) {
+                        Some(score) => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
+                            "rule": "probabilistic (Fellegi-Sunter)", "probability": score["probability"], "fields": score["fields"]}),
+                        None => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
+                            "rule": "deterministic: identifiers in one record"}),
+                    }
                 })
                 .collect();
             out.push(ExplainedIdentity {

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             created_at BIGINT NOT NULL,
             merged_into BIGINT
         )",
+        "CREATE INDEX profiles_merged ON profiles (merged_into)",
         // One row per identifier. `component` groups identifiers connected by
         // any record (ignoring limits); `profile_id` is the resolved person.
         "CREATE TABLE identities (
@@ -84,6 +85,7 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             PRIMARY KEY (entity, key)
         )",
         "CREATE INDEX entities_profile ON entities (profile_id)",
+        "CREATE INDEX entities_identity ON entities (identity_id)",
         "CREATE TABLE consent (
             identity_id BIGINT NOT NULL,
             purpose TEXT NOT NULL,
