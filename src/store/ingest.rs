@@ -150,6 +150,7 @@ struct Existing {
     id: i64,
     profile: i64,
     component: i64,
+    first_at: i64,
 }
 
 /// A stored or new identifier in the working set of a resolution.
@@ -287,6 +288,32 @@ impl Store {
                     new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
                 }
             }
+        }
+
+        // A record older than an identifier's first sighting becomes its first sighting.
+        let mut first_seen: FxHashMap<i64, (i64, &str, &str)> = FxHashMap::default();
+        for r in &records {
+            for (k, v) in &r.ids {
+                if let Some(e) = existing.get(&(k.clone(), v.clone()))
+                    && r.at < e.first_at
+                {
+                    first_seen.entry(e.id).or_insert((r.at, &r.source, &r.message_id));
+                }
+            }
+        }
+        for (id, (at, src, msg)) in &first_seen {
+            sqlx::query(
+                &self.sql(
+                    "UPDATE identities SET first_at = ?, source = ?, message_id = ? WHERE id = ? AND first_at > ?",
+                ),
+            )
+            .bind(*at)
+            .bind(*src)
+            .bind(*msg)
+            .bind(*id)
+            .bind(*at)
+            .execute(&mut *conn)
+            .await?;
         }
 
         // 3. Links: records with several identifiers. A link changes the graph
@@ -864,7 +891,7 @@ impl Store {
             let values: Vec<&str> = values.into_iter().collect();
             for chunk in values.chunks(IN_CHUNK) {
                 let sql = format!(
-                    "SELECT id, value, profile_id, component FROM identities WHERE key = ? AND value IN ({})",
+                    "SELECT id, value, profile_id, component, first_at FROM identities WHERE key = ? AND value IN ({})",
                     in_list(chunk.len())
                 );
                 let sql = self.sql(&sql).into_owned();
@@ -873,7 +900,12 @@ impl Store {
                     q = q.bind(*v);
                 }
                 for row in q.fetch_all(&mut *conn).await? {
-                    let e = Existing { id: row.try_get(0)?, profile: row.try_get(2)?, component: row.try_get(3)? };
+                    let e = Existing {
+                        id: row.try_get(0)?,
+                        profile: row.try_get(2)?,
+                        component: row.try_get(3)?,
+                        first_at: row.try_get(4)?,
+                    };
                     out.insert((key.to_owned(), row.try_get::<String, _>(1)?), e);
                 }
             }

@@ -13,7 +13,7 @@ pub mod profile;
 mod schema;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, ConnectOptions, Executor, Row};
 use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
@@ -77,12 +77,20 @@ impl Store {
         } else {
             return Err(StoreError::Url(url.to_owned()));
         };
-        let opts = AnyConnectOptions::from_str(&url)?;
+        let opts = AnyConnectOptions::from_str(&url)?
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Info, std::time::Duration::from_secs(2));
         let pool = AnyPoolOptions::new()
             // SQLite has one writer; more connections would only wait on its lock.
             .max_connections(if backend == Backend::Sqlite { 1 } else { 8 })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
+                    if backend == Backend::Postgres {
+                        // Batches bind IN lists of hundreds of values; a generic plan
+                        // chosen after a few executions scans whole tables. Plan each
+                        // execution for its values instead.
+                        conn.execute("SET plan_cache_mode = force_custom_plan").await?;
+                    }
                     if backend == Backend::Sqlite {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = FULL").await?;
