@@ -9,7 +9,7 @@
 //! re-points identifiers (and the denormalised `profile_id` columns kept for
 //! reads), never rewrites trait history.
 
-use super::{Result, Store, in_list, now_ms, values_clause};
+use super::{Result, Store, in_list, now_ms, values_clause, values_list};
 use crate::identity::resolve::{self, Ident, KeyRules, Link};
 use crate::ingest::Record;
 use crate::manifest::Manifest;
@@ -89,6 +89,31 @@ pub(crate) fn bind(q: Query<'_>, p: P) -> Query<'_> {
 }
 
 const IN_CHUNK: usize = 900;
+
+const RECORDS_INSERT: &str =
+    "INSERT INTO records (source, message_id, at, received_at, identity_id, kind, name, payload)";
+
+/// A `records` row: what the record was and the identifier it anchors on.
+fn record_row(r: &Record, anchor: i64, received: i64) -> Vec<P> {
+    let (kind, name, payload) = match (&r.event, &r.entity) {
+        (Some((n, props)), _) => ("event", Some(n.clone()), Value::Object(props.clone())),
+        (None, Some((e, _, fields))) => ("entity", Some(e.clone()), Value::Object(fields.clone())),
+        (None, None) => match &r.meta {
+            Some(meta) => ("link", None, meta.clone()),
+            None => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
+        },
+    };
+    vec![
+        P::S(r.source.clone()),
+        P::S(r.message_id.clone()),
+        P::I(r.at),
+        P::I(received),
+        P::I(anchor),
+        P::S(kind.to_owned()),
+        P::OS(name),
+        P::S(payload.to_string()),
+    ]
+}
 const ROW_PARAMS: usize = 9_000;
 
 /// Runs `prefix VALUES (…), (…) suffix` in chunks that stay under parameter limits.
@@ -115,6 +140,36 @@ async fn insert_rows(
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Like `insert_rows`, collecting the `(source, message_id)` pairs the
+/// statement's RETURNING clause reports.
+async fn insert_returning(
+    store: &Store,
+    conn: &mut AnyConnection,
+    prefix: &str,
+    cols: usize,
+    rows: Vec<Vec<P>>,
+    suffix: &str,
+) -> Result<FxHashSet<(String, String)>> {
+    let per = (ROW_PARAMS / cols).max(1);
+    let mut out = FxHashSet::default();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
+        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
+        let sql = store.sql(&sql).into_owned();
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            for p in row {
+                q = bind(q, p);
+            }
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            out.insert((row.try_get(0)?, row.try_get(1)?));
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `prefix (…ids…) suffix` once per chunk of an IN list, with `head`
@@ -262,7 +317,11 @@ impl Store {
                 fresh
             })
             .collect();
-        let stored = self.stored_messages(conn, &records).await?;
+        // SQLite: look the message ids up first (cheap in-process probes).
+        // PostgreSQL: let the records insert itself say which were new, one
+        // round trip instead of a probe per id (done below, once anchors are known).
+        let pg = self.backend == super::Backend::Postgres;
+        let stored = if pg { FxHashSet::default() } else { self.stored_messages(conn, &records).await? };
         records.retain(|r| {
             let dup = stored.contains(&(r.source.clone(), r.message_id.clone()));
             if dup {
@@ -287,6 +346,38 @@ impl Store {
                     e.insert(id);
                     new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
                 }
+            }
+        }
+
+        let anchor_of = |r: &Record| -> i64 {
+            r.ids
+                .iter()
+                .min_by(|a, b| (cfg.rank(&a.0), &a.0, &a.1).cmp(&(cfg.rank(&b.0), &b.0, &b.1)))
+                .map(|(k, v)| idmap[&(k.clone(), v.clone())])
+                .unwrap_or_default()
+        };
+        if pg {
+            let rows = records.iter().map(|r| record_row(r, anchor_of(r), received)).collect();
+            let inserted = insert_returning(
+                self,
+                conn,
+                RECORDS_INSERT,
+                8,
+                rows,
+                "ON CONFLICT (source, message_id) DO NOTHING RETURNING source, message_id",
+            )
+            .await?;
+            let before = records.len();
+            records.retain(|r| inserted.contains(&(r.source.clone(), r.message_id.clone())));
+            report.duplicates += (before - records.len()) as u64;
+            if records.is_empty() {
+                return Ok(report);
+            }
+            if records.len() < before {
+                // Identifiers only duplicates carried were stored with their first copy.
+                let live: FxHashSet<(&str, &str)> =
+                    records.iter().flat_map(|r| r.ids.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+                new_nodes.retain(|n| live.contains(&(n.1.as_str(), n.2.as_str())));
             }
         }
 
@@ -686,31 +777,11 @@ impl Store {
         let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
         let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
         for r in &records {
-            let anchor = r
-                .ids
-                .iter()
-                .min_by(|a, b| (cfg.rank(&a.0), &a.0, &a.1).cmp(&(cfg.rank(&b.0), &b.0, &b.1)))
-                .map(|(k, v)| idmap[&(k.clone(), v.clone())])
-                .unwrap_or_default();
+            let anchor = anchor_of(r);
             let profile = profile_of.get(&anchor).copied().unwrap_or_default();
-            let (kind, name, payload) = match (&r.event, &r.entity) {
-                (Some((n, props)), _) => ("event", Some(n.clone()), Value::Object(props.clone())),
-                (None, Some((e, _, fields))) => ("entity", Some(e.clone()), Value::Object(fields.clone())),
-                (None, None) => match &r.meta {
-                    Some(meta) => ("link", None, meta.clone()),
-                    None => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
-                },
-            };
-            record_rows.push(vec![
-                P::S(r.source.clone()),
-                P::S(r.message_id.clone()),
-                P::I(r.at),
-                P::I(received),
-                P::I(anchor),
-                P::S(kind.to_owned()),
-                P::OS(name),
-                P::S(payload.to_string()),
-            ]);
+            if !pg {
+                record_rows.push(record_row(r, anchor, received));
+            }
             for (t, v) in &r.traits {
                 folds
                     .entry((anchor, t.clone(), r.source.clone()))
@@ -747,15 +818,7 @@ impl Store {
             }
         }
         report.accepted = records.len() as u64;
-        insert_rows(
-            self,
-            conn,
-            "INSERT INTO records (source, message_id, at, received_at, identity_id, kind, name, payload)",
-            8,
-            record_rows,
-            "",
-        )
-        .await?;
+        insert_rows(self, conn, RECORDS_INSERT, 8, record_rows, "").await?;
         if !folds.is_empty() {
             let mut keys: Vec<(i64, String, String)> = folds.keys().cloned().collect();
             keys.sort();
@@ -859,14 +922,15 @@ impl Store {
         for (source, ids) in by_source {
             for chunk in ids.chunks(IN_CHUNK) {
                 let sql = format!(
-                    "SELECT message_id FROM records WHERE source = ? AND message_id IN ({})",
-                    in_list(chunk.len())
+                    "SELECT r.message_id FROM ({}) AS v JOIN records r ON r.message_id = v.column1 AND r.source = ?",
+                    values_list(chunk.len())
                 );
                 let sql = self.sql(&sql).into_owned();
-                let mut q = sqlx::query(&sql).bind(source);
+                let mut q = sqlx::query(&sql);
                 for id in chunk {
                     q = q.bind(*id);
                 }
+                q = q.bind(source);
                 for row in q.fetch_all(&mut *conn).await? {
                     out.insert((source.to_owned(), row.try_get::<String, _>(0)?));
                 }
@@ -891,14 +955,16 @@ impl Store {
             let values: Vec<&str> = values.into_iter().collect();
             for chunk in values.chunks(IN_CHUNK) {
                 let sql = format!(
-                    "SELECT id, value, profile_id, component, first_at FROM identities WHERE key = ? AND value IN ({})",
-                    in_list(chunk.len())
+                    "SELECT i.id, i.value, i.profile_id, i.component, i.first_at FROM ({}) AS v \
+                     JOIN identities i ON i.value = v.column1 AND i.key = ?",
+                    values_list(chunk.len())
                 );
                 let sql = self.sql(&sql).into_owned();
-                let mut q = sqlx::query(&sql).bind(key);
+                let mut q = sqlx::query(&sql);
                 for v in chunk {
                     q = q.bind(*v);
                 }
+                q = q.bind(key);
                 for row in q.fetch_all(&mut *conn).await? {
                     let e = Existing {
                         id: row.try_get(0)?,
@@ -920,7 +986,10 @@ impl Store {
     ) -> Result<FxHashMap<String, (i64, String, String)>> {
         let mut out = FxHashMap::default();
         for chunk in keys.chunks(IN_CHUNK) {
-            let sql = format!("SELECT ids, at, source, message_id FROM links WHERE ids IN ({})", in_list(chunk.len()));
+            let sql = format!(
+                "SELECT l.ids, l.at, l.source, l.message_id FROM ({}) AS v JOIN links l ON l.ids = v.column1",
+                values_list(chunk.len())
+            );
             let sql = self.sql(&sql).into_owned();
             let mut q = sqlx::query(&sql);
             for k in chunk {

@@ -86,10 +86,12 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Postgres {
-                        // Batches bind IN lists of hundreds of values; a generic plan
-                        // chosen after a few executions scans whole tables. Plan each
-                        // execution for its values instead.
-                        conn.execute("SET plan_cache_mode = force_custom_plan").await?;
+                        // Ingest joins batches of hundreds of keys against large
+                        // tables; while a table grows fast its statistics lag and
+                        // the planner picks whole-table scans it would never pick
+                        // with fresh ones. Every statement cdp runs has an index
+                        // path, so steer the planner to it.
+                        conn.execute("SET enable_seqscan = off").await?;
                     }
                     if backend == Backend::Sqlite {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
@@ -226,6 +228,21 @@ pub fn values_clause(rows: usize, cols: usize) -> String {
             s.push_str(", ");
         }
         s.push_str(&group);
+    }
+    s
+}
+
+/// `VALUES (?), (?), …`: a one-column derived table (its column is `column1`
+/// on both backends). Joining against it plans as one index probe per value,
+/// where a long IN list makes PostgreSQL estimate every element while planning.
+pub fn values_list(n: usize) -> String {
+    let mut s = String::with_capacity(n * 5 + 8);
+    s.push_str("VALUES ");
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str("(?)");
     }
     s
 }
