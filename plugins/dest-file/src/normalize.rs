@@ -68,8 +68,14 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(normalize_email("  Ada@Example.COM \n").as_deref(), Some("ada@example.com"));
-        assert_eq!(normalize_email("J.Smith+ads@Gmail.com").as_deref(), Some("j.smith+ads@gmail.com"));
+        assert_eq!(
+            normalize_email("  Ada@Example.COM \n").as_deref(),
+            Some("ada@example.com")
+        );
+        assert_eq!(
+            normalize_email("J.Smith+ads@Gmail.com").as_deref(),
+            Some("j.smith+ads@gmail.com")
+        );
         for bad in ["", "ada", "@example.com", "ada@", "a@b@c", "ad a@example.com"] {
             assert_eq!(normalize_email(bad), None, "{bad}");
         }
@@ -78,10 +84,22 @@ mod tests {
     #[test]
     fn phones() {
         assert_eq!(normalize_phone("+46701234567", None).as_deref(), Some("46701234567"));
-        assert_eq!(normalize_phone(" +1 (650) 555-1234", None).as_deref(), Some("16505551234"));
-        assert_eq!(normalize_phone("0046 70 123 45 67", None).as_deref(), Some("46701234567"));
-        assert_eq!(normalize_phone("070-123 45 67", Some("46")).as_deref(), Some("46701234567"));
-        assert_eq!(normalize_phone("(650) 555-1234", Some("1")).as_deref(), Some("16505551234"));
+        assert_eq!(
+            normalize_phone(" +1 (650) 555-1234", None).as_deref(),
+            Some("16505551234")
+        );
+        assert_eq!(
+            normalize_phone("0046 70 123 45 67", None).as_deref(),
+            Some("46701234567")
+        );
+        assert_eq!(
+            normalize_phone("070-123 45 67", Some("46")).as_deref(),
+            Some("46701234567")
+        );
+        assert_eq!(
+            normalize_phone("(650) 555-1234", Some("1")).as_deref(),
+            Some("16505551234")
+        );
         assert_eq!(normalize_phone("070-123 45 67", None), None);
         assert_eq!(normalize_phone("+0701234567", None), None);
         assert_eq!(normalize_phone("+1234567", None), None);

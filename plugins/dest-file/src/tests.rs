@@ -5,7 +5,8 @@ use tempfile::TempDir;
 use super::*;
 
 fn line(key: &str, op: &str, identities: Value, traits: Value) -> String {
-    let mut v = json!({"key": key, "op": op, "profile_id": format!("p-{key}"), "identities": identities, "traits": traits});
+    let mut v =
+        json!({"key": key, "op": op, "profile_id": format!("p-{key}"), "identities": identities, "traits": traits});
     if op != "upsert" {
         v["audience"] = json!("vip");
     }
@@ -26,15 +27,33 @@ fn csv_export_with_hashing_appends_and_syncs() {
     let cfg = json!({"path": path, "fields": ["country", "email"]});
     let mut w = open(cfg.clone());
     let batch = [
-        line("k1", "enter", json!({"email": [" Ada@Example.com "], "phone": ["+46 70-123 45 67"]}), json!({"country": "SE", "email": "x"})),
-        line("k2", "exit", json!({"email": ["not-an-email"], "device": ["d1"]}), json!({})),
-        line("k3", "enter", json!({"email": ["a@x.com", "b@x.com"]}), json!({"country": "Sweden, \"SE\""})),
+        line(
+            "k1",
+            "enter",
+            json!({"email": [" Ada@Example.com "], "phone": ["+46 70-123 45 67"]}),
+            json!({"country": "SE", "email": "x"}),
+        ),
+        line(
+            "k2",
+            "exit",
+            json!({"email": ["not-an-email"], "device": ["d1"]}),
+            json!({}),
+        ),
+        line(
+            "k3",
+            "enter",
+            json!({"email": ["a@x.com", "b@x.com"]}),
+            json!({"country": "Sweden, \"SE\""}),
+        ),
     ]
     .join("\n");
     let ack = testing::write(&mut w, &batch).unwrap();
     assert_eq!(ack.accepted, 2);
     assert_eq!(ack.rejected.len(), 1);
-    assert_eq!((ack.rejected[0].index, ack.rejected[0].reason.class), (1, ErrorClass::Data));
+    assert_eq!(
+        (ack.rejected[0].index, ack.rejected[0].reason.class),
+        (1, ErrorClass::Data)
+    );
     assert_eq!(ack.rejected[0].reason.code, "no_identifiers");
     w.flush().unwrap();
 
@@ -51,7 +70,11 @@ fn csv_export_with_hashing_appends_and_syncs() {
     // Reopened with the same config: appends without a second header; exit rows keep their op.
     drop(w);
     let mut w = open(cfg);
-    testing::write(&mut w, &line("k4", "exit", json!({"email": ["ada@example.com"]}), json!({}))).unwrap();
+    testing::write(
+        &mut w,
+        &line("k4", "exit", json!({"email": ["ada@example.com"]}), json!({})),
+    )
+    .unwrap();
     w.flush().unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text, format!("{expected}k4,exit,vip,{ADA},,,\r\n"));
@@ -70,14 +93,23 @@ fn unhashed_jsonl_export() {
         "default_country_code": "46"
     }));
     let batch = [
-        line("k1", "upsert", json!({"email": ["ADA@example.com"], "phone": ["070-123 45 67", "n/a"]}), json!({"tier": "gold", "secret": 1})),
+        line(
+            "k1",
+            "upsert",
+            json!({"email": ["ADA@example.com"], "phone": ["070-123 45 67", "n/a"]}),
+            json!({"tier": "gold", "secret": 1}),
+        ),
         line("k2", "exit", json!({"phone": ["+1 650 555 1234"]}), json!({})),
     ]
     .join("\n");
     testing::take_logs();
     let ack = testing::write(&mut w, &batch).unwrap();
     assert_eq!(ack.accepted, 2);
-    assert!(testing::take_logs().iter().any(|(_, m)| m == "record k1: phone value is not usable; left out"));
+    assert!(
+        testing::take_logs()
+            .iter()
+            .any(|(_, m)| m == "record k1: phone value is not usable; left out")
+    );
     w.flush().unwrap();
     let lines: Vec<Value> = std::fs::read_to_string(&path)
         .unwrap()
@@ -100,7 +132,13 @@ fn other_identity_types_are_trimmed_and_hashed() {
     let mut w = open(json!({"path": path, "identities": ["crm_id"]}));
     testing::write(&mut w, &line("k1", "enter", json!({"crm_id": [" C-42 "]}), json!({}))).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text, format!("key,op,audience,crm_id\r\nk1,enter,vip,{}\r\n", normalize::sha256_hex("C-42")));
+    assert_eq!(
+        text,
+        format!(
+            "key,op,audience,crm_id\r\nk1,enter,vip,{}\r\n",
+            normalize::sha256_hex("C-42")
+        )
+    );
 }
 
 #[test]
@@ -133,10 +171,14 @@ fn config_validation_and_spec() {
     assert_eq!(code(json!({"path": ""})), "invalid_path");
     assert_eq!(code(json!({"path": "/output/"})), "invalid_path");
     assert_eq!(code(json!({"path": "/o/a", "identities": []})), "missing_identities");
-    assert_eq!(code(json!({"path": "/o/a", "default_country_code": "+46"})), "invalid_country_code");
+    assert_eq!(
+        code(json!({"path": "/o/a", "default_country_code": "+46"})),
+        "invalid_country_code"
+    );
     assert_eq!(code(json!({"path": "/o/a", "fields": ["x", "x"]})), "duplicate_column");
     assert_eq!(code(json!({"path": "/o/a", "format": "xlsx"})), "invalid_config");
-    let e = testing::open_destination::<FileDestination>(r#"{"path": "/proc/definitely/not/writable.csv"}"#).unwrap_err();
+    let e =
+        testing::open_destination::<FileDestination>(r#"{"path": "/proc/definitely/not/writable.csv"}"#).unwrap_err();
     assert_ne!(e.class, ErrorClass::Internal);
 
     let spec = <FileDestination as Destination>::spec();

@@ -48,7 +48,11 @@ pub fn select_traits(record: &DestinationRecord, fields: Option<&[String]>) -> D
 
 /// Renders `records` (already filtered by [`select_traits`]) as `format`.
 /// `fields` fixes the CSV trait columns.
-pub fn render(format: Format, records: &[DestinationRecord], fields: Option<&[String]>) -> Result<Vec<u8>, ConnectorError> {
+pub fn render(
+    format: Format,
+    records: &[DestinationRecord],
+    fields: Option<&[String]>,
+) -> Result<Vec<u8>, ConnectorError> {
     let ser = |e: serde_json::Error| ConnectorError::internal("body_serialize", e.to_string());
     match format {
         Format::Json => serde_json::to_vec(&json!({ "records": records })).map_err(ser),
@@ -264,7 +268,12 @@ pub fn render_csv(records: &[DestinationRecord], fields: Option<&[String]>) -> R
             r.audience.clone().unwrap_or_default(),
         ];
         for col in &identity_cols {
-            row.push(r.identities.get(*col).map(|v| v.join(MULTI_VALUE_SEPARATOR)).unwrap_or_default());
+            row.push(
+                r.identities
+                    .get(*col)
+                    .map(|v| v.join(MULTI_VALUE_SEPARATOR))
+                    .unwrap_or_default(),
+            );
         }
         for col in &trait_cols {
             row.push(r.traits.get(*col).map(cell).unwrap_or_default());

@@ -158,7 +158,10 @@ impl Config {
             ));
         }
         if self.batch_size == 0 {
-            return Err(ConnectorError::config("invalid_batch_size", "config.batch_size: must be > 0"));
+            return Err(ConnectorError::config(
+                "invalid_batch_size",
+                "config.batch_size: must be > 0",
+            ));
         }
         if self.signing_secret.as_deref() == Some("") {
             return Err(ConnectorError::config(
@@ -256,7 +259,10 @@ fn outcome(resp: &Response, len: usize) -> Result<Vec<Rejection>, ConnectorError
         }
         404 | 405 => Err(ConnectorError::config(
             format!("http_status_{}", resp.status),
-            format!("HTTP {}: the endpoint does not accept this request; check url and method", resp.status),
+            format!(
+                "HTTP {}: the endpoint does not accept this request; check url and method",
+                resp.status
+            ),
         )),
         400..=499 if !matches!(resp.status, 401 | 403 | 408 | 429) => {
             let e = status_error(resp);
@@ -337,7 +343,13 @@ impl DestinationWriter for WebhookWriter {
             let records: Vec<DestinationRecord> = chunk.iter().map(|r| body::select_traits(r, fields)).collect();
             let body = body::render(self.cfg.format, &records, fields)?;
             let key = idempotency_key(chunk.iter().map(|r| r.key.as_str()));
-            let req = self.request(&self.cfg.method, &self.cfg.url, self.cfg.format.content_type(), body, key);
+            let req = self.request(
+                &self.cfg.method,
+                &self.cfg.url,
+                self.cfg.format.content_type(),
+                body,
+                key,
+            );
             let resp = http::send(req)?;
             for r in outcome(&resp, chunk.len())? {
                 rejected.push(Rejection {

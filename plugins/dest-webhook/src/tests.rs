@@ -71,7 +71,9 @@ fn xml_body_is_escaped_and_well_formed() {
     records[1].key = "k<2>&\"'".into();
     records[1].traits.insert("2nd phone".into(), json!(null));
     records[1].traits.insert("xmlish".into(), json!(["a", 1]));
-    records[1].traits.insert("addr".into(), json!({"zip": "211 20", "ns:x": true}));
+    records[1]
+        .traits
+        .insert("addr".into(), json!({"zip": "211 20", "ns:x": true}));
     records[1].traits.insert("ctl".into(), json!("bell\u{7}"));
     let xml = render_xml(&records);
     let expected = concat!(
@@ -149,9 +151,18 @@ fn json_and_ndjson_bodies() {
 #[test]
 fn per_record_results_parsing() {
     let r = parse_results(br#"{"results": [{"index": 0, "status": "ok"}, {"index": 1, "status": "rejected", "reason": "bad email"}, {"index": 2, "status": "ERROR", "reason": {"code": 7}}]}"#);
-    assert_eq!(r, Some(vec![(1, "bad email".to_string()), (2, r#"{"code":7}"#.to_string())]));
+    assert_eq!(
+        r,
+        Some(vec![(1, "bad email".to_string()), (2, r#"{"code":7}"#.to_string())])
+    );
     let r = parse_results(br#"{"rejected": [{"index": 3, "reason": "dup"}, {"index": 4}]}"#);
-    assert_eq!(r, Some(vec![(3, "dup".to_string()), (4, "rejected by the endpoint".to_string())]));
+    assert_eq!(
+        r,
+        Some(vec![
+            (3, "dup".to_string()),
+            (4, "rejected by the endpoint".to_string())
+        ])
+    );
     assert_eq!(parse_results(b"OK"), None);
     assert_eq!(parse_results(br#"{"status": "ok"}"#), None);
 }
@@ -203,10 +214,16 @@ fn batches_are_chunked_signed_and_keyed() {
         assert_eq!(req.url, "https://hooks.example.com/cdp");
         assert_eq!(req.header_value("content-type"), Some("application/x-ndjson"));
         assert_eq!(req.header_value("authorization"), Some("Token abc"));
-        assert_eq!(req.header_value("idempotency-key").unwrap(), idempotency_key(keys.iter().copied()));
+        assert_eq!(
+            req.header_value("idempotency-key").unwrap(),
+            idempotency_key(keys.iter().copied())
+        );
         let body = req.body.as_deref().unwrap();
         assert_eq!(body.iter().filter(|b| **b == b'\n').count(), keys.len());
-        assert_eq!(req.header_value("x-cdp-signature").unwrap(), signature(b"topsecret", body));
+        assert_eq!(
+            req.header_value("x-cdp-signature").unwrap(),
+            signature(b"topsecret", body)
+        );
         let ts: u64 = req.header_value("x-cdp-timestamp").unwrap().parse().unwrap();
         assert!(ts > 1_700_000_000);
     }
@@ -221,14 +238,21 @@ fn unsigned_requests_carry_no_signature() {
     assert!(req.header_value("x-cdp-signature").is_none());
     assert!(req.header_value("x-cdp-timestamp").is_none());
     assert_eq!(req.header_value("content-type"), Some("application/xml; charset=utf-8"));
-    assert!(String::from_utf8(req.body.clone().unwrap()).unwrap().contains("<record key=\"k0\" op=\"upsert\">"));
+    assert!(
+        String::from_utf8(req.body.clone().unwrap())
+            .unwrap()
+            .contains("<record key=\"k0\" op=\"upsert\">")
+    );
 }
 
 #[test]
 fn per_record_rejections_map_to_batch_indexes() {
     serve(|n, _| match n {
-        0 => Response::new(200).with_body(r#"{"results": [{"index": 1, "status": "rejected", "reason": "invalid email"}]}"#),
-        1 => Response::new(207).with_body(r#"{"rejected": [{"index": 0, "reason": "duplicate"}, {"index": 5, "reason": "out of range"}]}"#),
+        0 => Response::new(200)
+            .with_body(r#"{"results": [{"index": 1, "status": "rejected", "reason": "invalid email"}]}"#),
+        1 => Response::new(207).with_body(
+            r#"{"rejected": [{"index": 0, "reason": "duplicate"}, {"index": 5, "reason": "out of range"}]}"#,
+        ),
         _ => Response::new(422).with_body("unprocessable"),
     });
     let mut w = writer(json!({"url": "https://hooks.example.com/cdp", "batch_size": 2}));
@@ -253,13 +277,21 @@ fn per_record_rejections_map_to_batch_indexes() {
 #[test]
 fn retryable_and_fatal_statuses_fail_the_write() {
     let cases = [
-        (Response::new(429).with_header("Retry-After", "12"), ErrorClass::RateLimited, true),
+        (
+            Response::new(429).with_header("Retry-After", "12"),
+            ErrorClass::RateLimited,
+            true,
+        ),
         (Response::new(500), ErrorClass::Transient, true),
         (Response::new(503), ErrorClass::Transient, true),
         (Response::new(401), ErrorClass::Auth, false),
         (Response::new(403), ErrorClass::Permission, false),
         (Response::new(404), ErrorClass::Config, false),
-        (Response::new(302).with_header("Location", "https://elsewhere/"), ErrorClass::Config, false),
+        (
+            Response::new(302).with_header("Location", "https://elsewhere/"),
+            ErrorClass::Config,
+            false,
+        ),
     ];
     for (resp, class, retryable) in cases {
         let status = resp.status;
@@ -277,7 +309,10 @@ fn retryable_and_fatal_statuses_fail_the_write() {
 fn delete_posts_to_delete_url_or_is_unsupported() {
     let mut w = writer(json!({"url": "https://hooks.example.com/cdp"}));
     let line = r#"{"key": "d1", "profile_id": "p1", "identities": {"email": ["a@x.com"]}}"#;
-    assert_eq!(testing::delete(&mut w, line).unwrap_err().class, ErrorClass::Unsupported);
+    assert_eq!(
+        testing::delete(&mut w, line).unwrap_err().class,
+        ErrorClass::Unsupported
+    );
 
     let log = serve(|_, _| Response::new(200).with_body(r#"{"rejected": [{"index": 1, "reason": "unknown person"}]}"#));
     let mut w = writer(json!({
@@ -285,7 +320,10 @@ fn delete_posts_to_delete_url_or_is_unsupported() {
         "delete_url": "https://hooks.example.com/cdp/erase",
         "signing_secret": "s"
     }));
-    let two = format!("{line}\n{}", r#"{"key": "d2", "profile_id": "p2", "identities": {"phone": ["+1555"]}}"#);
+    let two = format!(
+        "{line}\n{}",
+        r#"{"key": "d2", "profile_id": "p2", "identities": {"phone": ["+1555"]}}"#
+    );
     let ack = testing::delete(&mut w, &two).unwrap();
     assert_eq!(ack.accepted, 1);
     assert_eq!(ack.rejected[0].index, 1);
@@ -299,7 +337,10 @@ fn delete_posts_to_delete_url_or_is_unsupported() {
             {"key": "d2", "profile_id": "p2", "identities": {"phone": ["+1555"]}}
         ]})
     );
-    assert_eq!(req.header_value("idempotency-key").unwrap(), idempotency_key(["d1", "d2"]));
+    assert_eq!(
+        req.header_value("idempotency-key").unwrap(),
+        idempotency_key(["d1", "d2"])
+    );
     assert!(req.header_value("x-cdp-signature").is_some());
 }
 
@@ -309,12 +350,30 @@ fn config_validation_and_spec() {
     assert!(check(json!({"url": "https://h.example/x", "format": "csv"})).is_ok());
     let code = |cfg: Value| check(cfg.clone()).expect_err(&cfg.to_string()).code;
     assert_eq!(code(json!({"url": "h.example"})), "invalid_url");
-    assert_eq!(code(json!({"url": "https://h.example", "delete_url": "x"})), "invalid_url");
-    assert_eq!(code(json!({"url": "https://h.example", "method": "GET"})), "invalid_method");
-    assert_eq!(code(json!({"url": "https://h.example", "batch_size": 0})), "invalid_batch_size");
-    assert_eq!(code(json!({"url": "https://h.example", "signing_secret": ""})), "empty_signing_secret");
-    assert_eq!(code(json!({"url": "https://h.example", "format": "yaml"})), "invalid_config");
-    let cfg: Config = cdp_plugin_sdk::parse_config(r#"{"url": "https://h.example", "signing_secret": "hush", "headers": {"A": "tok"}}"#).unwrap();
+    assert_eq!(
+        code(json!({"url": "https://h.example", "delete_url": "x"})),
+        "invalid_url"
+    );
+    assert_eq!(
+        code(json!({"url": "https://h.example", "method": "GET"})),
+        "invalid_method"
+    );
+    assert_eq!(
+        code(json!({"url": "https://h.example", "batch_size": 0})),
+        "invalid_batch_size"
+    );
+    assert_eq!(
+        code(json!({"url": "https://h.example", "signing_secret": ""})),
+        "empty_signing_secret"
+    );
+    assert_eq!(
+        code(json!({"url": "https://h.example", "format": "yaml"})),
+        "invalid_config"
+    );
+    let cfg: Config = cdp_plugin_sdk::parse_config(
+        r#"{"url": "https://h.example", "signing_secret": "hush", "headers": {"A": "tok"}}"#,
+    )
+    .unwrap();
     let dbg = format!("{cfg:?}");
     assert!(!dbg.contains("hush") && !dbg.contains("tok"), "{dbg}");
 

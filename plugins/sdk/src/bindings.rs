@@ -33,9 +33,9 @@ pub mod destination_world {
     });
 }
 
-pub use source_world::cdp::connector::{host, types};
 #[cfg(target_arch = "wasm32")]
 pub use source_world::cdp::connector::http;
+pub use source_world::cdp::connector::{host, types};
 
 impl From<crate::log::Level> for host::Level {
     fn from(level: crate::log::Level) -> Self {

@@ -39,7 +39,8 @@ pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T, ConnectorError
             ConnectorError::config("invalid_config", format!("config.{path}: {inner}"))
         }
     })?;
-    de.end().map_err(|e| ConnectorError::config("invalid_config", format!("config: {e}")))?;
+    de.end()
+        .map_err(|e| ConnectorError::config("invalid_config", format!("config: {e}")))?;
     Ok(value)
 }
 
@@ -75,7 +76,11 @@ mod tests {
 
         let e = parse_config::<Cfg>(r#"{"url":"https://a","pagination":{"size":"x"}}"#).unwrap_err();
         assert_eq!(e.code, "invalid_config");
-        assert!(e.message.starts_with("config.pagination.size: invalid type"), "{}", e.message);
+        assert!(
+            e.message.starts_with("config.pagination.size: invalid type"),
+            "{}",
+            e.message
+        );
 
         let e = parse_config::<Cfg>(r#"{}"#).unwrap_err();
         assert!(e.message.contains("missing field `url`"), "{}", e.message);

@@ -102,11 +102,7 @@ impl ConnectorError {
 
     /// The remote asked to slow down; retried after `retry_after_ms` (or
     /// with the host's backoff when `None`).
-    pub fn rate_limited(
-        retry_after_ms: Option<u64>,
-        code: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn rate_limited(retry_after_ms: Option<u64>, code: impl Into<String>, message: impl Into<String>) -> Self {
         let mut e = Self::new(ErrorClass::RateLimited, code, message);
         e.retry_after_ms = retry_after_ms;
         e
@@ -167,7 +163,11 @@ mod tests {
             (ConnectorError::data("c", "m"), ErrorClass::Data, false),
             (ConnectorError::unsupported("c", "m"), ErrorClass::Unsupported, false),
             (ConnectorError::internal("c", "m"), ErrorClass::Internal, false),
-            (ConnectorError::rate_limited(Some(5), "c", "m"), ErrorClass::RateLimited, true),
+            (
+                ConnectorError::rate_limited(Some(5), "c", "m"),
+                ErrorClass::RateLimited,
+                true,
+            ),
         ];
         for (err, class, retryable) in cases {
             assert_eq!(err.class, class);
@@ -175,7 +175,10 @@ mod tests {
             assert_eq!(err.code, "c");
             assert_eq!(err.message, "m");
         }
-        assert_eq!(ConnectorError::rate_limited(Some(1500), "x", "y").retry_after_ms, Some(1500));
+        assert_eq!(
+            ConnectorError::rate_limited(Some(1500), "x", "y").retry_after_ms,
+            Some(1500)
+        );
         assert_eq!(ConnectorError::transient("x", "y").retry_after_ms, None);
     }
 

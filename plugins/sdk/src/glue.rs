@@ -28,10 +28,7 @@ pub(crate) fn parse_state(state: Option<&str>) -> Result<Option<Value>, Connecto
     }
 }
 
-pub(crate) fn source_open<S: Source>(
-    config: &str,
-    state: Option<&str>,
-) -> Result<S::Reader, ConnectorError> {
+pub(crate) fn source_open<S: Source>(config: &str, state: Option<&str>) -> Result<S::Reader, ConnectorError> {
     let config = parse_config::<S::Config>(config)?;
     let state = parse_state(state)?;
     S::open(config, state)
@@ -63,10 +60,7 @@ where
 {
     let (rows, mut rejected) = decode_json_lines::<T>(ndjson);
     if rows.is_empty() {
-        return Ok(WriteAck {
-            accepted: 0,
-            rejected,
-        });
+        return Ok(WriteAck { accepted: 0, rejected });
     }
     let (positions, rows): (Vec<u32>, Vec<T>) = rows.into_iter().unzip();
     let ack = op(rows)?;
@@ -107,7 +101,7 @@ pub(crate) fn destination_delete<W: DestinationWriter>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{Records, ReadEvent};
+    use crate::records::{ReadEvent, Records};
     use crate::{ErrorClass, Spec, testing};
     use serde::Deserialize;
     use serde_json::json;

@@ -100,9 +100,8 @@ impl Request {
 
     /// Sets a JSON body and, unless already set, `Content-Type: application/json`.
     pub fn json<T: Serialize + ?Sized>(self, value: &T) -> Result<Self, ConnectorError> {
-        let body = serde_json::to_vec(value).map_err(|e| {
-            ConnectorError::internal("request_serialize", format!("cannot serialise the body: {e}"))
-        })?;
+        let body = serde_json::to_vec(value)
+            .map_err(|e| ConnectorError::internal("request_serialize", format!("cannot serialise the body: {e}")))?;
         let req = if self.header_value("content-type").is_none() {
             self.header("Content-Type", "application/json")
         } else {
@@ -299,14 +298,18 @@ impl From<HttpError> for ConnectorError {
         match e.kind {
             HttpErrorKind::Denied => ConnectorError::config(
                 "http_denied",
-                format!("request refused by the host (is the host in allow_hosts?): {}", e.message),
+                format!(
+                    "request refused by the host (is the host in allow_hosts?): {}",
+                    e.message
+                ),
             ),
-            HttpErrorKind::InvalidRequest => {
-                ConnectorError::config("http_invalid_request", e.message)
-            }
+            HttpErrorKind::InvalidRequest => ConnectorError::config("http_invalid_request", e.message),
             HttpErrorKind::TooLarge => ConnectorError::config(
                 "http_response_too_large",
-                format!("response exceeds the host's size limit; request smaller pages: {}", e.message),
+                format!(
+                    "response exceeds the host's size limit; request smaller pages: {}",
+                    e.message
+                ),
             ),
             HttpErrorKind::Timeout => ConnectorError::transient("http_timeout", e.message),
             HttpErrorKind::Connect => ConnectorError::transient("http_connect", e.message),
@@ -473,7 +476,10 @@ mod tests {
         assert_eq!(parse_retry_after(" 0 ", date), Some(0));
         let now = date - Duration::from_millis(90_500);
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now), Some(90_500));
-        assert_eq!(parse_retry_after("Wednesday, 21-Oct-15 07:28:00 GMT", now), Some(90_500));
+        assert_eq!(
+            parse_retry_after("Wednesday, 21-Oct-15 07:28:00 GMT", now),
+            Some(90_500)
+        );
         assert_eq!(parse_retry_after("Wed Oct 21 07:28:00 2015", now), Some(90_500));
         let later = date + Duration::from_secs(5);
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", later), Some(0));
@@ -499,7 +505,10 @@ mod tests {
         assert_eq!(class(422, ErrorClass::Data).unwrap_err().0, ErrorClass::Data);
         assert_eq!(class(301, ErrorClass::Data).unwrap_err().0, ErrorClass::Config);
         let (c, retry, code, msg) = class(503, ErrorClass::Config).unwrap_err();
-        assert_eq!((c, retry, code.as_str()), (ErrorClass::Transient, true, "http_status_503"));
+        assert_eq!(
+            (c, retry, code.as_str()),
+            (ErrorClass::Transient, true, "http_status_503")
+        );
         assert_eq!(msg, "HTTP 503: too many requests");
         assert_eq!(class(408, ErrorClass::Config).unwrap_err().0, ErrorClass::Transient);
 
@@ -525,7 +534,13 @@ mod tests {
 
     #[test]
     fn http_errors_map_to_classes() {
-        let map = |kind| ConnectorError::from(HttpError { kind, message: "m".into() }).class;
+        let map = |kind| {
+            ConnectorError::from(HttpError {
+                kind,
+                message: "m".into(),
+            })
+            .class
+        };
         assert_eq!(map(HttpErrorKind::Denied), ErrorClass::Config);
         assert_eq!(map(HttpErrorKind::InvalidRequest), ErrorClass::Config);
         assert_eq!(map(HttpErrorKind::TooLarge), ErrorClass::Config);
@@ -553,12 +568,22 @@ mod tests {
             .with_body("{\"ok\":true}");
         assert_eq!(resp.header_all("LINK").collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(resp.json::<serde_json::Value>().unwrap()["ok"], true);
-        assert_eq!(Response::new(200).with_body("<html>").json::<serde_json::Value>().unwrap_err().code, "response_not_json");
+        assert_eq!(
+            Response::new(200)
+                .with_body("<html>")
+                .json::<serde_json::Value>()
+                .unwrap_err()
+                .code,
+            "response_not_json"
+        );
     }
 
     #[test]
     fn send_goes_to_the_mock_natively() {
-        assert_eq!(send(Request::get("https://x.example/")).unwrap_err().kind, HttpErrorKind::Other);
+        assert_eq!(
+            send(Request::get("https://x.example/")).unwrap_err().kind,
+            HttpErrorKind::Other
+        );
         testing::mock_http(|req| Ok(Response::new(200).with_body(req.url.clone())));
         let resp = Request::get("https://x.example/a").send().unwrap();
         assert_eq!(resp.text(), "https://x.example/a");
@@ -569,8 +594,14 @@ mod tests {
     fn query_building() {
         assert_eq!(with_query("https://a/x", &[("a b", "c&d")]), "https://a/x?a%20b=c%26d");
         assert_eq!(with_query("https://a/x?", &[]), "https://a/x");
-        assert_eq!(with_query("https://a/x?p=1#frag", &[("p", "2")]), "https://a/x?p=2#frag");
-        assert_eq!(with_query("https://a/x?a%20b=1&c=2", &[("a b", "3")]), "https://a/x?c=2&a%20b=3");
+        assert_eq!(
+            with_query("https://a/x?p=1#frag", &[("p", "2")]),
+            "https://a/x?p=2#frag"
+        );
+        assert_eq!(
+            with_query("https://a/x?a%20b=1&c=2", &[("a b", "3")]),
+            "https://a/x?c=2&a%20b=3"
+        );
         assert_eq!(percent_decode("a%2Fb+c%zz%4"), "a/b c%zz%4");
         assert_eq!(percent_encode("é"), "%C3%A9");
     }

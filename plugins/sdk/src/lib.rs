@@ -220,8 +220,7 @@ pub mod testing;
 pub use config::parse_config;
 pub use error::{ConnectorError, ErrorClass};
 pub use records::{
-    DeleteRecord, DestinationRecord, Identities, Op, ReadEvent, Records, Rejection, WriteAck,
-    decode_json_lines,
+    DeleteRecord, DestinationRecord, Identities, Op, ReadEvent, Records, Rejection, WriteAck, decode_json_lines,
 };
 pub use serde_json;
 pub use spec::{PROTOCOL_VERSION, Spec, capability};

@@ -40,9 +40,8 @@ impl Records {
     /// Appends one row. The row must serialise to a JSON object; anything
     /// else (or a serialisation failure) is an `internal` error.
     pub fn push<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<(), ConnectorError> {
-        let line = serde_json::to_string(row).map_err(|e| {
-            ConnectorError::internal("record_serialize", format!("cannot serialise a record: {e}"))
-        })?;
+        let line = serde_json::to_string(row)
+            .map_err(|e| ConnectorError::internal("record_serialize", format!("cannot serialise a record: {e}")))?;
         if !line.starts_with('{') {
             return Err(ConnectorError::internal(
                 "record_not_object",
@@ -190,9 +189,9 @@ fn identities_map_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Identities,
         Map(Identities),
         List(Vec<TypedValue>),
     }
-    match Form::deserialize(d).map_err(|_| {
-        de::Error::custom("identities must be an object of arrays or a list of {type, value}")
-    })? {
+    match Form::deserialize(d)
+        .map_err(|_| de::Error::custom("identities must be an object of arrays or a list of {type, value}"))?
+    {
         Form::Map(map) => Ok(map),
         Form::List(list) => {
             let mut map = Identities::new();

@@ -102,7 +102,10 @@ pub fn read_to_end<R: SourceReader>(reader: &mut R, max: u32) -> Result<Vec<Read
         }
         events.extend(batch);
     }
-    Err(ConnectorError::internal("reader_never_done", "next() kept returning events"))
+    Err(ConnectorError::internal(
+        "reader_never_done",
+        "next() kept returning events",
+    ))
 }
 
 /// The records of `events` as JSON values, in order.

@@ -131,7 +131,10 @@ impl Config {
             }
             Some(cols) => {
                 if cols.is_empty() {
-                    return Err(ConnectorError::config("missing_columns", "config.columns: must not be empty"));
+                    return Err(ConnectorError::config(
+                        "missing_columns",
+                        "config.columns: must not be empty",
+                    ));
                 }
                 reader::check_unique(cols.iter().map(String::as_str))?;
             }

@@ -201,7 +201,10 @@ mod tests {
     }
 
     fn cells(row: &Row) -> Vec<String> {
-        row.fields.iter().map(|f| String::from_utf8(f.clone()).unwrap()).collect()
+        row.fields
+            .iter()
+            .map(|f| String::from_utf8(f.clone()).unwrap())
+            .collect()
     }
 
     #[test]
@@ -210,7 +213,14 @@ mod tests {
         let rows = rows(input);
         let got: Vec<(Vec<String>, u64, &[u8], bool)> = rows
             .iter()
-            .map(|r| (cells(r), r.line, &input[r.start as usize..][..2.min(input.len() - r.start as usize)], r.blank))
+            .map(|r| {
+                (
+                    cells(r),
+                    r.line,
+                    &input[r.start as usize..][..2.min(input.len() - r.start as usize)],
+                    r.blank,
+                )
+            })
             .collect();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(

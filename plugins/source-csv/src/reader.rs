@@ -71,7 +71,13 @@ fn offset_state(state: Option<&Value>) -> Option<(u64, u64)> {
     Some((offset, line))
 }
 
-fn open_at(path: &str, mut file: File, delimiter: u8, offset: u64, line: u64) -> Result<RowReader<BufReader<File>>, ConnectorError> {
+fn open_at(
+    path: &str,
+    mut file: File,
+    delimiter: u8,
+    offset: u64,
+    line: u64,
+) -> Result<RowReader<BufReader<File>>, ConnectorError> {
     file.seek(SeekFrom::Start(offset)).map_err(|e| io_error(path, &e))?;
     Ok(RowReader::new(BufReader::new(file), delimiter, offset, line))
 }

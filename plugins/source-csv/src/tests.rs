@@ -68,7 +68,10 @@ fn header_mapping_quotes_bom_and_malformed_rows() {
         ["email", "first_name", "tier", "updated_at"]
     );
     assert!(checkpoints_of(&events).is_empty(), "full reads emit no checkpoint");
-    assert_eq!(warnings(), [format!("{path} line 5: expected 4 fields, found 2; row skipped")]);
+    assert_eq!(
+        warnings(),
+        [format!("{path} line 5: expected 4 fields, found 2; row skipped")]
+    );
     assert_eq!(testing::take_metrics(), [("rows_skipped_total".to_string(), 1.0)]);
 }
 
@@ -136,8 +139,14 @@ fn offset_resume_reads_appended_rows_only() {
     drop(f);
     testing::take_logs();
     let events = read(&cfg, Some(&cp), 10);
-    assert_eq!(records_of(&events), [json!({"id": "3", "v": "c"}), json!({"id": "4", "v": "d"})]);
-    assert_eq!(warnings(), [format!("{path} line 5: expected 2 fields, found 1; row skipped")]);
+    assert_eq!(
+        records_of(&events),
+        [json!({"id": "3", "v": "c"}), json!({"id": "4", "v": "d"})]
+    );
+    assert_eq!(
+        warnings(),
+        [format!("{path} line 5: expected 2 fields, found 1; row skipped")]
+    );
     assert_eq!(checkpoints_of(&events).pop().unwrap(), json!({"offset": 28, "line": 6}));
 }
 
@@ -227,12 +236,19 @@ fn delimiters_explicit_columns_and_no_header() {
     assert_eq!(records_of(&events), [json!({"a": "1", "b": "2"})]);
 
     // columns replace the header row's names
-    let events = read(&config(&path, json!({"delimiter": "\t", "columns": ["x", "y"]})), None, 10);
+    let events = read(
+        &config(&path, json!({"delimiter": "\t", "columns": ["x", "y"]})),
+        None,
+        10,
+    );
     assert_eq!(records_of(&events), [json!({"x": "1", "y": "2"})]);
 
     // no header: every row is data
     let path = write_file(&dir, "s.csv", b"1;2\n3;4\n");
-    let cfg = config(&path, json!({"delimiter": ";", "has_header": false, "columns": ["x", ""]}));
+    let cfg = config(
+        &path,
+        json!({"delimiter": ";", "has_header": false, "columns": ["x", ""]}),
+    );
     let events = read(&cfg, None, 10);
     assert_eq!(records_of(&events), [json!({"x": "1"}), json!({"x": "3"})]);
 }
@@ -255,7 +271,10 @@ fn header_quirks() {
 
     let path = write_file(&dir, "u.csv", b"id,name\n1,\xff\xfe\n2,ok\n");
     testing::take_logs();
-    assert_eq!(records_of(&read(&config(&path, json!({})), None, 10)), [json!({"id": "2", "name": "ok"})]);
+    assert_eq!(
+        records_of(&read(&config(&path, json!({})), None, 10)),
+        [json!({"id": "2", "name": "ok"})]
+    );
     assert_eq!(warnings(), [format!("{path} line 2: not valid UTF-8; row skipped")]);
 }
 
@@ -278,8 +297,14 @@ fn config_errors() {
         code(json!({"file": "/a", "columns": ["a"], "incremental": {"by": "column", "column": "b"}})),
         "unknown_column"
     );
-    assert_eq!(code(json!({"file": "/a", "incremental": {"by": "lines"}})), "invalid_config");
-    assert_eq!(code(json!({"file": "/a", "incremental": {"by": "offset", "x": 1}})), "invalid_config");
+    assert_eq!(
+        code(json!({"file": "/a", "incremental": {"by": "lines"}})),
+        "invalid_config"
+    );
+    assert_eq!(
+        code(json!({"file": "/a", "incremental": {"by": "offset", "x": 1}})),
+        "invalid_config"
+    );
     let e = check(json!({"file": "/a", "has_heder": true})).unwrap_err();
     assert!(e.message.contains("has_heder"), "{}", e.message);
 
@@ -289,7 +314,10 @@ fn config_errors() {
     let dir = TempDir::new().unwrap();
     let path = write_file(&dir, "m.csv", b"a,b\n1,2\n");
     let cfg = config(&path, json!({"incremental": {"by": "column", "column": "c"}}));
-    assert_eq!(testing::open_source::<CsvSource>(&cfg, None).unwrap_err().code, "unknown_column");
+    assert_eq!(
+        testing::open_source::<CsvSource>(&cfg, None).unwrap_err().code,
+        "unknown_column"
+    );
 }
 
 #[test]

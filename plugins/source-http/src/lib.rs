@@ -189,7 +189,10 @@ pub struct IncrementalConfig {
 
 fn non_empty(value: &str, field: &str) -> Result<(), ConnectorError> {
     if value.trim().is_empty() {
-        return Err(ConnectorError::config("missing_value", format!("config.{field}: must not be empty")));
+        return Err(ConnectorError::config(
+            "missing_value",
+            format!("config.{field}: must not be empty"),
+        ));
     }
     Ok(())
 }
@@ -223,10 +226,18 @@ impl Config {
                 non_empty(cursor_path, "pagination.cursor_path")?;
                 non_empty(param, "pagination.param")?;
             }
-            Pagination::Page { param, size, size_param, .. } => {
+            Pagination::Page {
+                param,
+                size,
+                size_param,
+                ..
+            } => {
                 non_empty(param, "pagination.param")?;
                 if *size == Some(0) {
-                    return Err(ConnectorError::config("invalid_page_size", "config.pagination.size: must be > 0"));
+                    return Err(ConnectorError::config(
+                        "invalid_page_size",
+                        "config.pagination.size: must be > 0",
+                    ));
                 }
                 if size_param.is_some() && size.is_none() {
                     return Err(ConnectorError::config(

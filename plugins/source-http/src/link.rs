@@ -53,7 +53,9 @@ pub fn parse_links(value: &str) -> Vec<Link> {
         let mut params = Vec::new();
         loop {
             rest = rest.trim_start();
-            let Some(after_semi) = rest.strip_prefix(';') else { break };
+            let Some(after_semi) = rest.strip_prefix(';') else {
+                break;
+            };
             rest = after_semi.trim_start();
             let name_end = rest
                 .find(|c: char| c == '=' || c == ';' || c == ',' || c.is_whitespace())
@@ -213,7 +215,10 @@ mod tests {
         assert_eq!(links[0].target, "https://a.example/x?ids=1,2;3");
         assert_eq!(
             links[0].params,
-            [("title".to_string(), "next, but; not really".to_string()), ("rel".to_string(), "prev".to_string())]
+            [
+                ("title".to_string(), "next, but; not really".to_string()),
+                ("rel".to_string(), "prev".to_string())
+            ]
         );
         assert_eq!(
             find_link([tricky], "next", "https://a.example/v1/members").as_deref(),
@@ -221,10 +226,16 @@ mod tests {
         );
         let first = r#"<https://a.example/1>; rel="first""#;
         let second = r#"<https://a.example/2>; rel=next"#;
-        assert_eq!(find_link([first, second], "next", "https://a.example/").as_deref(), Some("https://a.example/2"));
+        assert_eq!(
+            find_link([first, second], "next", "https://a.example/").as_deref(),
+            Some("https://a.example/2")
+        );
         assert!(parse_links("garbage").is_empty());
         assert_eq!(parse_links("junk <https://a/>; rel=next").len(), 1);
-        assert_eq!(parse_links(r#"<https://a/>; rel="unterminated"#)[0].params[0].1, "unterminated");
+        assert_eq!(
+            parse_links(r#"<https://a/>; rel="unterminated"#)[0].params[0].1,
+            "unterminated"
+        );
     }
 
     #[test]

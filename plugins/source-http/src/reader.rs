@@ -96,7 +96,10 @@ impl HttpReader {
             _ => None,
         });
         if next.is_some() && resumed.is_none() {
-            log::warn!("checkpoint next={} does not fit the configured pagination; starting from the first page", next.map(Value::to_string).unwrap_or_default());
+            log::warn!(
+                "checkpoint next={} does not fit the configured pagination; starting from the first page",
+                next.map(Value::to_string).unwrap_or_default()
+            );
         }
         let (position, since) = match resumed {
             Some(p) => (p, state.get("since").filter(|v| !v.is_null()).cloned()),
@@ -123,7 +126,15 @@ impl HttpReader {
             (Pagination::Cursor { param, .. }, Position::Cursor(c)) => {
                 params.push((param.clone(), param_text(c)));
             }
-            (Pagination::Page { param, start, size_param, size }, pos) => {
+            (
+                Pagination::Page {
+                    param,
+                    start,
+                    size_param,
+                    size,
+                },
+                pos,
+            ) => {
                 let page = match pos {
                     Position::Page(n) => *n,
                     _ => *start,
@@ -206,7 +217,10 @@ impl HttpReader {
                 Some(other) => {
                     return Err(ConnectorError::data(
                         "cursor_invalid",
-                        format!("cursor_path {cursor_path:?} holds {} instead of a string or number", kind(other)),
+                        format!(
+                            "cursor_path {cursor_path:?} holds {} instead of a string or number",
+                            kind(other)
+                        ),
                     ));
                 }
             },

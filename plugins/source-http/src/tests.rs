@@ -125,7 +125,11 @@ fn resuming_from_every_checkpoint_continues_exactly() {
                 let rest = read_to_end(&mut open(&cursor_config(), Some(cp)), 100).unwrap();
                 assert_eq!(ids(&records_of(&rest)), all[emitted..], "from {cp}");
                 // The resumed run keeps sending the interrupted run's `since`.
-                assert!(urls(&log).iter().all(|u| u.contains("updated_since=2026-01-01T00%3A00%3A00Z")));
+                assert!(
+                    urls(&log)
+                        .iter()
+                        .all(|u| u.contains("updated_since=2026-01-01T00%3A00%3A00Z"))
+                );
             }
             ReadEvent::Checkpoint(_) => {}
         }
@@ -178,7 +182,10 @@ fn page_pagination_stops_at_a_short_page() {
     let events = read_to_end(&mut open(&cfg, None), 10).unwrap();
     assert_eq!(ids(&records_of(&events)), [1, 2, 3, 4, 5]);
     assert_eq!(
-        checkpoints_of(&events).iter().map(|c| c["next"].clone()).collect::<Vec<_>>(),
+        checkpoints_of(&events)
+            .iter()
+            .map(|c| c["next"].clone())
+            .collect::<Vec<_>>(),
         [json!(2), json!(3), Value::Null]
     );
     assert_eq!(log.borrow().len(), 3);
@@ -243,7 +250,10 @@ fn no_pagination_is_one_request() {
     let cfg = json!({"url": "https://api.example.com/all", "records_path": "results", "method": "post"});
     let events = read_to_end(&mut open(&cfg, None), 10).unwrap();
     assert_eq!(ids(&records_of(&events)), [1, 2]);
-    assert_eq!(checkpoints_of(&events), [json!({"next": null, "cursor": null, "since": null})]);
+    assert_eq!(
+        checkpoints_of(&events),
+        [json!({"next": null, "cursor": null, "since": null})]
+    );
     assert_eq!(log.borrow()[0].method, "POST");
 }
 
@@ -256,23 +266,46 @@ fn error_for(resp: Response) -> cdp_plugin_sdk::ConnectorError {
 #[test]
 fn status_codes_map_to_error_classes() {
     let e = error_for(Response::new(429).with_header("Retry-After", "30"));
-    assert_eq!((e.class, e.retryable, e.retry_after_ms), (ErrorClass::RateLimited, true, Some(30_000)));
+    assert_eq!(
+        (e.class, e.retryable, e.retry_after_ms),
+        (ErrorClass::RateLimited, true, Some(30_000))
+    );
     let e = error_for(Response::new(429).with_header("Retry-After", "Thu, 01 Jan 1970 00:00:00 GMT"));
     assert_eq!((e.class, e.retry_after_ms), (ErrorClass::RateLimited, Some(0)));
     let e = error_for(Response::new(503));
-    assert_eq!((e.class, e.retryable, e.code.as_str()), (ErrorClass::Transient, true, "http_status_503"));
+    assert_eq!(
+        (e.class, e.retryable, e.code.as_str()),
+        (ErrorClass::Transient, true, "http_status_503")
+    );
     assert_eq!(error_for(Response::new(401)).class, ErrorClass::Auth);
     assert_eq!(error_for(Response::new(403)).class, ErrorClass::Permission);
     let e = error_for(Response::new(404));
     assert_eq!((e.class, e.retryable), (ErrorClass::Config, false));
-    assert_eq!(error_for(Response::new(200).with_body("<html>")).code, "response_not_json");
+    assert_eq!(
+        error_for(Response::new(200).with_body("<html>")).code,
+        "response_not_json"
+    );
     assert_eq!(error_for(json_response(json!({"a": 1}))).code, "records_not_array");
 
-    testing::mock_http(|_| Err(HttpError { kind: HttpErrorKind::Timeout, message: "slow".into() }));
-    let e = open(&json!({"url": "https://api.example.com/x"}), None).next(1).unwrap_err();
+    testing::mock_http(|_| {
+        Err(HttpError {
+            kind: HttpErrorKind::Timeout,
+            message: "slow".into(),
+        })
+    });
+    let e = open(&json!({"url": "https://api.example.com/x"}), None)
+        .next(1)
+        .unwrap_err();
     assert_eq!((e.class, e.retryable), (ErrorClass::Transient, true));
-    testing::mock_http(|_| Err(HttpError { kind: HttpErrorKind::Denied, message: "not allowed".into() }));
-    let e = open(&json!({"url": "https://api.example.com/x"}), None).next(1).unwrap_err();
+    testing::mock_http(|_| {
+        Err(HttpError {
+            kind: HttpErrorKind::Denied,
+            message: "not allowed".into(),
+        })
+    });
+    let e = open(&json!({"url": "https://api.example.com/x"}), None)
+        .next(1)
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Config);
 }
 
@@ -282,7 +315,11 @@ fn a_failed_page_is_fetched_again_on_the_next_call() {
     let c = calls.clone();
     testing::mock_http(move |_| {
         *c.borrow_mut() += 1;
-        Ok(if *c.borrow() == 1 { Response::new(502) } else { json_response(json!([{"id": 1}])) })
+        Ok(if *c.borrow() == 1 {
+            Response::new(502)
+        } else {
+            json_response(json!([{"id": 1}]))
+        })
     });
     let mut reader = open(&json!({"url": "https://api.example.com/x"}), None);
     assert_eq!(reader.next(10).unwrap_err().class, ErrorClass::Transient);
@@ -316,7 +353,10 @@ fn helpers() {
     use std::cmp::Ordering::*;
     assert_eq!(reader::compare_cursor(&json!(10), &json!(9)), Greater);
     assert_eq!(reader::compare_cursor(&json!("10"), &json!("9")), Less);
-    assert_eq!(reader::compare_cursor(&json!("2026-01-02"), &json!("2026-01-01T23:59:59Z")), Greater);
+    assert_eq!(
+        reader::compare_cursor(&json!("2026-01-02"), &json!("2026-01-01T23:59:59Z")),
+        Greater
+    );
 }
 
 #[test]
@@ -326,13 +366,34 @@ fn config_validation() {
     let code = |cfg: Value| check(cfg.clone()).expect_err(&cfg.to_string()).code;
     assert_eq!(code(json!({"url": "ftp://x"})), "invalid_url");
     assert_eq!(code(json!({"url": "https://x", "method": "DELETE"})), "invalid_method");
-    assert_eq!(code(json!({"url": "https://x", "auth": {"bearer": ""}})), "missing_value");
-    assert_eq!(code(json!({"url": "https://x", "auth": {"token": "t"}})), "invalid_config");
-    assert_eq!(code(json!({"url": "https://x", "pagination": {"type": "cursor", "param": "c"}})), "invalid_config");
-    assert_eq!(code(json!({"url": "https://x", "pagination": {"type": "page", "size": 0}})), "invalid_page_size");
-    assert_eq!(code(json!({"url": "https://x", "pagination": {"type": "page", "size_param": "n"}})), "missing_page_size");
-    assert_eq!(code(json!({"url": "https://x", "pagination": {"type": "none", "extra": 1}})), "invalid_config");
-    assert_eq!(code(json!({"url": "https://x", "incremental": {"cursor_field": "u"}})), "invalid_config");
+    assert_eq!(
+        code(json!({"url": "https://x", "auth": {"bearer": ""}})),
+        "missing_value"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "auth": {"token": "t"}})),
+        "invalid_config"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "pagination": {"type": "cursor", "param": "c"}})),
+        "invalid_config"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "pagination": {"type": "page", "size": 0}})),
+        "invalid_page_size"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "pagination": {"type": "page", "size_param": "n"}})),
+        "missing_page_size"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "pagination": {"type": "none", "extra": 1}})),
+        "invalid_config"
+    );
+    assert_eq!(
+        code(json!({"url": "https://x", "incremental": {"cursor_field": "u"}})),
+        "invalid_config"
+    );
     assert!(check(json!({"url": "https://x", "pagination": {"type": "link"}})).is_ok());
 
     // Secrets stay out of Debug output.
