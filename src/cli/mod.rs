@@ -16,7 +16,7 @@ use std::process::ExitCode;
 #[command(name = "cdp", version, about, long_about = None)]
 pub struct Cli {
     /// The manifest file (`-` reads standard input, for `validate`).
-    #[arg(short = 'f', long = "file", global = true, default_value = "cdp.yaml")]
+    #[arg(short = 'f', long = "manifest", global = true, default_value = "cdp.yaml")]
     pub file: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -41,7 +41,7 @@ pub enum Command {
         /// The source (from `sources`) whose mapping applies.
         source: String,
         /// The input file: `.csv` with a header row, anything else JSON Lines.
-        #[arg(long = "input", short = 'i')]
+        #[arg(long = "file", short = 'i')]
         input: PathBuf,
         /// Records per transaction.
         #[arg(long, default_value_t = 5_000)]

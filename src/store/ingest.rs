@@ -125,21 +125,7 @@ async fn insert_rows(
     rows: Vec<Vec<P>>,
     suffix: &str,
 ) -> Result<()> {
-    let per = (ROW_PARAMS / cols).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
-        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
-        let sql = store.sql(&sql).into_owned();
-        let mut q = sqlx::query(&sql);
-        for row in chunk {
-            for p in row {
-                q = bind(q, p);
-            }
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    insert_chunks(store, conn, prefix, cols, rows, suffix, false).await.map(drop)
 }
 
 /// Like `insert_rows`, collecting the `(source, message_id)` pairs the
@@ -151,6 +137,18 @@ async fn insert_returning(
     cols: usize,
     rows: Vec<Vec<P>>,
     suffix: &str,
+) -> Result<FxHashSet<(String, String)>> {
+    insert_chunks(store, conn, prefix, cols, rows, suffix, true).await
+}
+
+async fn insert_chunks(
+    store: &Store,
+    conn: &mut AnyConnection,
+    prefix: &str,
+    cols: usize,
+    rows: Vec<Vec<P>>,
+    suffix: &str,
+    returning: bool,
 ) -> Result<FxHashSet<(String, String)>> {
     let per = (ROW_PARAMS / cols).max(1);
     let mut out = FxHashSet::default();
@@ -165,8 +163,12 @@ async fn insert_returning(
                 q = bind(q, p);
             }
         }
-        for row in q.fetch_all(&mut *conn).await? {
-            out.insert((row.try_get(0)?, row.try_get(1)?));
+        if returning {
+            for row in q.fetch_all(&mut *conn).await? {
+                out.insert((row.try_get(0)?, row.try_get(1)?));
+            }
+        } else {
+            q.execute(&mut *conn).await?;
         }
     }
     Ok(out)
@@ -218,17 +220,18 @@ struct Node {
     isolated: bool,
 }
 
-/// Folded trait observations of one (identifier, trait, source).
+/// Folded trait observations of one (identifier, trait, source): enough to
+/// answer every merge policy. Values are JSON text.
 #[derive(Debug, Clone)]
-struct TraitFold {
-    first: (i64, String),
-    last: (i64, String),
-    min: String,
-    max: String,
-    sum: Option<f64>,
-    nmin: Option<f64>,
-    nmax: Option<f64>,
-    n: i64,
+pub(crate) struct TraitFold {
+    pub first: (i64, String),
+    pub last: (i64, String),
+    pub min: String,
+    pub max: String,
+    pub sum: Option<f64>,
+    pub nmin: Option<f64>,
+    pub nmax: Option<f64>,
+    pub n: i64,
 }
 
 impl TraitFold {

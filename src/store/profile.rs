@@ -3,6 +3,7 @@
 //! events, computed traits and audience membership; why its identifiers were
 //! joined; and splitting an identifier off by hand.
 
+use super::ingest::TraitFold;
 use super::{Result, Store, now_ms};
 use crate::audience::{self, Val};
 use crate::identity::normalize;
@@ -107,15 +108,10 @@ fn iso(ms: i64) -> String {
         .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
+/// A trait's folded observations from one source.
 struct Obs {
     source: String,
-    first: (i64, String),
-    last: (i64, String),
-    min: String,
-    max: String,
-    sum: Option<f64>,
-    nmin: Option<f64>,
-    nmax: Option<f64>,
+    fold: TraitFold,
 }
 
 impl Store {
@@ -184,13 +180,16 @@ impl Store {
             for r in q.fetch_all(&self.pool).await? {
                 obs.entry(r.try_get(0)?).or_default().push(Obs {
                     source: r.try_get(1)?,
-                    first: (r.try_get(3)?, r.try_get(2)?),
-                    last: (r.try_get(5)?, r.try_get(4)?),
-                    min: r.try_get(6)?,
-                    max: r.try_get(7)?,
-                    sum: r.try_get(8)?,
-                    nmin: r.try_get(9)?,
-                    nmax: r.try_get(10)?,
+                    fold: TraitFold {
+                        first: (r.try_get(3)?, r.try_get(2)?),
+                        last: (r.try_get(5)?, r.try_get(4)?),
+                        min: r.try_get(6)?,
+                        max: r.try_get(7)?,
+                        sum: r.try_get(8)?,
+                        nmin: r.try_get(9)?,
+                        nmax: r.try_get(10)?,
+                        n: 0,
+                    },
                 });
             }
             let sql = format!(
@@ -464,11 +463,13 @@ fn parse_json(s: &str) -> Value {
 /// Applies a trait's merge policy to its observations.
 fn merge_trait(kind: TraitType, policy: Option<&MergePolicy>, rows: &[Obs]) -> Option<TraitValue> {
     let latest = |rows: &[&Obs]| -> Option<TraitValue> {
-        let o = rows.iter().max_by(|a, b| (a.last.0, &a.last.1, &a.source).cmp(&(b.last.0, &b.last.1, &b.source)))?;
+        let o = rows.iter().max_by(|a, b| {
+            (a.fold.last.0, &a.fold.last.1, &a.source).cmp(&(b.fold.last.0, &b.fold.last.1, &b.source))
+        })?;
         Some(TraitValue {
-            value: parse_json(&o.last.1),
+            value: parse_json(&o.fold.last.1),
             source: o.source.clone(),
-            observed_at: iso(o.last.0),
+            observed_at: iso(o.fold.last.0),
             policy: "latest".into(),
         })
     };
@@ -484,13 +485,13 @@ fn merge_trait(kind: TraitType, policy: Option<&MergePolicy>, rows: &[Obs]) -> O
     match policy {
         None | Some(MergePolicy::Simple(SimpleMerge::Latest)) => latest(&all),
         Some(MergePolicy::Simple(SimpleMerge::First)) => {
-            let o = all
-                .iter()
-                .min_by(|a, b| (a.first.0, &a.first.1, &a.source).cmp(&(b.first.0, &b.first.1, &b.source)))?;
+            let o = all.iter().min_by(|a, b| {
+                (a.fold.first.0, &a.fold.first.1, &a.source).cmp(&(b.fold.first.0, &b.fold.first.1, &b.source))
+            })?;
             Some(TraitValue {
-                value: parse_json(&o.first.1),
+                value: parse_json(&o.fold.first.1),
                 source: o.source.clone(),
-                observed_at: iso(o.first.0),
+                observed_at: iso(o.fold.first.0),
                 policy: "first".into(),
             })
         }
@@ -500,32 +501,32 @@ fn merge_trait(kind: TraitType, policy: Option<&MergePolicy>, rows: &[Obs]) -> O
             if numeric {
                 let pick = all
                     .iter()
-                    .filter_map(|o| if is_max { o.nmax } else { o.nmin }.map(|x| (x, *o)))
+                    .filter_map(|o| if is_max { o.fold.nmax } else { o.fold.nmin }.map(|x| (x, *o)))
                     .reduce(|a, b| if (is_max && b.0 > a.0) || (!is_max && b.0 < a.0) { b } else { a })?;
                 Some(TraitValue {
                     value: num(pick.0),
                     source: pick.1.source.clone(),
-                    observed_at: iso(pick.1.last.0),
+                    observed_at: iso(pick.1.fold.last.0),
                     policy: name.into(),
                 })
             } else {
                 let pick = if is_max {
-                    all.iter().max_by(|a, b| a.max.cmp(&b.max))
+                    all.iter().max_by(|a, b| a.fold.max.cmp(&b.fold.max))
                 } else {
-                    all.iter().min_by(|a, b| a.min.cmp(&b.min))
+                    all.iter().min_by(|a, b| a.fold.min.cmp(&b.fold.min))
                 }?;
-                let v = if is_max { &pick.max } else { &pick.min };
+                let v = if is_max { &pick.fold.max } else { &pick.fold.min };
                 Some(TraitValue {
                     value: parse_json(v),
                     source: pick.source.clone(),
-                    observed_at: iso(pick.last.0),
+                    observed_at: iso(pick.fold.last.0),
                     policy: name.into(),
                 })
             }
         }
         Some(MergePolicy::Simple(SimpleMerge::Sum)) => {
-            let total: f64 = all.iter().filter_map(|o| o.sum).sum();
-            let last = all.iter().map(|o| o.last.0).max()?;
+            let total: f64 = all.iter().filter_map(|o| o.fold.sum).sum();
+            let last = all.iter().map(|o| o.fold.last.0).max()?;
             let mut sources: Vec<&str> = all.iter().map(|o| o.source.as_str()).collect();
             sources.sort_unstable();
             sources.dedup();
