@@ -208,7 +208,7 @@ pub async fn run(n: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
         };
         let result = async {
             let store = Store::connect(&url, dir).await?;
-            assert_eq!(store.backend(), Backend::Postgres);
+            anyhow::ensure!(store.backend() == Backend::Postgres, "{url} is not a PostgreSQL store");
             let (report, secs, rejected) = run_cdp(&store, n).await?;
             let raw_secs = run_raw(&store, n).await?;
             let copy_secs = run_copy(&url, n).await?;

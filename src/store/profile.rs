@@ -436,8 +436,8 @@ impl Store {
         Ok((from, to))
     }
 
-    /// Resolves the profiles, identity links and identities for tests and
-    /// benchmarks: every identifier as `key=value`, grouped by profile.
+    /// Every identifier as `key=value`, grouped by profile and sorted: the
+    /// partition tests and benchmarks compare.
     pub async fn partition(&self) -> Result<Vec<Vec<String>>> {
         let rows = sqlx::query("SELECT profile_id, key, value FROM identities ORDER BY profile_id, key, value")
             .fetch_all(&self.pool)
