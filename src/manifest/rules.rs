@@ -807,20 +807,7 @@ impl<'a> Ctx<'a> {
         }
         for (name, c) in &m.model.computed {
             let base = ptr(&["model", "computed", name]);
-            let aggs: Vec<(&str, &String)> = [
-                ("count", &c.count),
-                ("sum", &c.sum),
-                ("avg", &c.avg),
-                ("min", &c.min),
-                ("max", &c.max),
-                ("first", &c.first),
-                ("last", &c.last),
-                ("distinct", &c.distinct),
-                ("last_seen", &c.last_seen),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
-            .collect();
+            let aggs = c.aggregates();
             if aggs.len() != 1 {
                 let set: Vec<&str> = aggs.iter().map(|(k, _)| *k).collect();
                 let msg = if set.is_empty() {

@@ -520,6 +520,27 @@ pub struct Computed {
     pub filter: Option<String>,
 }
 
+impl Computed {
+    /// The aggregates that are set, by name (`count`, `sum`, …); exactly one
+    /// in a valid manifest.
+    pub fn aggregates(&self) -> Vec<(&'static str, &String)> {
+        [
+            ("count", &self.count),
+            ("sum", &self.sum),
+            ("avg", &self.avg),
+            ("min", &self.min),
+            ("max", &self.max),
+            ("first", &self.first),
+            ("last", &self.last),
+            ("distinct", &self.distinct),
+            ("last_seen", &self.last_seen),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect()
+    }
+}
+
 /// A trait predicted from a person's event history.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -588,23 +588,7 @@ fn trait_field(t: TraitType) -> Option<FieldType> {
 pub fn computed_traits(m: &Manifest, events: &[EventView], now: i64) -> IndexMap<String, Value> {
     let mut out = IndexMap::new();
     for (name, c) in &m.model.computed {
-        let (agg, spec) = match [
-            ("count", &c.count),
-            ("sum", &c.sum),
-            ("avg", &c.avg),
-            ("min", &c.min),
-            ("max", &c.max),
-            ("first", &c.first),
-            ("last", &c.last),
-            ("distinct", &c.distinct),
-            ("last_seen", &c.last_seen),
-        ]
-        .into_iter()
-        .find_map(|(a, s)| s.as_ref().map(|s| (a, s)))
-        {
-            Some(x) => x,
-            None => continue,
-        };
+        let Some((agg, spec)) = c.aggregates().into_iter().next() else { continue };
         let (event, prop) = spec.split_once('.').map_or((spec.as_str(), None), |(e, p)| (e, Some(p)));
         let Some(et) = m.model.events.get(event) else { continue };
         let since = c
