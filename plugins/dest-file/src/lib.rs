@@ -394,5 +394,5 @@ impl DestinationWriter for FileWriter {
 
 cdp_plugin_sdk::export_destination!(FileDestination);
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;

@@ -395,5 +395,5 @@ impl DestinationWriter for WebhookWriter {
 
 cdp_plugin_sdk::export_destination!(Webhook);
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;

@@ -98,7 +98,7 @@ pub(crate) fn destination_delete<W: DestinationWriter>(
     dispatch::<DeleteRecord, _>(ndjson, |rows| writer.delete(rows))
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
     use crate::records::{ReadEvent, Records};

@@ -110,7 +110,7 @@ pub use crate::__cdp_log_trace as trace;
 #[doc(inline)]
 pub use crate::__cdp_log_warn as warn;
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
     use crate::testing::{take_logs, take_metrics};

@@ -218,5 +218,5 @@ impl Source for CsvSource {
 
 cdp_plugin_sdk::export_source!(CsvSource);
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;

@@ -343,5 +343,5 @@ impl Source for HttpSource {
 
 cdp_plugin_sdk::export_source!(HttpSource);
 
-#[cfg(test)]
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;
