@@ -9,7 +9,7 @@
 //! re-points identifiers (and the denormalised `profile_id` columns kept for
 //! reads), never rewrites trait history.
 
-use super::{Result, Store, in_list, now_ms, values_clause, values_list};
+use super::{IN_CHUNK, Result, Store, in_list, now_ms, values_clause, values_list};
 use crate::identity::resolve::{self, Ident, KeyRules, Link};
 use crate::ingest::Record;
 use crate::manifest::Manifest;
@@ -39,7 +39,7 @@ impl IdentityConfig {
         self.keys.iter().position(|k| k == key).map_or(u16::MAX, |i| i as u16)
     }
 
-    fn rank(&self, key: &str) -> u32 {
+    pub(crate) fn rank(&self, key: &str) -> u32 {
         self.rules.rank.get(usize::from(self.key_index(key))).copied().unwrap_or(u32::MAX)
     }
 }
@@ -87,8 +87,6 @@ pub(crate) fn bind(q: Query<'_>, p: P) -> Query<'_> {
         P::OF(v) => q.bind(v),
     }
 }
-
-const IN_CHUNK: usize = 900;
 
 const RECORDS_INSERT: &str =
     "INSERT INTO records (source, message_id, at, received_at, identity_id, kind, name, payload)";
@@ -1014,37 +1012,29 @@ impl Store {
     ) -> Result<(Vec<Node>, Vec<(String, i64, String, String, Vec<i64>)>)> {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
-        for chunk in components.chunks(IN_CHUNK) {
-            let sql = format!(
+        let rows = self
+            .select_in(
+                conn,
                 "SELECT id, key, value, profile_id, component, isolated FROM identities WHERE component IN ({})",
-                in_list(chunk.len())
-            );
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q.bind(*c);
-            }
-            for row in q.fetch_all(&mut *conn).await? {
-                nodes.push(Node {
-                    id: row.try_get(0)?,
-                    key: row.try_get(1)?,
-                    value: row.try_get(2)?,
-                    old: Some((row.try_get(3)?, row.try_get(4)?)),
-                    isolated: row.try_get::<i64, _>(5)? != 0,
-                });
-            }
-            let sql =
-                format!("SELECT ids, at, source, message_id FROM links WHERE component IN ({})", in_list(chunk.len()));
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q.bind(*c);
-            }
-            for row in q.fetch_all(&mut *conn).await? {
-                let key: String = row.try_get(0)?;
-                let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
-                links.push((key, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, ids));
-            }
+                components,
+            )
+            .await?;
+        for row in rows {
+            nodes.push(Node {
+                id: row.try_get(0)?,
+                key: row.try_get(1)?,
+                value: row.try_get(2)?,
+                old: Some((row.try_get(3)?, row.try_get(4)?)),
+                isolated: row.try_get::<i64, _>(5)? != 0,
+            });
+        }
+        let rows = self
+            .select_in(conn, "SELECT ids, at, source, message_id FROM links WHERE component IN ({})", components)
+            .await?;
+        for row in rows {
+            let key: String = row.try_get(0)?;
+            let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
+            links.push((key, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, ids));
         }
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))

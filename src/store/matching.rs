@@ -120,30 +120,19 @@ impl Store {
             p
         };
         let mut anchor: FxHashMap<i64, (u32, String, String)> = FxHashMap::default();
-        for chunk in profiles.chunks(900) {
-            let sql = format!(
-                "SELECT profile_id, key, value FROM identities WHERE profile_id IN ({})",
-                super::in_list(chunk.len())
-            );
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for p in chunk {
-                q = q.bind(*p);
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                let (p, k, v): (i64, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-                let rank = cfg
-                    .rules
-                    .rank
-                    .get(cfg.keys.iter().position(|x| *x == k).unwrap_or(usize::MAX))
-                    .copied()
-                    .unwrap_or(u32::MAX);
-                let cand = (rank, k, v);
-                match anchor.get(&p) {
-                    Some(cur) if *cur <= cand => {}
-                    _ => {
-                        anchor.insert(p, cand);
-                    }
+        let mut conn = self.pool.acquire().await?;
+        let rows = self
+            .select_in(&mut conn, "SELECT profile_id, key, value FROM identities WHERE profile_id IN ({})", &profiles)
+            .await?;
+        // SQLite has one connection: give it back before writing.
+        drop(conn);
+        for r in rows {
+            let (p, k, v): (i64, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let cand = (cfg.rank(&k), k, v);
+            match anchor.get(&p) {
+                Some(cur) if *cur <= cand => {}
+                _ => {
+                    anchor.insert(p, cand);
                 }
             }
         }

@@ -48,6 +48,9 @@ pub struct Store {
     ids: AtomicI64,
 }
 
+/// Most values bound in one IN list or VALUES table.
+pub(crate) const IN_CHUNK: usize = 900;
+
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -173,6 +176,27 @@ impl Store {
 
     pub(crate) fn next_id(&self) -> i64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs a SELECT whose `{}` is an IN list over `ids`, in chunks that stay
+    /// under both backends' parameter limits, and returns every row.
+    pub(crate) async fn select_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        template: &str,
+        ids: &[i64],
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(IN_CHUNK) {
+            let sql = template.replacen("{}", &in_list(chunk.len()), 1);
+            let sql = self.sql(&sql).into_owned();
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            rows.extend(q.fetch_all(&mut *conn).await?);
+        }
+        Ok(rows)
     }
 
     /// Where a named input stream stopped, if it ever ran.

@@ -166,44 +166,35 @@ impl Store {
         let ids: Vec<i64> = identities.iter().map(|i| i.id).collect();
         let mut obs: IndexMap<String, Vec<Obs>> = IndexMap::new();
         let mut consent_rows: Vec<(String, bool, i64, String)> = Vec::new();
-        for chunk in ids.chunks(500) {
-            let sql = format!(
+        let mut conn = self.pool.acquire().await?;
+        let rows = self
+            .select_in(
+                &mut conn,
                 "SELECT name, source, first_value, first_at, last_value, last_at, min_value, max_value, num_sum, num_min, num_max \
                  FROM trait_obs WHERE identity_id IN ({}) ORDER BY name, source",
-                super::in_list(chunk.len())
-            );
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                obs.entry(r.try_get(0)?).or_default().push(Obs {
-                    source: r.try_get(1)?,
-                    fold: TraitFold {
-                        first: (r.try_get(3)?, r.try_get(2)?),
-                        last: (r.try_get(5)?, r.try_get(4)?),
-                        min: r.try_get(6)?,
-                        max: r.try_get(7)?,
-                        sum: r.try_get(8)?,
-                        nmin: r.try_get(9)?,
-                        nmax: r.try_get(10)?,
-                        n: 0,
-                    },
-                });
-            }
-            let sql = format!(
-                "SELECT purpose, granted, at, source FROM consent WHERE identity_id IN ({})",
-                super::in_list(chunk.len())
-            );
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                consent_rows.push((r.try_get(0)?, r.try_get::<i64, _>(1)? != 0, r.try_get(2)?, r.try_get(3)?));
-            }
+                &ids,
+            )
+            .await?;
+        for r in rows {
+            obs.entry(r.try_get(0)?).or_default().push(Obs {
+                source: r.try_get(1)?,
+                fold: TraitFold {
+                    first: (r.try_get(3)?, r.try_get(2)?),
+                    last: (r.try_get(5)?, r.try_get(4)?),
+                    min: r.try_get(6)?,
+                    max: r.try_get(7)?,
+                    sum: r.try_get(8)?,
+                    nmin: r.try_get(9)?,
+                    nmax: r.try_get(10)?,
+                    n: 0,
+                },
+            });
+        }
+        for r in self
+            .select_in(&mut conn, "SELECT purpose, granted, at, source FROM consent WHERE identity_id IN ({})", &ids)
+            .await?
+        {
+            consent_rows.push((r.try_get(0)?, r.try_get::<i64, _>(1)? != 0, r.try_get(2)?, r.try_get(3)?));
         }
         let mut traits = IndexMap::new();
         for (name, t) in &m.model.traits {
@@ -238,19 +229,15 @@ impl Store {
             consent.insert(p.clone(), view);
         }
         // Events: computed traits read all of them; the record shows the most recent.
-        let mut rows = Vec::new();
-        for chunk in ids.chunks(500) {
-            let sql = format!(
+        let rows = self
+            .select_in(
+                &mut conn,
                 "SELECT name, at, source, message_id, payload FROM records WHERE kind = 'event' AND identity_id IN ({})",
-                super::in_list(chunk.len())
-            );
-            let sql = self.sql(&sql).into_owned();
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            rows.extend(q.fetch_all(&self.pool).await?);
-        }
+                &ids,
+            )
+            .await?;
+        // SQLite has one connection: give it back before the next query.
+        drop(conn);
         let mut events = Vec::with_capacity(rows.len());
         for r in rows {
             let payload: String = r.try_get(4)?;
