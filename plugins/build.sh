@@ -3,9 +3,19 @@
 # to dist/<crate_name>.wasm, printing "<name> <sha256>" for each (pin the
 # sha256 in the manifest's `plugins:` section).
 #
-#   ./build.sh            # all connectors
-#   JOBS=2 ./build.sh     # more parallel jobs (default 1)
+#   ./build.sh                # all connectors
+#   JOBS=2 ./build.sh         # more parallel jobs (default 1)
+#   ./build.sh --test-guests  # also the host's test guests (test-hostile),
+#                             # left in target/ and not copied to dist/
 set -euo pipefail
+
+test_guests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test-guests) test_guests=1 ;;
+    *) echo "usage: $0 [--test-guests]" >&2; exit 2 ;;
+  esac
+done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
@@ -35,3 +45,16 @@ for c in "${connectors[@]}"; do
   sum="$(sha256sum "dist/$name.wasm" | cut -d' ' -f1)"
   echo "$name $sum"
 done
+
+if [ "$test_guests" = 1 ]; then
+  # A separate build, so the test guests' dependency features can never
+  # change the shipped components (and their pinned digests).
+  guests=(test-hostile)
+  packages=()
+  for g in "${guests[@]}"; do packages+=(-p "$g"); done
+  cargo build --release --locked --target "$target" -j "${JOBS:-1}" "${packages[@]}"
+  for g in "${guests[@]}"; do
+    # On stderr: stdout stays "<name> <sha256>" lines of shipped connectors.
+    echo "test guest: target/$target/release/${g//-/_}.wasm" >&2
+  done
+fi

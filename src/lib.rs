@@ -15,5 +15,6 @@ pub mod cli;
 pub mod identity;
 pub mod ingest;
 pub mod manifest;
+pub mod plugin;
 pub mod rng;
 pub mod store;

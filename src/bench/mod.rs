@@ -5,6 +5,7 @@
 pub mod identity;
 pub mod ingest;
 pub mod people;
+pub mod plugin;
 pub mod validate;
 
 use std::time::{Duration, Instant};

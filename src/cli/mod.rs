@@ -3,6 +3,7 @@
 //! contract (see README) and prints error chains.
 
 mod ingest;
+mod plugin;
 mod profile;
 mod validate;
 
@@ -64,9 +65,72 @@ pub enum Command {
     /// Golden records: look up, explain and split profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Connector plugins: scaffold, build, inspect and test them.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
     /// Benchmarks, each next to a baseline measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCmd {
+    /// Scaffold a connector crate that builds and passes `cdp plugin test` as is.
+    New {
+        /// Crate name, e.g. `source-members` or `dest-crm`.
+        name: String,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The cdp-plugin-sdk crate (default: $CDP_SDK_PATH, else this cdp's plugins/sdk).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate for wasm32-wasip2 and print its manifest pin.
+    Build {
+        /// The plugin crate.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// A debug build instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Show a component's spec, capabilities, imports and config schema.
+    Inspect {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Run the conformance suite against a component, in the sandbox.
+    Test {
+        file: PathBuf,
+        /// The plugin's config: JSON or YAML text, or @FILE.
+        #[arg(long)]
+        config: Option<String>,
+        /// records.jsonl / deletes.jsonl (destinations), expected.jsonl (sources).
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+        /// Lend a directory: HOST_DIR:GUEST_PATH (read-only for sources, writable for destinations).
+        #[arg(long = "mount")]
+        mounts: Vec<String>,
+        /// A host the plugin may reach (`host`, `host:port`, `*.domain`, an address).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Deadline of each call, e.g. `5s` (default 30s).
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+}
+
+/// Connector kinds on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    Source,
+    Destination,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +171,15 @@ pub enum Bench {
         /// Runs per measurement (the median is shown).
         #[arg(long, default_value_t = 11)]
         runs: usize,
+    },
+    /// A destination plugin's write path next to the same transform natively; load and instantiation costs.
+    Plugin {
+        /// How many records (batches of 1,000).
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        /// The dest-file component (default: plugins/dist/dest_file.wasm).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
     },
     /// Ingest generated records end to end; compare with raw inserts (and COPY) of the same rows.
     Ingest {
@@ -152,6 +225,32 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(Bench::Plugin { records, plugin }) => block_on(async {
+            print!("{}", crate::bench::plugin::run(records, plugin.as_deref()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Plugin(cmd) => match cmd {
+            PluginCmd::New { name, kind, dir, sdk } => {
+                let kind = match kind {
+                    KindArg::Source => crate::plugin::Kind::Source,
+                    KindArg::Destination => crate::plugin::Kind::Destination,
+                };
+                plugin::new(&name, kind, dir.as_deref(), sdk.as_deref())
+            }
+            PluginCmd::Build { dir, debug } => plugin::build(&dir, debug),
+            PluginCmd::Inspect { file, format } => plugin::inspect(&file, format),
+            PluginCmd::Test { file, config, fixtures, mounts, allow_hosts, timeout, format } => {
+                plugin::test(plugin::TestArgs {
+                    file: &file,
+                    config: config.as_deref(),
+                    fixtures: fixtures.as_deref(),
+                    mounts: &mounts,
+                    allow_hosts: &allow_hosts,
+                    timeout: timeout.as_deref(),
+                    format,
+                })
+            }
+        },
         Command::Bench(Bench::Identity { people }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             print!("{}", crate::bench::identity::run(people, tmp.path()).await?);

@@ -30,6 +30,16 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
             }
         }
     };
+    let mut loaded = loaded;
+    if let (Some(m), Some(spans)) = (&loaded.manifest, &loaded.spans) {
+        match plugin_checks(m, base, spans) {
+            Ok(diags) => loaded.diagnostics.extend(diags),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let name = if stdin { "<stdin>".to_owned() } else { file.display().to_string() };
     let out = match format {
         Format::Human => diag::render_human(&name, loaded.source.as_deref(), &loaded.diagnostics),
@@ -38,4 +48,21 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
     };
     print!("{out}");
     if loaded.has_errors() { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+/// Checks each plugin entry with its plugin (kind, config schema, `check`):
+/// once the manifest itself is valid, since they need its plugins to load.
+fn plugin_checks(
+    m: &manifest::Manifest,
+    base: &Path,
+    spans: &manifest::yaml::SpanIndex,
+) -> anyhow::Result<Vec<manifest::Diagnostic>> {
+    if crate::plugin::entries::entries(m).is_empty() {
+        return Ok(Vec::new());
+    }
+    let host = crate::plugin::Host::with_default_cache()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut diags = rt.block_on(crate::plugin::entries::check_manifest(&host, m, base, spans));
+    diags.sort_by(|a, b| (a.line, a.column, a.code).cmp(&(b.line, b.column, b.code)));
+    Ok(diags)
 }

@@ -139,6 +139,10 @@ codes! {
     BAD_PREDICTED = "CDP066": "invalid predicted trait";
     BAD_MERGE = "CDP067": "merge policy does not fit the trait type";
     UNPINNED = "CDP068": "plugin is not pinned by sha256";
+    PLUGIN_LOAD = "CDP069": "plugin cannot be loaded";
+    PLUGIN_KIND = "CDP070": "plugin used as the wrong kind of connector";
+    PLUGIN_CONFIG = "CDP071": "config does not match the plugin's config schema";
+    PLUGIN_CHECK = "CDP072": "the plugin refused its config";
 }
 
 /// Looks up the title of a code.

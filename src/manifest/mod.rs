@@ -36,6 +36,9 @@ pub struct Loaded {
     pub diagnostics: Vec<Diagnostic>,
     /// The text, for rendering source lines (absent when it could not be read).
     pub source: Option<String>,
+    /// Where every key and value sits, for checks that run after loading
+    /// (plugin configs against the plugins' own schemas).
+    pub spans: Option<yaml::SpanIndex>,
 }
 
 impl Loaded {
@@ -103,6 +106,7 @@ fn too_large(len: u64) -> Loaded {
             .hint("a manifest describes a deployment, not data: keep data in sources"),
         ],
         source: None,
+        spans: None,
     }
 }
 
@@ -134,6 +138,7 @@ pub fn load_bytes(bytes: &[u8], opts: &Options<'_>) -> Loaded {
                     .hint("save the file as UTF-8"),
                 ],
                 source: None,
+                spans: None,
             };
         }
     };
@@ -149,7 +154,7 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
     let mut diagnostics = doc.diagnostics;
     let spans = doc.spans;
     let Some(mut value) = doc.value else {
-        return Loaded { manifest: None, diagnostics, source: None };
+        return Loaded { manifest: None, diagnostics, source: None, spans: None };
     };
     if !value.is_object() {
         let found = match &value {
@@ -166,7 +171,7 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
             .at(spans.value(""))
             .hint("start with `version: 1` and `name: …` at the top level, no leading `-`"),
         );
-        return Loaded { manifest: None, diagnostics, source: None };
+        return Loaded { manifest: None, diagnostics, source: None, spans: None };
     }
     // Top-level `x-…` keys are extension fields, ignored: a place to define anchors.
     if let Value::Object(map) = &mut value {
@@ -179,7 +184,7 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
     diagnostics.sort_by(|a, b| (a.line, a.column, a.code).cmp(&(b.line, b.column, b.code)));
     diagnostics.dedup();
     let ok = !diagnostics.iter().any(Diagnostic::is_error);
-    Loaded { manifest: ok.then_some(manifest), diagnostics, source: None }
+    Loaded { manifest: ok.then_some(manifest), diagnostics, source: None, spans: Some(spans) }
 }
 
 /// Names that exist in the file but whose entries failed to type-check. The

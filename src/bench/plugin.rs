@@ -1,0 +1,293 @@
+//! `cdp bench plugin`: the cost of running a connector in the sandbox.
+//!
+//! * Throughput of a destination's write path: the shipped `dest-file`
+//!   component turns batches of 1,000 records (~10 fields each) into a
+//!   customer-list CSV (normalised, SHA-256-hashed email and phone), next to
+//!   the same transform written natively in the host, in the same run.
+//! * Load: cold compile of the component vs loading its cached compiled code.
+//! * Instantiation: a fresh store and instance per sync, from the
+//!   pre-instantiated component.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::plugin::{Grants, Host, Mount};
+use crate::rng::Rng;
+
+/// Records per write call.
+pub const BATCH: usize = 1_000;
+const FIELDS: [&str; 6] = ["first_name", "last_name", "city", "country", "tier", "lifetime_value"];
+
+/// Generated batches: JSON Lines of destination records.
+pub fn batches(records: usize, seed: u64) -> Vec<(String, u32)> {
+    const FIRST: &[&str] = &["Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Frances", "Donald", "Radia", "Linus"];
+    const LAST: &[&str] = &["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Allen", "Knuth"];
+    const CITY: &[&str] = &["Stockholm", "Göteborg", "Malmö", "Uppsala", "Oslo", "Helsinki", "København"];
+    const TIER: &[&str] = &["bronze", "silver", "gold"];
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    while i < records {
+        let n = BATCH.min(records - i);
+        let mut text = String::with_capacity(n * 400);
+        for _ in 0..n {
+            let (first, last) = (rng.pick(FIRST), rng.pick(LAST));
+            let rec = json!({
+                "key": format!("bench-{i}"),
+                "op": if rng.chance(0.9) { "enter" } else { "exit" },
+                "profile_id": format!("p{:08}", rng.below(1 << 30)),
+                "audience": "vip",
+                "identities": {
+                    "email": [format!(" {first}.{last}{}@Example.com", rng.below(10_000))],
+                    "phone": [format!("+46 70 {:03} {:02} {:02}", rng.below(1000), rng.below(100), rng.below(100))],
+                },
+                "traits": {
+                    "first_name": first,
+                    "last_name": last,
+                    "city": rng.pick(CITY),
+                    "country": "SE",
+                    "tier": rng.pick(TIER),
+                    "lifetime_value": rng.below(100_000) as f64 / 10.0,
+                },
+                "occurred_at": "2026-11-30T12:00:00Z",
+            });
+            text.push_str(&rec.to_string());
+            text.push('\n');
+            i += 1;
+        }
+        out.push((text, n as u32));
+    }
+    out
+}
+
+fn config(path: &str) -> Value {
+    json!({"path": path, "format": "csv", "hash_identifiers": true, "identities": ["email", "phone"], "fields": FIELDS})
+}
+
+/// The `dest-file` transform, natively: the same record type, normalisation,
+/// hashing and CSV rows, appended to a file and synced at the end.
+mod native {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Record {
+        key: String,
+        op: String,
+        #[serde(default)]
+        audience: Option<String>,
+        #[serde(default)]
+        identities: indexmap::IndexMap<String, Vec<String>>,
+        #[serde(default)]
+        traits: Map<String, Value>,
+    }
+
+    fn email(raw: &str) -> Option<String> {
+        let e = raw.trim().to_lowercase();
+        let (local, domain) = e.split_once('@')?;
+        if local.is_empty() || domain.is_empty() || domain.contains('@') || e.chars().any(char::is_whitespace) {
+            return None;
+        }
+        Some(e)
+    }
+
+    fn phone(raw: &str) -> Option<String> {
+        let t = raw.trim_start();
+        let digits: String = t.chars().filter(char::is_ascii_digit).collect();
+        let e164 = if t.starts_with('+') { digits } else { digits.strip_prefix("00")?.to_owned() };
+        ((8..=15).contains(&e164.len()) && !e164.starts_with('0')).then_some(e164)
+    }
+
+    fn csv_line(cells: &[String]) -> Result<Vec<u8>> {
+        let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(Vec::new());
+        w.write_record(cells)?;
+        Ok(w.into_inner()?)
+    }
+
+    pub fn run(batches: &[(String, u32)], file: &Path) -> Result<usize> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
+        let mut header: Vec<String> = ["key", "op", "audience", "email", "phone"].map(String::from).to_vec();
+        header.extend(FIELDS.map(String::from));
+        f.write_all(&csv_line(&header)?)?;
+        let mut written = 0;
+        for (text, _) in batches {
+            let mut out = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let Ok(r) = serde_json::from_str::<Record>(line) else { continue };
+                let ids: Vec<Vec<String>> = ["email", "phone"]
+                    .iter()
+                    .map(|k| {
+                        r.identities
+                            .get(*k)
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|v| if *k == "email" { email(v) } else { phone(v) })
+                            .map(|v| hex::encode(Sha256::digest(v.as_bytes())))
+                            .collect()
+                    })
+                    .collect();
+                if ids.iter().all(Vec::is_empty) {
+                    continue;
+                }
+                let audience = r.audience.clone().unwrap_or_default();
+                for i in 0..ids.iter().map(Vec::len).max().unwrap_or(0) {
+                    let mut row = vec![r.key.clone(), r.op.clone(), audience.clone()];
+                    row.extend(ids.iter().map(|v| v.get(i).cloned().unwrap_or_default()));
+                    row.extend(FIELDS.iter().map(|k| match r.traits.get(*k) {
+                        None | Some(Value::Null) => String::new(),
+                        Some(Value::String(s)) => s.clone(),
+                        Some(o) => o.to_string(),
+                    }));
+                    out.extend(csv_line(&row)?);
+                }
+                written += 1;
+            }
+            f.write_all(&out)?;
+        }
+        f.sync_all()?;
+        Ok(written)
+    }
+}
+
+/// Finds the shipped `dest-file` component.
+fn find_component(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let candidates =
+        [PathBuf::from("plugins/dist/dest_file.wasm"), Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist/dest_file.wasm")];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .context("plugins/dist/dest_file.wasm not found: build the plugins first (`plugins/build.sh`) or pass --plugin")
+}
+
+/// Runs the benchmark over `records` records.
+pub async fn run(records: usize, component: Option<&Path>) -> Result<String> {
+    let path = find_component(component)?;
+    let tmp = tempfile::tempdir()?;
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut report = String::new();
+    writeln!(report, "plugin benchmark: {} ({} records, batches of {BATCH})", path.display(), records)?;
+
+    // Load: cold compile vs cached compiled code.
+    let cold_host = Host::new(None)?;
+    let started = Instant::now();
+    cold_host.load(&path, None)?;
+    let cold = started.elapsed();
+    let cache = tmp.path().join("cache");
+    let host = Host::new(Some(cache))?;
+    host.load(&path, None)?; // fills the cache
+    let started = Instant::now();
+    let plugin = host.load(&path, None)?;
+    let cached = started.elapsed();
+    if plugin.origin() != crate::plugin::Origin::Cached {
+        bail!("the second load did not come from the cache");
+    }
+    writeln!(report, "\nload")?;
+    writeln!(report, "  cold compile         {:>10}", super::ms(cold))?;
+    writeln!(report, "  cached code          {:>10}   ({:.0}x faster)", super::ms(cached), ratio(cold, cached))?;
+
+    // Instantiation per sync.
+    let grants = Grants {
+        mounts: vec![Mount { host: out_dir.canonicalize()?, guest: "/out".into(), writable: true }],
+        ..Grants::default()
+    };
+    let n = 2_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let inst = plugin.destination("bench", &grants).await?;
+        drop(inst);
+    }
+    let per_instance = started.elapsed() / n;
+    let started = Instant::now();
+    let mut inst = plugin.destination("bench", &grants).await?;
+    inst.open(&config("/out/warm.csv")).await?;
+    let mut calls = 0u32;
+    while started.elapsed() < Duration::from_millis(300) {
+        inst.flush().await?;
+        calls += 1;
+    }
+    let per_call = started.elapsed() / calls.max(1);
+    drop(inst);
+    writeln!(report, "\ninstantiation")?;
+    writeln!(report, "  store + instance     {:>10.1} µs   (target ≤ 50 µs)", per_instance.as_secs_f64() * 1e6)?;
+    writeln!(report, "  warm call (flush)    {:>10.1} µs", per_call.as_secs_f64() * 1e6)?;
+
+    // Throughput: write path in the sandbox vs natively.
+    let data = batches(records, 7);
+    let total: u64 = data.iter().map(|b| u64::from(b.1)).sum();
+    let bytes: usize = data.iter().map(|b| b.0.len()).sum();
+
+    let native_file = tmp.path().join("native.csv");
+    let started = Instant::now();
+    let native_written = native::run(&data, &native_file)?;
+    let native_time = started.elapsed();
+
+    let started = Instant::now();
+    let mut inst = plugin.destination("bench", &grants).await?;
+    inst.open(&config("/out/list.csv")).await?;
+    let mut accepted = 0u64;
+    for (text, n) in &data {
+        accepted += u64::from(inst.write(text.clone(), *n).await?.accepted);
+    }
+    inst.flush().await?;
+    inst.close().await?;
+    let wasm_time = started.elapsed();
+
+    let native_bytes = std::fs::metadata(&native_file)?.len();
+    let wasm_bytes = std::fs::metadata(out_dir.join("list.csv"))?.len();
+    if accepted != native_written as u64 || native_bytes != wasm_bytes {
+        bail!(
+            "the two paths disagree: plugin accepted {accepted} records ({wasm_bytes} bytes), native wrote {native_written} ({native_bytes} bytes)"
+        );
+    }
+    let rate = |d: Duration| total as f64 / d.as_secs_f64();
+    writeln!(report, "\nwrite path ({total} records, {:.1} MiB of JSON Lines in, {:.1} MiB of CSV out)", bytes as f64 / 1048576.0, wasm_bytes as f64 / 1048576.0)?;
+    writeln!(report, "  native transform     {:>10.0} records/s  {:>10}", rate(native_time), super::ms(native_time))?;
+    writeln!(report, "  dest-file plugin     {:>10.0} records/s  {:>10}", rate(wasm_time), super::ms(wasm_time))?;
+    writeln!(
+        report,
+        "  plugin / native      {:>10.0} %          (target ≥ 50 %)",
+        100.0 * native_time.as_secs_f64() / wasm_time.as_secs_f64()
+    )?;
+    writeln!(report, "  outputs identical    {:>10}", if std::fs::read(&native_file)? == std::fs::read(out_dir.join("list.csv"))? { "yes" } else { "no" })?;
+    Ok(report)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_what_they_say() {
+        let b = batches(2_500, 1);
+        assert_eq!(b.iter().map(|x| x.1).collect::<Vec<_>>(), [1000, 1000, 500]);
+        for (text, n) in &b {
+            assert_eq!(text.lines().count(), *n as usize);
+        }
+    }
+
+    #[test]
+    fn native_transform_writes_a_row_per_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.csv");
+        let b = batches(10, 3);
+        assert_eq!(native::run(&b, &file).unwrap(), 10);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 11);
+        assert!(text.starts_with("key,op,audience,email,phone,first_name"));
+    }
+}

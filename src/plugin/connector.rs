@@ -1,0 +1,346 @@
+//! Running instances: a typed face over the generated bindings. Every call
+//! gets a fresh deadline; a trap, a deadline or the memory cap turns into a
+//! [`PluginError`] and poisons the instance (its state can no longer be
+//! trusted), so the caller starts a new one. Results are checked against the
+//! contract (checkpoints are JSON, rejections point into the batch).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceAny;
+use wasmtime::{Engine, Store, UpdateDeadline};
+
+use super::bindings::{destination, source, types};
+use super::sandbox::{Grants, LogLine, State};
+use super::{ConnectorError, PluginError, Spec};
+
+/// A new store for one instance: limits, deadline callback, grants.
+pub(crate) fn new_store(engine: &Engine, entry: &str, grants: &Grants) -> Result<Store<State>, PluginError> {
+    let mut store = Store::new(engine, State::new(entry, grants)?);
+    store.limiter(|s| &mut s.limiter);
+    // Each tick the running call either yields to the executor (other syncs
+    // keep running on this thread) or, past its deadline, is stopped.
+    store.epoch_deadline_callback(|mut ctx| {
+        let s = ctx.data_mut();
+        if Instant::now() >= s.deadline {
+            s.timed_out = true;
+            return Err(wasmtime::format_err!("the call ran past its deadline"));
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store.set_epoch_deadline(1);
+    Ok(store)
+}
+
+/// What every instance shares: its store and call bookkeeping.
+struct Core {
+    store: Store<State>,
+    timeout: Duration,
+    poisoned: bool,
+}
+
+impl Core {
+    fn entry(&self) -> String {
+        self.store.data().entry.to_string()
+    }
+
+    fn begin(&mut self) -> Result<(), PluginError> {
+        if self.poisoned {
+            return Err(PluginError::Poisoned { entry: self.entry() });
+        }
+        let s = self.store.data_mut();
+        s.deadline = Instant::now() + self.timeout;
+        s.timed_out = false;
+        s.limiter.refused = None;
+        self.store.set_epoch_deadline(1);
+        Ok(())
+    }
+
+    /// Turns a failed call into the error that explains it, and poisons the instance.
+    fn fail(&mut self, call: &'static str, e: wasmtime::Error) -> PluginError {
+        self.poisoned = true;
+        let entry = self.entry();
+        let s = self.store.data();
+        if s.timed_out {
+            return PluginError::Deadline { entry, call, timeout: self.timeout };
+        }
+        if let Some(requested) = s.limiter.refused {
+            return PluginError::Memory { entry, call, cap: s.limiter.cap() as u64, requested: requested as u64 };
+        }
+        // The root cause is the trap itself ("wasm `unreachable` instruction
+        // executed"); the outer layers only say a backtrace follows.
+        let mut message = e.root_cause().to_string();
+        if let Some(last) = s.recent.stderr_tail() {
+            message = format!("{message} (plugin stderr: {last})");
+        }
+        PluginError::Trap { entry, call, message }
+    }
+
+    fn finish<T>(&mut self, call: &'static str, r: wasmtime::Result<T>) -> Result<T, PluginError> {
+        r.map_err(|e| self.fail(call, e))
+    }
+
+    fn connector<T>(&self, call: &'static str, r: Result<T, types::ConnectorError>) -> Result<T, PluginError> {
+        r.map_err(|e| PluginError::Connector { entry: self.entry(), call, error: e.into() })
+    }
+
+    fn protocol(&self, call: &'static str, message: impl Into<String>) -> PluginError {
+        PluginError::Protocol { entry: self.entry(), call, message: message.into() }
+    }
+
+    fn spec(&self, s: types::ConnectorSpec) -> Result<Spec, PluginError> {
+        let config_schema = serde_json::from_str(&s.config_schema)
+            .map_err(|e| self.protocol("spec", format!("config-schema is not JSON: {e}")))?;
+        Ok(Spec {
+            name: s.name,
+            version: s.version,
+            protocol: s.protocol,
+            description: s.description,
+            config_schema,
+            capabilities: s.capabilities,
+        })
+    }
+}
+
+/// Shared accessors of both instance kinds.
+macro_rules! instance_common {
+    () => {
+        /// The manifest entry this instance serves.
+        pub fn entry(&self) -> String {
+            self.core.entry()
+        }
+
+        /// Output since the last call of this (logs, stdout, stderr), oldest first.
+        pub fn take_logs(&mut self) -> Vec<LogLine> {
+            self.core.store.data().recent.take()
+        }
+
+        /// Metric samples reported so far: counters summed, gauges last.
+        pub fn metrics(&self) -> &BTreeMap<String, f64> {
+            &self.core.store.data().metrics
+        }
+
+        /// Bytes of linear memory the instance holds.
+        pub fn memory_used(&self) -> usize {
+            self.core.store.data().limiter.used()
+        }
+
+        /// Whether an earlier call trapped (the instance cannot be used again).
+        pub fn is_poisoned(&self) -> bool {
+            self.core.poisoned
+        }
+    };
+}
+
+/// One event a source's `next` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadEvent {
+    /// Records as JSON Lines; `count` is what the plugin says it sent.
+    Records { count: u32, ndjson: String },
+    /// Resume state covering every record before it (JSON text).
+    Checkpoint(String),
+}
+
+/// A running source instance.
+pub struct SourceInstance {
+    core: Core,
+    bindings: source::SourceConnector,
+    reader: Option<ResourceAny>,
+}
+
+impl SourceInstance {
+    pub(crate) fn new(store: Store<State>, bindings: source::SourceConnector, timeout: Duration) -> Self {
+        SourceInstance { core: Core { store, timeout, poisoned: false }, bindings, reader: None }
+    }
+
+    instance_common!();
+
+    pub async fn spec(&mut self) -> Result<Spec, PluginError> {
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_source().call_spec(&mut self.core.store).await;
+        let s = self.core.finish("spec", r)?;
+        self.core.spec(s)
+    }
+
+    pub async fn check(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
+        self.check_text(&config.to_string()).await
+    }
+
+    /// `check` with the config as raw text (the conformance suite sends garbage).
+    pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_source().call_check(&mut self.core.store, &config.to_owned()).await;
+        let r = self.core.finish("check", r)?;
+        self.core.connector("check", r)
+    }
+
+    /// Opens a reader; `state` is the last persisted checkpoint (JSON text).
+    pub async fn open(&mut self, config: &serde_json::Value, state: Option<&str>) -> Result<(), PluginError> {
+        self.close().await?;
+        self.core.begin()?;
+        let cfg = config.to_string();
+        let r = self.bindings.cdp_connector_source().reader().call_open(&mut self.core.store, &cfg, state.map(str::to_owned).as_ref()).await;
+        let r = self.core.finish("open", r)?;
+        self.reader = Some(self.core.connector("open", r)?);
+        Ok(())
+    }
+
+    fn reader(&self, call: &'static str) -> Result<ResourceAny, PluginError> {
+        self.reader.ok_or_else(|| PluginError::NotOpen { entry: self.core.entry(), call, what: "reader" })
+    }
+
+    /// Up to `max` records and the checkpoints among them; empty: done (batch) or idle (streaming).
+    pub async fn next(&mut self, max: u32) -> Result<Vec<ReadEvent>, PluginError> {
+        let reader = self.reader("next")?;
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_source().reader().call_next(&mut self.core.store, reader, max).await;
+        let r = self.core.finish("next", r)?;
+        let events = self.core.connector("next", r)?;
+        events
+            .into_iter()
+            .map(|e| match e {
+                types::ReadEvent::Records(b) => Ok(ReadEvent::Records { count: b.records, ndjson: b.ndjson }),
+                types::ReadEvent::Checkpoint(c) => match serde_json::from_str::<serde_json::Value>(&c) {
+                    Ok(_) => Ok(ReadEvent::Checkpoint(c)),
+                    Err(e) => Err(self.core.protocol("next", format!("a checkpoint is not JSON: {e}"))),
+                },
+            })
+            .collect()
+    }
+
+    /// Streaming: tells the plugin a checkpoint is durable.
+    pub async fn ack(&mut self, checkpoint: &str) -> Result<(), PluginError> {
+        let reader = self.reader("ack")?;
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_source().reader().call_ack(&mut self.core.store, reader, &checkpoint.to_owned()).await;
+        self.core.finish("ack", r)
+    }
+
+    /// Drops the open reader, if any (the plugin's clean-up runs).
+    pub async fn close(&mut self) -> Result<(), PluginError> {
+        if let Some(reader) = self.reader.take()
+            && !self.core.poisoned
+        {
+            self.core.begin()?;
+            let r = reader.resource_drop_async(&mut self.core.store).await;
+            self.core.finish("close", r)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a destination accepted and refused of one batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WriteAck {
+    pub accepted: u32,
+    /// Refused records by index in the batch, ascending.
+    pub rejected: Vec<(u32, ConnectorError)>,
+}
+
+/// A running destination instance.
+pub struct DestinationInstance {
+    core: Core,
+    bindings: destination::DestinationConnector,
+    writer: Option<ResourceAny>,
+}
+
+impl DestinationInstance {
+    pub(crate) fn new(store: Store<State>, bindings: destination::DestinationConnector, timeout: Duration) -> Self {
+        DestinationInstance { core: Core { store, timeout, poisoned: false }, bindings, writer: None }
+    }
+
+    instance_common!();
+
+    pub async fn spec(&mut self) -> Result<Spec, PluginError> {
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_destination().call_spec(&mut self.core.store).await;
+        let s = self.core.finish("spec", r)?;
+        self.core.spec(s)
+    }
+
+    pub async fn check(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
+        self.check_text(&config.to_string()).await
+    }
+
+    /// `check` with the config as raw text (the conformance suite sends garbage).
+    pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_destination().call_check(&mut self.core.store, &config.to_owned()).await;
+        let r = self.core.finish("check", r)?;
+        self.core.connector("check", r)
+    }
+
+    pub async fn open(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
+        self.close().await?;
+        self.core.begin()?;
+        let cfg = config.to_string();
+        let r = self.bindings.cdp_connector_destination().writer().call_open(&mut self.core.store, &cfg).await;
+        let r = self.core.finish("open", r)?;
+        self.writer = Some(self.core.connector("open", r)?);
+        Ok(())
+    }
+
+    fn writer(&self, call: &'static str) -> Result<ResourceAny, PluginError> {
+        self.writer.ok_or_else(|| PluginError::NotOpen { entry: self.core.entry(), call, what: "writer" })
+    }
+
+    /// Delivers one JSON Lines batch of `records` records.
+    pub async fn write(&mut self, ndjson: String, records: u32) -> Result<WriteAck, PluginError> {
+        let writer = self.writer("write")?;
+        self.core.begin()?;
+        let batch = types::Batch { records, ndjson };
+        let r = self.bindings.cdp_connector_destination().writer().call_write(&mut self.core.store, writer, &batch).await;
+        let r = self.core.finish("write", r)?;
+        let ack = self.core.connector("write", r)?;
+        self.ack("write", ack, records)
+    }
+
+    /// Makes everything accepted so far durable.
+    pub async fn flush(&mut self) -> Result<(), PluginError> {
+        let writer = self.writer("flush")?;
+        self.core.begin()?;
+        let r = self.bindings.cdp_connector_destination().writer().call_flush(&mut self.core.store, writer).await;
+        let r = self.core.finish("flush", r)?;
+        self.core.connector("flush", r)
+    }
+
+    /// Erasure: forget the people in this JSON Lines batch.
+    pub async fn delete(&mut self, ndjson: String, records: u32) -> Result<WriteAck, PluginError> {
+        let writer = self.writer("delete")?;
+        self.core.begin()?;
+        let batch = types::Batch { records, ndjson };
+        let r = self.bindings.cdp_connector_destination().writer().call_delete(&mut self.core.store, writer, &batch).await;
+        let r = self.core.finish("delete", r)?;
+        let ack = self.core.connector("delete", r)?;
+        self.ack("delete", ack, records)
+    }
+
+    fn ack(&self, call: &'static str, ack: types::WriteAck, records: u32) -> Result<WriteAck, PluginError> {
+        let mut rejected: Vec<(u32, ConnectorError)> =
+            ack.rejected.into_iter().map(|r| (r.index, r.reason.into())).collect();
+        rejected.sort_by_key(|r| r.0);
+        rejected.dedup_by_key(|r| r.0);
+        if let Some((i, _)) = rejected.iter().find(|r| r.0 >= records) {
+            return Err(self.core.protocol(call, format!("rejected record {i} of a batch of {records}")));
+        }
+        if u64::from(ack.accepted) + rejected.len() as u64 != u64::from(records) {
+            return Err(self.core.protocol(
+                call,
+                format!("accepted {} and rejected {} of a batch of {records}", ack.accepted, rejected.len()),
+            ));
+        }
+        Ok(WriteAck { accepted: ack.accepted, rejected })
+    }
+
+    /// Drops the open writer, if any (the plugin's clean-up runs).
+    pub async fn close(&mut self) -> Result<(), PluginError> {
+        if let Some(writer) = self.writer.take()
+            && !self.core.poisoned
+        {
+            self.core.begin()?;
+            let r = writer.resource_drop_async(&mut self.core.store).await;
+            self.core.finish("close", r)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! The connector host against real components: the shipped connectors and a
+//! hostile guest built from `plugins/testing/hostile`. Each hostile behaviour
+//! fails its own call with a clear error while the host, and every other
+//! instance, goes on.
+
+mod plugins;
+
+use std::time::{Duration, Instant};
+
+use cdp::plugin::{ErrorClass, Grants, Host, Kind, LogLine, Mount, Origin, PluginError, ReadEvent, conformance};
+use serde_json::{Value, json};
+
+fn host() -> (Host, tempfile::TempDir) {
+    let cache = tempfile::tempdir().unwrap();
+    (Host::new(Some(cache.path().to_path_buf())).unwrap(), cache)
+}
+
+const ONE_RECORD: &str = "{\"key\":\"k1\",\"op\":\"upsert\",\"profile_id\":\"p1\",\"identities\":{\"email\":[\"a@x.com\"]}}\n";
+
+/// Opens the hostile guest with `config` and writes one record.
+async fn hostile_write(host: &Host, grants: &Grants, config: Value) -> (Result<cdp::plugin::WriteAck, PluginError>, Vec<LogLine>) {
+    let p = host.load(&plugins::hostile(), None).unwrap();
+    let mut inst = p.destination("hostile", grants).await.unwrap();
+    inst.open(&config).await.unwrap();
+    let r = inst.write(ONE_RECORD.into(), 1).await;
+    (r, inst.take_logs())
+}
+
+#[tokio::test]
+async fn shipped_connectors_load_with_their_kind_and_cache() {
+    let (host, _cache) = host();
+    for (name, kind) in [
+        ("source_csv", Kind::Source),
+        ("source_http", Kind::Source),
+        ("dest_webhook", Kind::Destination),
+        ("dest_file", Kind::Destination),
+    ] {
+        let path = plugins::shipped(name);
+        let p = host.load(&path, None).unwrap();
+        assert_eq!(p.kind(), kind, "{name}");
+        assert_eq!(p.origin(), Origin::Compiled);
+        let spec = p.spec(name).await.unwrap();
+        assert_eq!(spec.name, name.replace('_', "-"));
+        assert_eq!(spec.protocol, "0.1.0");
+        assert!(conformance::schema_valid(&spec.config_schema).is_ok(), "{name}");
+        let again = host.load(&path, Some(p.sha256())).unwrap();
+        assert_eq!(again.origin(), Origin::Cached, "{name}: the second load comes from the cache");
+        assert!(again.load_time() < p.load_time());
+    }
+}
+
+#[tokio::test]
+async fn pins_and_formats_are_enforced() {
+    let (host, _cache) = host();
+    let path = plugins::shipped("dest_file");
+    let e = host.load(&path, Some(&"0".repeat(64))).unwrap_err();
+    assert!(matches!(e, PluginError::Digest { .. }), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0garbage").unwrap();
+    let e = host.load(&junk, None).unwrap_err();
+    assert!(matches!(e, PluginError::Compile { .. }), "{e}");
+    let text = dir.path().join("text.wasm");
+    std::fs::write(&text, "not wasm").unwrap();
+    assert!(matches!(host.load(&text, None).unwrap_err(), PluginError::Compile { .. }));
+    let p = host.load(&path, None).unwrap();
+    let e = p.source("x", &Grants::default()).await.err().unwrap();
+    assert!(matches!(e, PluginError::WrongKind { found: Kind::Destination, wanted: Kind::Source, .. }), "{e}");
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_stopped_at_the_deadline() {
+    let (host, _cache) = host();
+    let grants = Grants { timeout: Duration::from_millis(300), ..Grants::default() };
+    let started = Instant::now();
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "spin"})).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, PluginError::Deadline { call: "write", .. }), "{e}");
+    assert!(e.to_string().contains("deadline of 300ms"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped promptly: {:?}", started.elapsed());
+    // The host is fine: a new instance of the same plugin works.
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "ok"})).await;
+    assert_eq!(r.unwrap().accepted, 1);
+}
+
+#[tokio::test]
+async fn a_trapped_instance_refuses_further_calls() {
+    let (host, _cache) = host();
+    let p = host.load(&plugins::hostile(), None).unwrap();
+    let mut inst = p.destination("hostile", &Grants::default()).await.unwrap();
+    inst.open(&json!({"behave": "trap"})).await.unwrap();
+    let e = inst.write(ONE_RECORD.into(), 1).await.unwrap_err();
+    assert!(matches!(e, PluginError::Trap { .. }), "{e}");
+    assert!(inst.is_poisoned());
+    let e = inst.flush().await.unwrap_err();
+    assert!(matches!(e, PluginError::Poisoned { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn allocating_past_the_cap_fails_cleanly() {
+    let (host, _cache) = host();
+    let grants = Grants { memory: 32 << 20, ..Grants::default() };
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "alloc"})).await;
+    let e = r.unwrap_err();
+    match &e {
+        PluginError::Memory { cap, requested, call, .. } => {
+            assert_eq!(*cap, 32 << 20);
+            assert!(*requested > 32 << 20);
+            assert_eq!(*call, "write");
+        }
+        other => panic!("expected a memory error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_panic_is_an_error_with_the_message() {
+    let (host, _cache) = host();
+    let (r, logs) = hostile_write(&host, &Grants::default(), json!({"behave": "panic"})).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, PluginError::Trap { .. }), "{e}");
+    assert!(e.to_string().contains("panics on purpose"), "{e}");
+    assert!(logs.iter().any(|l| l.level == "stderr" && l.message.contains("panics on purpose")), "{logs:?}");
+}
+
+#[tokio::test]
+async fn output_is_captured_into_logs() {
+    let (host, _cache) = host();
+    let (r, logs) = hostile_write(&host, &Grants::default(), json!({"behave": "stdout", "lines": 3})).await;
+    assert_eq!(r.unwrap().accepted, 1);
+    let out: Vec<&str> = logs.iter().filter(|l| l.level == "stdout").map(|l| l.message.as_str()).collect();
+    assert_eq!(out, ["hostile line 1", "hostile line 2", "hostile line 3"]);
+    assert!(logs.iter().any(|l| l.level == "stderr" && l.message == "hostile stderr"), "{logs:?}");
+}
+
+#[tokio::test]
+async fn http_reaches_only_granted_addresses() {
+    let (host, _cache) = host();
+    let (port, seen) = plugins::serve(200, "{}", 4);
+    let url = format!("http://127.0.0.1:{port}/hook");
+
+    // Nothing granted: denied before any connection.
+    let (r, _) = hostile_write(&host, &Grants::default(), json!({"behave": "http", "url": url})).await;
+    let e = r.unwrap_err();
+    let c = e.connector().unwrap_or_else(|| panic!("a connector error, got {e}"));
+    assert_eq!(c.class, ErrorClass::Config);
+    assert!(c.message.contains("allow_hosts"), "{c:?}");
+
+    // A name that resolves to loopback is refused even when the name is listed.
+    let grants = Grants { allow_hosts: vec![format!("localhost:{port}")], ..Grants::default() };
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "http", "url": format!("http://localhost:{port}/")})).await;
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("internal"), "{e}");
+
+    // Another public-looking host than the one granted.
+    let grants = Grants { allow_hosts: vec!["hooks.example.com".into()], ..Grants::default() };
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "http", "url": "http://169.254.169.254/latest/meta-data"})).await;
+    assert!(r.unwrap_err().to_string().contains("allow_hosts"));
+
+    assert!(seen.try_recv().is_err(), "no request reached the server");
+
+    // The explicit loopback grant tests use.
+    let grants = Grants { allow_hosts: vec![format!("127.0.0.1:{port}")], ..Grants::default() };
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "http", "url": url})).await;
+    assert_eq!(r.unwrap().accepted, 1);
+    let req = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(req.request_line, "GET /hook HTTP/1.1");
+}
+
+#[tokio::test]
+async fn files_outside_the_mount_are_out_of_reach() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ok.txt"), "hello").unwrap();
+    let grants = Grants {
+        mounts: vec![Mount { host: dir.path().canonicalize().unwrap(), guest: "/data".into(), writable: false }],
+        ..Grants::default()
+    };
+    let (r, logs) = hostile_write(&host, &grants, json!({"behave": "read", "path": "/data/ok.txt"})).await;
+    assert_eq!(r.unwrap().accepted, 1, "{logs:?}");
+    for path in ["/etc/passwd", "/data/../etc/passwd", "/data/../../etc/hostname", "/proc/self/environ", "ok.txt"] {
+        let (r, _) = hostile_write(&host, &grants, json!({"behave": "read", "path": path})).await;
+        let e = r.unwrap_err();
+        let c = e.connector().unwrap_or_else(|| panic!("{path}: a connector error, got {e}"));
+        assert_eq!(c.code, "read_failed", "{path}");
+    }
+    // Source mounts are read-only.
+    let (r, _) = hostile_write(&host, &grants, json!({"behave": "write_file", "path": "/data/new.txt"})).await;
+    assert_eq!(r.unwrap_err().connector().unwrap().code, "write_failed");
+    assert!(!dir.path().join("new.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_instances_keep_running_while_one_spins() {
+    let (host, _cache) = host();
+    let hostile = host.load(&plugins::hostile(), None).unwrap();
+    let file = host.load(&plugins::shipped("dest_file"), None).unwrap();
+    let spin = tokio::spawn(async move {
+        let grants = Grants { timeout: Duration::from_secs(3), ..Grants::default() };
+        let mut inst = hostile.destination("spinner", &grants).await.unwrap();
+        inst.open(&json!({"behave": "spin"})).await.unwrap();
+        let r = inst.write(ONE_RECORD.into(), 1).await;
+        (r, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let grants = Grants {
+        mounts: vec![Mount { host: dir.path().canonicalize().unwrap(), guest: "/out".into(), writable: true }],
+        ..Grants::default()
+    };
+    let mut inst = file.destination("file", &grants).await.unwrap();
+    inst.open(&json!({"path": "/out/list.csv"})).await.unwrap();
+    let batches = cdp::bench::plugin::batches(5_000, 1);
+    for (text, n) in batches {
+        assert_eq!(inst.write(text, n).await.unwrap().accepted, n);
+    }
+    inst.flush().await.unwrap();
+    let done = Instant::now();
+    let (r, stopped) = spin.await.unwrap();
+    assert!(matches!(r.unwrap_err(), PluginError::Deadline { .. }));
+    assert!(done < stopped, "the file destination finished while the other instance was still spinning");
+    assert_eq!(std::fs::read_to_string(dir.path().join("list.csv")).unwrap().lines().count(), 5_001);
+}
+
+#[tokio::test]
+async fn a_source_reads_and_resumes_from_its_checkpoints() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("member_no,email,tier\n");
+    for i in 0..250 {
+        csv.push_str(&format!("M{i:04},m{i}@example.com,gold\n"));
+    }
+    std::fs::write(dir.path().join("members.csv"), csv).unwrap();
+    let grants = Grants {
+        mounts: vec![Mount { host: dir.path().canonicalize().unwrap(), guest: "/input".into(), writable: false }],
+        ..Grants::default()
+    };
+    let p = host.load(&plugins::shipped("source_csv"), None).unwrap();
+    let mut inst = p.source("members", &grants).await.unwrap();
+    let config = json!({"file": "/input/members.csv", "incremental": {"by": "offset"}});
+    inst.check(&config).await.unwrap();
+    inst.open(&config, None).await.unwrap();
+    let (mut records, mut checkpoints) = (0, Vec::new());
+    loop {
+        let events = inst.next(100).await.unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for e in events {
+            match e {
+                ReadEvent::Records { count, .. } => records += count,
+                ReadEvent::Checkpoint(c) => checkpoints.push(c),
+            }
+        }
+    }
+    assert_eq!(records, 250);
+    assert!(!checkpoints.is_empty());
+
+    let mut opts = conformance::Options::new(config, grants);
+    opts.page = 40;
+    let report = conformance::run(&p, "members", &opts).await;
+    assert!(report.passed(), "{}", report.render(std::path::Path::new("source_csv.wasm")));
+    assert!(report.checks.iter().any(|c| c.name == "resumes from every checkpoint" && c.detail.contains("checkpoints")));
+}
+
+#[tokio::test]
+async fn destinations_pass_the_conformance_suite() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    let grants = Grants {
+        mounts: vec![Mount { host: dir.path().canonicalize().unwrap(), guest: "/out".into(), writable: true }],
+        ..Grants::default()
+    };
+    let p = host.load(&plugins::shipped("dest_file"), None).unwrap();
+    let report = conformance::run(&p, "file", &conformance::Options::new(json!({"path": "/out/x.csv"}), grants)).await;
+    assert!(report.passed(), "{}", report.render(std::path::Path::new("dest_file.wasm")));
+    let write = report.checks.iter().find(|c| c.name == "writes a batch").unwrap();
+    assert!(write.detail.contains("1 rejected"), "the sample record without identities is refused: {}", write.detail);
+
+    let (port, seen) = plugins::serve(200, "{}", 8);
+    let grants = Grants { allow_hosts: vec![format!("127.0.0.1:{port}")], ..Grants::default() };
+    let p = host.load(&plugins::shipped("dest_webhook"), None).unwrap();
+    let config = json!({
+        "url": format!("http://127.0.0.1:{port}/hook"),
+        "delete_url": format!("http://127.0.0.1:{port}/erase"),
+        "signing_secret": "s3cret",
+    });
+    let report = conformance::run(&p, "webhook", &conformance::Options::new(config, grants)).await;
+    assert!(report.passed(), "{}", report.render(std::path::Path::new("dest_webhook.wasm")));
+    let delete = report.checks.iter().find(|c| c.name == "delete").unwrap();
+    assert!(delete.detail.contains("1 erased"), "{delete:?}");
+    let req = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(req.request_line.starts_with("POST /hook"), "{req:?}");
+    assert!(req.headers.iter().any(|(k, v)| k == "x-cdp-signature" || v.starts_with("sha256=")), "{req:?}");
+}
+
+#[tokio::test]
+async fn the_conformance_suite_reports_a_broken_plugin() {
+    let (host, _cache) = host();
+    let p = host.load(&plugins::hostile(), None).unwrap();
+    let grants = Grants { timeout: Duration::from_millis(300), ..Grants::default() };
+    let report = conformance::run(&p, "hostile", &conformance::Options::new(json!({"behave": "spin"}), grants)).await;
+    assert!(!report.passed());
+    let write = report.checks.iter().find(|c| c.name == "writes a batch").unwrap();
+    assert!(!write.passed && write.detail.contains("deadline"), "{write:?}");
+}
