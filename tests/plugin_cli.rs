@@ -35,7 +35,10 @@ fn inspect_shows_spec_imports_and_pin() {
     let o = cdp(dir.path(), &["plugin", "inspect", wasm.to_str().unwrap()]);
     let t = text(&o);
     assert!(t.contains("capabilities  http"), "{t}");
-    assert!(t.contains("secrets       config.headers, config.signing_secret") || t.contains("config.signing_secret"), "{t}");
+    assert!(
+        t.contains("secrets       config.headers, config.signing_secret") || t.contains("config.signing_secret"),
+        "{t}"
+    );
     let o = cdp(dir.path(), &["plugin", "inspect", "missing.wasm"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("cannot read plugin missing.wasm"));
@@ -61,7 +64,8 @@ fn test_runs_the_conformance_suite() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["passed"], false);
-    let failed: Vec<&Value> = v["report"]["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
+    let failed: Vec<&Value> =
+        v["report"]["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).collect();
     assert!(failed.iter().any(|c| c["detail"].as_str().unwrap().contains("config.file")), "{failed:?}");
 }
 

@@ -15,10 +15,15 @@ fn host() -> (Host, tempfile::TempDir) {
     (Host::new(Some(cache.path().to_path_buf())).unwrap(), cache)
 }
 
-const ONE_RECORD: &str = "{\"key\":\"k1\",\"op\":\"upsert\",\"profile_id\":\"p1\",\"identities\":{\"email\":[\"a@x.com\"]}}\n";
+const ONE_RECORD: &str =
+    "{\"key\":\"k1\",\"op\":\"upsert\",\"profile_id\":\"p1\",\"identities\":{\"email\":[\"a@x.com\"]}}\n";
 
 /// Opens the hostile guest with `config` and writes one record.
-async fn hostile_write(host: &Host, grants: &Grants, config: Value) -> (Result<cdp::plugin::WriteAck, PluginError>, Vec<LogLine>) {
+async fn hostile_write(
+    host: &Host,
+    grants: &Grants,
+    config: Value,
+) -> (Result<cdp::plugin::WriteAck, PluginError>, Vec<LogLine>) {
     let p = host.load(&plugins::hostile(), None).unwrap();
     let mut inst = p.destination("hostile", grants).await.unwrap();
     inst.open(&config).await.unwrap();
@@ -147,13 +152,16 @@ async fn http_reaches_only_granted_addresses() {
 
     // A name that resolves to loopback is refused even when the name is listed.
     let grants = Grants { allow_hosts: vec![format!("localhost:{port}")], ..Grants::default() };
-    let (r, _) = hostile_write(&host, &grants, json!({"behave": "http", "url": format!("http://localhost:{port}/")})).await;
+    let (r, _) =
+        hostile_write(&host, &grants, json!({"behave": "http", "url": format!("http://localhost:{port}/")})).await;
     let e = r.unwrap_err();
     assert!(e.to_string().contains("internal"), "{e}");
 
     // Another public-looking host than the one granted.
     let grants = Grants { allow_hosts: vec!["hooks.example.com".into()], ..Grants::default() };
-    let (r, _) = hostile_write(&host, &grants, json!({"behave": "http", "url": "http://169.254.169.254/latest/meta-data"})).await;
+    let (r, _) =
+        hostile_write(&host, &grants, json!({"behave": "http", "url": "http://169.254.169.254/latest/meta-data"}))
+            .await;
     assert!(r.unwrap_err().to_string().contains("allow_hosts"));
 
     assert!(seen.try_recv().is_err(), "no request reached the server");
@@ -259,7 +267,9 @@ async fn a_source_reads_and_resumes_from_its_checkpoints() {
     opts.page = 40;
     let report = conformance::run(&p, "members", &opts).await;
     assert!(report.passed(), "{}", report.render(std::path::Path::new("source_csv.wasm")));
-    assert!(report.checks.iter().any(|c| c.name == "resumes from every checkpoint" && c.detail.contains("checkpoints")));
+    assert!(
+        report.checks.iter().any(|c| c.name == "resumes from every checkpoint" && c.detail.contains("checkpoints"))
+    );
 }
 
 #[tokio::test]

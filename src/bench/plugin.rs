@@ -161,8 +161,10 @@ fn find_component(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_owned());
     }
-    let candidates =
-        [PathBuf::from("plugins/dist/dest_file.wasm"), Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist/dest_file.wasm")];
+    let candidates = [
+        PathBuf::from("plugins/dist/dest_file.wasm"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist/dest_file.wasm"),
+    ];
     candidates
         .into_iter()
         .find(|p| p.exists())
@@ -251,7 +253,12 @@ pub async fn run(records: usize, component: Option<&Path>) -> Result<String> {
         );
     }
     let rate = |d: Duration| total as f64 / d.as_secs_f64();
-    writeln!(report, "\nwrite path ({total} records, {:.1} MiB of JSON Lines in, {:.1} MiB of CSV out)", bytes as f64 / 1048576.0, wasm_bytes as f64 / 1048576.0)?;
+    writeln!(
+        report,
+        "\nwrite path ({total} records, {:.1} MiB of JSON Lines in, {:.1} MiB of CSV out)",
+        bytes as f64 / 1048576.0,
+        wasm_bytes as f64 / 1048576.0
+    )?;
     writeln!(report, "  native transform     {:>10.0} records/s  {:>10}", rate(native_time), super::ms(native_time))?;
     writeln!(report, "  dest-file plugin     {:>10.0} records/s  {:>10}", rate(wasm_time), super::ms(wasm_time))?;
     writeln!(
@@ -259,7 +266,11 @@ pub async fn run(records: usize, component: Option<&Path>) -> Result<String> {
         "  plugin / native      {:>10.0} %          (target ≥ 50 %)",
         100.0 * native_time.as_secs_f64() / wasm_time.as_secs_f64()
     )?;
-    writeln!(report, "  outputs identical    {:>10}", if std::fs::read(&native_file)? == std::fs::read(out_dir.join("list.csv"))? { "yes" } else { "no" })?;
+    writeln!(
+        report,
+        "  outputs identical    {:>10}",
+        if std::fs::read(&native_file)? == std::fs::read(out_dir.join("list.csv"))? { "yes" } else { "no" }
+    )?;
     Ok(report)
 }
 

@@ -33,7 +33,9 @@ pub fn new(name: &str, kind: Kind, dir: Option<&Path>, sdk: Option<&Path>) -> Re
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && !name.ends_with('-');
     if !valid {
-        bail!("`{name}` is not a crate name cdp scaffolds: use lowercase letters, digits and dashes, e.g. `source-members`");
+        bail!(
+            "`{name}` is not a crate name cdp scaffolds: use lowercase letters, digits and dashes, e.g. `source-members`"
+        );
     }
     let dir = dir.map_or_else(|| PathBuf::from(name), Path::to_path_buf);
     if dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -104,7 +106,9 @@ pub fn build(dir: &Path, debug: bool) -> Result<ExitCode> {
     let mut wasm = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|x| x == "cdylib")) {
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|x| x == "cdylib"))
+        {
             for f in msg["filenames"].as_array().into_iter().flatten() {
                 if let Some(f) = f.as_str().filter(|f| f.ends_with(".wasm")) {
                     wasm = Some(PathBuf::from(f));
@@ -233,9 +237,8 @@ pub fn test(a: TestArgs<'_>) -> Result<ExitCode> {
         grants.timeout = crate::manifest::units::parse_duration(t).map_err(anyhow::Error::msg)?;
     }
     for m in a.mounts {
-        let (host, guest) = m
-            .split_once(':')
-            .with_context(|| format!("--mount `{m}`: write HOST_DIR:GUEST_PATH, e.g. data:/input"))?;
+        let (host, guest) =
+            m.split_once(':').with_context(|| format!("--mount `{m}`: write HOST_DIR:GUEST_PATH, e.g. data:/input"))?;
         let host = Path::new(host).canonicalize().with_context(|| format!("--mount: cannot open {host}"))?;
         grants.mounts.push(Mount { host, guest: guest.to_owned(), writable: false });
     }
@@ -257,7 +260,9 @@ pub fn test(a: TestArgs<'_>) -> Result<ExitCode> {
     opts.fixtures = a.fixtures.map(Path::to_path_buf);
     let report = block(conformance::run(&p, "test", &opts))?;
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json!({"passed": report.passed(), "report": report}))?),
+        Format::Json => {
+            println!("{}", serde_json::to_string_pretty(&json!({"passed": report.passed(), "report": report}))?)
+        }
         _ => print!("{}", report.render(a.file)),
     }
     Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -179,7 +179,12 @@ impl SourceInstance {
         self.close().await?;
         self.core.begin()?;
         let cfg = config.to_string();
-        let r = self.bindings.cdp_connector_source().reader().call_open(&mut self.core.store, &cfg, state.map(str::to_owned).as_ref()).await;
+        let r = self
+            .bindings
+            .cdp_connector_source()
+            .reader()
+            .call_open(&mut self.core.store, &cfg, state.map(str::to_owned).as_ref())
+            .await;
         let r = self.core.finish("open", r)?;
         self.reader = Some(self.core.connector("open", r)?);
         Ok(())
@@ -212,7 +217,12 @@ impl SourceInstance {
     pub async fn ack(&mut self, checkpoint: &str) -> Result<(), PluginError> {
         let reader = self.reader("ack")?;
         self.core.begin()?;
-        let r = self.bindings.cdp_connector_source().reader().call_ack(&mut self.core.store, reader, &checkpoint.to_owned()).await;
+        let r = self
+            .bindings
+            .cdp_connector_source()
+            .reader()
+            .call_ack(&mut self.core.store, reader, &checkpoint.to_owned())
+            .await;
         self.core.finish("ack", r)
     }
 
@@ -289,7 +299,8 @@ impl DestinationInstance {
         let writer = self.writer("write")?;
         self.core.begin()?;
         let batch = types::Batch { records, ndjson };
-        let r = self.bindings.cdp_connector_destination().writer().call_write(&mut self.core.store, writer, &batch).await;
+        let r =
+            self.bindings.cdp_connector_destination().writer().call_write(&mut self.core.store, writer, &batch).await;
         let r = self.core.finish("write", r)?;
         let ack = self.core.connector("write", r)?;
         self.ack("write", ack, records)
@@ -309,7 +320,8 @@ impl DestinationInstance {
         let writer = self.writer("delete")?;
         self.core.begin()?;
         let batch = types::Batch { records, ndjson };
-        let r = self.bindings.cdp_connector_destination().writer().call_delete(&mut self.core.store, writer, &batch).await;
+        let r =
+            self.bindings.cdp_connector_destination().writer().call_delete(&mut self.core.store, writer, &batch).await;
         let r = self.core.finish("delete", r)?;
         let ack = self.core.connector("delete", r)?;
         self.ack("delete", ack, records)

@@ -47,7 +47,8 @@ impl Entry<'_> {
         let mut g = Grants { allow_hosts: self.allow_hosts.to_vec(), ..Grants::default() };
         if let Some(p) = m.plugins.get(self.plugin) {
             if let Some(mem) = &p.memory {
-                g.memory = units::parse_bytes(mem).map_err(|e| PluginError::Grant { message: format!("memory: {e}") })?;
+                g.memory =
+                    units::parse_bytes(mem).map_err(|e| PluginError::Grant { message: format!("memory: {e}") })?;
             }
             if let Some(t) = &p.timeout {
                 g.timeout =

@@ -56,7 +56,9 @@ fn parse_allow(entry: &str) -> Result<Allow, String> {
         Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| format!("`{entry}`: `{p}` is not a port"))?)),
         None => (e.as_str(), None),
     };
-    let valid = |s: &str| !s.is_empty() && s.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    let valid = |s: &str| {
+        !s.is_empty() && s.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    };
     let host = match host.strip_prefix("*.") {
         Some(domain) if valid(domain) => HostPattern::Suffix(domain.to_owned()),
         None if valid(host) => HostPattern::Name(host.to_owned()),
@@ -269,7 +271,9 @@ impl HttpGate {
 
 async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| err(HttpErrorKind::Other, format!("reading the body: {e}")))? {
+    while let Some(chunk) =
+        resp.chunk().await.map_err(|e| err(HttpErrorKind::Other, format!("reading the body: {e}")))?
+    {
         if body.len() + chunk.len() > MAX_RESPONSE {
             return Err(too_large());
         }
@@ -322,8 +326,10 @@ impl wit::Host for State {
         let (method, url) = (request.method.clone(), request.url.clone());
         let r = self.http.send(request, self.deadline).await;
         match &r {
-            Ok(resp) => tracing::debug!(target: "cdp::plugin", plugin = &*self.entry, %method, %url, status = resp.status,
-                ms = started.elapsed().as_millis() as u64, "http"),
+            Ok(resp) => {
+                tracing::debug!(target: "cdp::plugin", plugin = &*self.entry, %method, %url, status = resp.status,
+                ms = started.elapsed().as_millis() as u64, "http")
+            }
             Err(e) => tracing::warn!(target: "cdp::plugin", plugin = &*self.entry, %method, %url, kind = ?e.kind,
                 "http refused or failed: {}", e.message),
         }
@@ -398,7 +404,13 @@ mod tests {
     async fn names_resolving_inward_are_refused() {
         // `localhost` is allowed by name but resolves to loopback, which is not granted.
         let g = gate(&["localhost:9"]);
-        let req = Request { method: "GET".into(), url: "http://localhost:9/".into(), headers: vec![], body: None, timeout_ms: Some(2_000) };
+        let req = Request {
+            method: "GET".into(),
+            url: "http://localhost:9/".into(),
+            headers: vec![],
+            body: None,
+            timeout_ms: Some(2_000),
+        };
         let e = g.send(req, Instant::now() + Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(e.kind, HttpErrorKind::Denied, "{}", e.message);
         assert!(e.message.contains("internal"), "{}", e.message);

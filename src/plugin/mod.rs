@@ -126,7 +126,13 @@ impl From<bindings::types::ConnectorError> for ConnectorError {
             W::Unsupported => ErrorClass::Unsupported,
             W::Internal => ErrorClass::Internal,
         };
-        ConnectorError { class, retryable: e.retryable, retry_after_ms: e.retry_after_ms, code: e.code, message: e.message }
+        ConnectorError {
+            class,
+            retryable: e.retryable,
+            retry_after_ms: e.retry_after_ms,
+            code: e.code,
+            message: e.message,
+        }
     }
 }
 
@@ -388,7 +394,11 @@ fn protocol_compatible(v: &str) -> bool {
     let parts = |s: &str| s.split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>();
     match (parts(v), parts(PROTOCOL)) {
         (Some(a), Some(b)) if a.len() == 3 && b.len() == 3 => {
-            if b[0] == 0 { a[0] == 0 && a[1] == b[1] } else { a[0] == b[0] }
+            if b[0] == 0 {
+                a[0] == 0 && a[1] == b[1]
+            } else {
+                a[0] == b[0]
+            }
         }
         _ => false,
     }
