@@ -54,7 +54,12 @@ if [ "$test_guests" = 1 ]; then
   for g in "${guests[@]}"; do packages+=(-p "$g"); done
   cargo build --release --locked --target "$target" -j "${JOBS:-1}" "${packages[@]}"
   for g in "${guests[@]}"; do
+    src="target/$target/release/${g//-/_}.wasm"
+    if [ "$(head -c 8 "$src" | od -An -tx1 | tr -d ' \n')" != "0061736d0d000100" ]; then
+      echo "$src is not a WebAssembly component" >&2
+      exit 1
+    fi
     # On stderr: stdout stays "<name> <sha256>" lines of shipped connectors.
-    echo "test guest: target/$target/release/${g//-/_}.wasm" >&2
+    echo "test guest $src $(sha256sum "$src" | cut -d' ' -f1)" >&2
   done
 fi
