@@ -56,6 +56,28 @@ pub const CAPABILITIES: &[(&str, &str)] = &[
     ("delete", "erases people at the destination (privacy requests)"),
 ];
 
+/// Plugin instances alive at once (every running sync holds one).
+pub const MAX_INSTANCES: u32 = 256;
+/// Largest linear memory of any plugin, whatever its `memory` says.
+pub const MAX_MEMORY: usize = 4 << 30;
+
+/// The pooling allocator: slots for instances, memories, tables and stacks
+/// are reserved once, so starting an instance reuses warm memory instead of
+/// mapping it anew.
+fn pool() -> wasmtime::PoolingAllocationConfig {
+    let mut p = wasmtime::PoolingAllocationConfig::default();
+    p.total_component_instances(MAX_INSTANCES)
+        .total_core_instances(MAX_INSTANCES * 16)
+        .total_memories(MAX_INSTANCES * 2)
+        .total_tables(MAX_INSTANCES * 8)
+        .total_stacks(MAX_INSTANCES)
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(8)
+        .max_tables_per_component(32)
+        .max_memory_size(MAX_MEMORY);
+    p
+}
+
 /// Which world a component implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -240,7 +262,17 @@ impl Host {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config).map_err(engine_err)?;
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool()));
+        // The pool reserves address space up front; where that is refused
+        // (a low `ulimit -v`), instances are allocated on demand instead.
+        let engine = match Engine::new(&config) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("plugin instance pool unavailable, allocating on demand: {e:#}");
+                config.allocation_strategy(wasmtime::InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config).map_err(engine_err)?
+            }
+        };
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
         source::SourceConnector::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_err)?;

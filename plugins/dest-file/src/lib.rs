@@ -305,20 +305,35 @@ impl FileWriter {
     }
 
     fn render(&self, record: &DestinationRecord, ids: &[Vec<String>], out: &mut Vec<u8>) -> Result<(), ConnectorError> {
-        let audience = record.audience.clone().unwrap_or_default();
+        let audience = record.audience.as_deref().unwrap_or_default();
         match self.cfg.format {
             Format::Csv => {
+                // One CSV writer per batch, fields written in place: no
+                // per-row writer or cell copies.
                 let rows = ids.iter().map(Vec::len).max().unwrap_or(0);
+                let err = |e: csv::Error| ConnectorError::internal("csv_write", e.to_string());
+                let mut w = csv::WriterBuilder::new()
+                    .terminator(csv::Terminator::CRLF)
+                    .buffer_capacity(1024)
+                    .from_writer(&mut *out);
                 for i in 0..rows {
-                    let mut row = vec![record.key.clone(), record.op.as_str().to_string(), audience.clone()];
-                    row.extend(ids.iter().map(|values| values.get(i).cloned().unwrap_or_default()));
-                    row.extend(self.cfg.fields.iter().map(|f| match record.traits.get(f) {
-                        None | Some(Value::Null) => String::new(),
-                        Some(Value::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
-                    }));
-                    out.extend(csv_line(&row)?);
+                    w.write_field(&record.key).map_err(err)?;
+                    w.write_field(record.op.as_str()).map_err(err)?;
+                    w.write_field(audience).map_err(err)?;
+                    for values in ids {
+                        w.write_field(values.get(i).map_or("", String::as_str)).map_err(err)?;
+                    }
+                    for f in &self.cfg.fields {
+                        match record.traits.get(f) {
+                            None | Some(Value::Null) => w.write_field("").map_err(err)?,
+                            Some(Value::String(s)) => w.write_field(s).map_err(err)?,
+                            Some(other) => w.write_field(other.to_string()).map_err(err)?,
+                        }
+                    }
+                    w.write_record(None::<&[u8]>).map_err(err)?;
                 }
+                w.flush()
+                    .map_err(|e| ConnectorError::internal("csv_write", e.to_string()))?;
             }
             Format::Jsonl => {
                 let identities: Map<String, Value> = self
