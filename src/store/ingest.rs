@@ -318,18 +318,6 @@ impl Store {
                 fresh
             })
             .collect();
-        // SQLite: look the message ids up first (cheap in-process probes).
-        // PostgreSQL: let the records insert itself say which were new, one
-        // round trip instead of a probe per id (done below, once anchors are known).
-        let pg = self.backend == super::Backend::Postgres;
-        let stored = if pg { FxHashSet::default() } else { self.stored_messages(conn, &records).await? };
-        records.retain(|r| {
-            let dup = stored.contains(&(r.source.clone(), r.message_id.clone()));
-            if dup {
-                report.duplicates += 1;
-            }
-            !dup
-        });
         if records.is_empty() {
             return Ok(report);
         }
@@ -357,7 +345,11 @@ impl Store {
                 .map(|(k, v)| idmap[&(k.clone(), v.clone())])
                 .unwrap_or_default()
         };
-        if pg {
+        {
+            // Duplicates of stored records: the insert itself says which
+            // records are new (`ON CONFLICT DO NOTHING RETURNING`, on both
+            // backends), one pass over the message-id index instead of a
+            // probe and then an insert.
             let rows = records.iter().map(|r| record_row(r, anchor_of(r), received)).collect();
             let inserted = insert_returning(
                 self,
@@ -773,16 +765,12 @@ impl Store {
         }
 
         // Each record attaches to its strongest identifier.
-        let mut record_rows = Vec::with_capacity(records.len());
         let mut folds: FxHashMap<(i64, String, String), TraitFold> = FxHashMap::default();
         let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
         let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
         for r in &records {
             let anchor = anchor_of(r);
             let profile = profile_of.get(&anchor).copied().unwrap_or_default();
-            if !pg {
-                record_rows.push(record_row(r, anchor, received));
-            }
             for (t, v) in &r.traits {
                 folds
                     .entry((anchor, t.clone(), r.source.clone()))
@@ -819,7 +807,6 @@ impl Store {
             }
         }
         report.accepted = records.len() as u64;
-        insert_rows(self, conn, RECORDS_INSERT, 8, record_rows, "").await?;
         if !folds.is_empty() {
             let mut keys: Vec<(i64, String, String)> = folds.keys().cloned().collect();
             keys.sort();
@@ -908,36 +895,6 @@ impl Store {
             .await?;
         }
         Ok(report)
-    }
-
-    async fn stored_messages(
-        &self,
-        conn: &mut AnyConnection,
-        records: &[Record],
-    ) -> Result<FxHashSet<(String, String)>> {
-        let mut by_source: FxHashMap<&str, Vec<&str>> = FxHashMap::default();
-        for r in records {
-            by_source.entry(&r.source).or_default().push(&r.message_id);
-        }
-        let mut out = FxHashSet::default();
-        for (source, ids) in by_source {
-            for chunk in ids.chunks(IN_CHUNK) {
-                let sql = format!(
-                    "SELECT r.message_id FROM ({}) AS v JOIN records r ON r.message_id = v.column1 AND r.source = ?",
-                    values_list(chunk.len())
-                );
-                let sql = self.sql(&sql).into_owned();
-                let mut q = sqlx::query(&sql);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q = q.bind(source);
-                for row in q.fetch_all(&mut *conn).await? {
-                    out.insert((source.to_owned(), row.try_get::<String, _>(0)?));
-                }
-            }
-        }
-        Ok(out)
     }
 
     async fn lookup_identities(
