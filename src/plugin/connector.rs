@@ -102,9 +102,29 @@ impl Core {
     }
 }
 
-/// Shared accessors of both instance kinds.
+/// What both instance kinds share: accessors, and `spec`/`check`, which the
+/// two worlds export alike under different interface names.
 macro_rules! instance_common {
-    () => {
+    ($world:ident) => {
+        pub async fn spec(&mut self) -> Result<Spec, PluginError> {
+            self.core.begin()?;
+            let r = self.bindings.$world().call_spec(&mut self.core.store).await;
+            let s = self.core.finish("spec", r)?;
+            self.core.spec(s)
+        }
+
+        pub async fn check(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
+            self.check_text(&config.to_string()).await
+        }
+
+        /// `check` with the config as raw text (the conformance suite sends garbage).
+        pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
+            self.core.begin()?;
+            let r = self.bindings.$world().call_check(&mut self.core.store, &config.to_owned()).await;
+            let r = self.core.finish("check", r)?;
+            self.core.connector("check", r)
+        }
+
         /// The manifest entry this instance serves.
         pub fn entry(&self) -> String {
             self.core.entry()
@@ -153,26 +173,7 @@ impl SourceInstance {
         SourceInstance { core: Core { store, timeout, poisoned: false }, bindings, reader: None }
     }
 
-    instance_common!();
-
-    pub async fn spec(&mut self) -> Result<Spec, PluginError> {
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_source().call_spec(&mut self.core.store).await;
-        let s = self.core.finish("spec", r)?;
-        self.core.spec(s)
-    }
-
-    pub async fn check(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
-        self.check_text(&config.to_string()).await
-    }
-
-    /// `check` with the config as raw text (the conformance suite sends garbage).
-    pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_source().call_check(&mut self.core.store, &config.to_owned()).await;
-        let r = self.core.finish("check", r)?;
-        self.core.connector("check", r)
-    }
+    instance_common!(cdp_connector_source);
 
     /// Opens a reader; `state` is the last persisted checkpoint (JSON text).
     pub async fn open(&mut self, config: &serde_json::Value, state: Option<&str>) -> Result<(), PluginError> {
@@ -259,26 +260,7 @@ impl DestinationInstance {
         DestinationInstance { core: Core { store, timeout, poisoned: false }, bindings, writer: None }
     }
 
-    instance_common!();
-
-    pub async fn spec(&mut self) -> Result<Spec, PluginError> {
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_destination().call_spec(&mut self.core.store).await;
-        let s = self.core.finish("spec", r)?;
-        self.core.spec(s)
-    }
-
-    pub async fn check(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
-        self.check_text(&config.to_string()).await
-    }
-
-    /// `check` with the config as raw text (the conformance suite sends garbage).
-    pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_destination().call_check(&mut self.core.store, &config.to_owned()).await;
-        let r = self.core.finish("check", r)?;
-        self.core.connector("check", r)
-    }
+    instance_common!(cdp_connector_destination);
 
     pub async fn open(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
         self.close().await?;
