@@ -14,8 +14,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-/// Records per transaction.
-pub const BATCH: usize = 5_000;
 const PER_PERSON: usize = 10;
 
 /// Peak resident memory of this process so far, in MiB (Linux).
@@ -39,7 +37,7 @@ fn chunks(n: usize) -> impl Iterator<Item = Vec<Labeled>> {
 }
 
 /// Runs cdp's ingest path over `n` generated records into `store`.
-pub async fn run_cdp(store: &Store, n: usize) -> Result<(BatchReport, f64, u64)> {
+pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(BatchReport, f64, u64)> {
     let m = bench_manifest()?;
     let cfg = IdentityConfig::from_manifest(&m);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Record>, u64)>(4);
@@ -48,7 +46,7 @@ pub async fn run_cdp(store: &Store, n: usize) -> Result<(BatchReport, f64, u64)>
             .into_iter()
             .map(|s| Mapper::new(&m, s).map(|mp| (s, mp)).map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?;
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch = Vec::with_capacity(batch_size);
         let mut rejected = 0;
         let mut sent = 0usize;
         'outer: for chunk in chunks(n) {
@@ -62,7 +60,7 @@ pub async fn run_cdp(store: &Store, n: usize) -> Result<(BatchReport, f64, u64)>
                     Ok(r) => batch.push(r),
                     Err(_) => rejected += 1,
                 }
-                if batch.len() >= BATCH {
+                if batch.len() >= batch_size {
                     if tx.blocking_send((std::mem::take(&mut batch), rejected)).is_err() {
                         return Ok(());
                     }
@@ -86,13 +84,13 @@ pub async fn run_cdp(store: &Store, n: usize) -> Result<(BatchReport, f64, u64)>
 
 /// The baseline: the same records as rows (source, message id, time, JSON)
 /// appended with multi-row INSERTs, one transaction per batch.
-pub async fn run_raw(store: &Store, n: usize) -> Result<f64> {
+pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> {
     sqlx::query("CREATE TABLE raw_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
         .execute(store.pool())
         .await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, String, String, String)>>(4);
     let producer = std::thread::spawn(move || {
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch = Vec::with_capacity(batch_size);
         let mut sent = 0usize;
         'outer: for chunk in chunks(n) {
             for l in chunk {
@@ -103,7 +101,7 @@ pub async fn run_raw(store: &Store, n: usize) -> Result<f64> {
                 let id = l.record["id"].as_str().unwrap_or_default().to_owned();
                 let at = l.record["at"].as_str().unwrap_or_default().to_owned();
                 batch.push((l.source.to_owned(), id, at, l.record.to_string()));
-                if batch.len() >= BATCH && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                if batch.len() >= batch_size && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
                     return;
                 }
             }
@@ -170,11 +168,11 @@ pub async fn run_copy(url: &str, n: usize) -> Result<f64> {
 
 /// Runs the benchmark on SQLite in `dir`, and on PostgreSQL when `pg` names a
 /// server database to create scratch databases from.
-pub async fn run(n: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
+pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), {BATCH} per transaction",
+        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), {batch} per transaction",
         n.div_ceil(PER_PERSON)
     );
     let cdp_db = dir.join("cdp.db");
@@ -183,10 +181,10 @@ pub async fn run(n: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
         let _ = std::fs::remove_file(p);
     }
     let store = Store::connect(&format!("sqlite://{}", cdp_db.display()), dir).await?;
-    let (report, secs, rejected) = run_cdp(&store, n).await?;
+    let (report, secs, rejected) = run_cdp(&store, n, batch).await?;
     let rss = peak_rss_mib().unwrap_or(0.0);
     let raw_store = Store::connect(&format!("sqlite://{}", raw_db.display()), dir).await?;
-    let raw_secs = run_raw(&raw_store, n).await?;
+    let raw_secs = run_raw(&raw_store, n, batch).await?;
     report_lines(
         &mut out,
         "SQLite (WAL, synchronous=FULL)",
@@ -209,8 +207,8 @@ pub async fn run(n: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
         let result = async {
             let store = Store::connect(&url, dir).await?;
             anyhow::ensure!(store.backend() == Backend::Postgres, "{url} is not a PostgreSQL store");
-            let (report, secs, rejected) = run_cdp(&store, n).await?;
-            let raw_secs = run_raw(&store, n).await?;
+            let (report, secs, rejected) = run_cdp(&store, n, batch).await?;
+            let raw_secs = run_raw(&store, n, batch).await?;
             let copy_secs = run_copy(&url, n).await?;
             report_lines(&mut out, "PostgreSQL", &report, rejected, secs, raw_secs, "raw multi-row INSERT", 0.0);
             let _ = writeln!(

@@ -10,6 +10,12 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
+/// Records per transaction unless `--batch` says otherwise. Bigger batches
+/// write each index page once for more records (a batch dirties pages all
+/// over the message-id and identifier indexes); the cost is memory and the
+/// work redone after a crash.
+pub const DEFAULT_BATCH: usize = 5_000;
+
 pub struct Args<'a> {
     pub manifest: &'a Path,
     pub source: &'a str,

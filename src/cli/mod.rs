@@ -45,7 +45,7 @@ pub enum Command {
         #[arg(long = "file", short = 'i')]
         input: PathBuf,
         /// Records per transaction.
-        #[arg(long, default_value_t = 5_000)]
+        #[arg(long, default_value_t = ingest::DEFAULT_BATCH)]
         batch: usize,
         /// Skip the lines a previous ingest of this file already committed.
         #[arg(long)]
@@ -186,6 +186,9 @@ pub enum Bench {
         /// How many records.
         #[arg(long, default_value_t = 1_000_000)]
         records: usize,
+        /// Records per transaction (as `cdp ingest --batch`).
+        #[arg(long, default_value_t = ingest::DEFAULT_BATCH)]
+        batch: usize,
         /// Also run on PostgreSQL: a database URL to create a scratch database from.
         #[arg(long)]
         postgres: Option<String>,
@@ -256,11 +259,11 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::identity::run(people, tmp.path()).await?);
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Bench(Bench::Ingest { records, postgres, dir }) => block_on(async {
+        Command::Bench(Bench::Ingest { records, batch, postgres, dir }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
             std::fs::create_dir_all(&dir)?;
-            print!("{}", crate::bench::ingest::run(records, &dir, postgres.as_deref()).await?);
+            print!("{}", crate::bench::ingest::run(records, batch.max(1), &dir, postgres.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Ingest { source, input, batch, resume, rejects, quiet, no_match } => block_on(async {

@@ -126,19 +126,106 @@ async fn insert_rows(
     insert_chunks(store, conn, prefix, cols, rows, suffix, false).await.map(drop)
 }
 
-/// Like `insert_rows`, collecting the `(source, message_id)` pairs the
-/// statement's RETURNING clause reports.
-async fn insert_returning(
+/// Inserts rows that cannot exist yet (fresh ids, or keys this transaction
+/// just looked up), `INSERT INTO table (columns)` given as `into`.
+///
+/// On SQLite the statement is `INSERT OR IGNORE`: a multi-row statement that
+/// may abort halfway makes SQLite copy every page it changes into a statement
+/// journal first, a quarter of an insert's cost in a long transaction; one
+/// that ignores conflicts cannot abort. Nothing is ignored silently: a row
+/// count short of the rows given fails the batch (and rolls it back).
+async fn insert_fresh(
     store: &Store,
     conn: &mut AnyConnection,
-    prefix: &str,
+    into: &str,
     cols: usize,
     rows: Vec<Vec<P>>,
-    suffix: &str,
-) -> Result<FxHashSet<(String, String)>> {
-    insert_chunks(store, conn, prefix, cols, rows, suffix, true).await
+) -> Result<()> {
+    insert_fresh_as(store, conn, into, "VALUES", cols, rows, "").await
 }
 
+/// [`insert_fresh`] with the rows as `select … FROM (VALUES …) AS v`: lets a
+/// row bind one value for several columns.
+async fn insert_fresh_as(
+    store: &Store,
+    conn: &mut AnyConnection,
+    into: &str,
+    select: &str,
+    cols: usize,
+    rows: Vec<Vec<P>>,
+    from_suffix: &str,
+) -> Result<()> {
+    let expected = rows.len() as u64;
+    let prefix = match store.backend() {
+        super::Backend::Sqlite => format!("INSERT OR IGNORE {}", into.trim_start_matches("INSERT ")),
+        super::Backend::Postgres => into.to_owned(),
+    };
+    let (prefix, suffix) = if select == "VALUES" {
+        (prefix, String::new())
+    } else {
+        (format!("{prefix} {select} FROM ("), format!(") AS v {from_suffix}"))
+    };
+    let (_, written) = insert_chunks(store, conn, &prefix, cols, rows, &suffix, false).await?;
+    if written != expected {
+        return Err(super::StoreError::Invariant(format!(
+            "{into}: {written} of {expected} new rows written; another writer changed the store during this batch"
+        )));
+    }
+    Ok(())
+}
+
+/// Inserts the `records` rows of `batch` (no two with the same source and
+/// message id), skipping pairs already stored, and returns the pairs that
+/// were: one pass over the message-id index instead of a probe and then an
+/// insert.
+///
+/// PostgreSQL says which rows it inserted with RETURNING. On SQLite every
+/// returned row is a hand-off between sqlx's database thread and this one, so
+/// the insert only counts; when the count falls short, the duplicates are the
+/// batch's pairs stored under a row id from before the batch (the transaction
+/// holds the write lock, so no other writer can add rows in between).
+async fn insert_records(
+    store: &Store,
+    conn: &mut AnyConnection,
+    batch: &[Record],
+    rows: Vec<Vec<P>>,
+) -> Result<FxHashSet<(String, String)>> {
+    if store.backend() == super::Backend::Postgres {
+        let suffix = "ON CONFLICT (source, message_id) DO NOTHING RETURNING source, message_id";
+        let inserted = insert_chunks(store, conn, RECORDS_INSERT, 8, rows, suffix, true).await?.0;
+        return Ok(batch
+            .iter()
+            .filter(|r| !inserted.contains(&(r.source.clone(), r.message_id.clone())))
+            .map(|r| (r.source.clone(), r.message_id.clone()))
+            .collect());
+    }
+    let before: i64 =
+        sqlx::query("SELECT COALESCE(MAX(rowid), 0) FROM records").fetch_one(&mut *conn).await?.try_get(0)?;
+    let prefix = format!("INSERT OR IGNORE {}", RECORDS_INSERT.trim_start_matches("INSERT "));
+    let (_, written) = insert_chunks(store, conn, &prefix, 8, rows, "", false).await?;
+    let mut stored = FxHashSet::default();
+    if written == batch.len() as u64 {
+        return Ok(stored);
+    }
+    for chunk in batch.chunks(IN_CHUNK / 2) {
+        let sql = format!(
+            "SELECT r.source, r.message_id FROM (VALUES {}) AS v \
+             JOIN records r ON r.source = v.column1 AND r.message_id = v.column2 WHERE r.rowid <= ?",
+            values_clause(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q.bind(r.source.as_str()).bind(r.message_id.as_str());
+        }
+        for row in q.bind(before).fetch_all(&mut *conn).await? {
+            stored.insert((row.try_get(0)?, row.try_get(1)?));
+        }
+    }
+    Ok(stored)
+}
+
+/// Runs the chunks; returns the `(source, message_id)` pairs a RETURNING
+/// clause reported (when `returning`) and the rows written.
 async fn insert_chunks(
     store: &Store,
     conn: &mut AnyConnection,
@@ -147,13 +234,18 @@ async fn insert_chunks(
     rows: Vec<Vec<P>>,
     suffix: &str,
     returning: bool,
-) -> Result<FxHashSet<(String, String)>> {
+) -> Result<(FxHashSet<(String, String)>, u64)> {
     let per = (ROW_PARAMS / cols).max(1);
     let mut out = FxHashSet::default();
+    let mut written = 0;
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
-        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
+        let sql = if prefix.ends_with('(') {
+            format!("{prefix}VALUES {}{suffix}", values_clause(chunk.len(), cols))
+        } else {
+            format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols))
+        };
         let sql = store.sql(&sql).into_owned();
         let mut q = sqlx::query(&sql);
         for row in chunk {
@@ -164,12 +256,13 @@ async fn insert_chunks(
         if returning {
             for row in q.fetch_all(&mut *conn).await? {
                 out.insert((row.try_get(0)?, row.try_get(1)?));
+                written += 1;
             }
         } else {
-            q.execute(&mut *conn).await?;
+            written += q.execute(&mut *conn).await?.rows_affected();
         }
     }
-    Ok(out)
+    Ok((out, written))
 }
 
 /// Runs `prefix (…ids…) suffix` once per chunk of an IN list, with `head`
@@ -280,7 +373,7 @@ impl Store {
         records: Vec<Record>,
         cursor: Option<(&str, &str)>,
     ) -> Result<BatchReport> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let report = self.apply_in(&mut tx, cfg, records).await?;
         if let Some((stream, position)) = cursor {
             sqlx::query(&self.sql(
@@ -351,17 +444,11 @@ impl Store {
             // backends), one pass over the message-id index instead of a
             // probe and then an insert.
             let rows = records.iter().map(|r| record_row(r, anchor_of(r), received)).collect();
-            let inserted = insert_returning(
-                self,
-                conn,
-                RECORDS_INSERT,
-                8,
-                rows,
-                "ON CONFLICT (source, message_id) DO NOTHING RETURNING source, message_id",
-            )
-            .await?;
+            let stored = insert_records(self, conn, &records, rows).await?;
             let before = records.len();
-            records.retain(|r| inserted.contains(&(r.source.clone(), r.message_id.clone())));
+            if !stored.is_empty() {
+                records.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
+            }
             report.duplicates += (before - records.len()) as u64;
             if records.is_empty() {
                 return Ok(report);
@@ -673,7 +760,7 @@ impl Store {
         // 5. Writes.
         if !new_profiles.is_empty() {
             let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]).collect();
-            insert_rows(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows, "").await?;
+            insert_fresh(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows).await?;
         }
         for (p, q) in &absorbed {
             sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE id = ?"))
@@ -704,13 +791,12 @@ impl Store {
                     ]
                 })
                 .collect();
-            insert_rows(
+            insert_fresh(
                 self,
                 conn,
                 "INSERT INTO identities (id, key, value, profile_id, component, first_at, source, message_id)",
                 8,
                 rows,
-                "",
             )
             .await?;
         }
@@ -808,49 +894,7 @@ impl Store {
         }
         report.accepted = records.len() as u64;
         if !folds.is_empty() {
-            let mut keys: Vec<(i64, String, String)> = folds.keys().cloned().collect();
-            keys.sort();
-            let rows = keys
-                .into_iter()
-                .map(|k| {
-                    let f = &folds[&k];
-                    vec![
-                        P::I(k.0),
-                        P::S(k.1),
-                        P::S(k.2),
-                        P::S(f.first.1.clone()),
-                        P::I(f.first.0),
-                        P::S(f.last.1.clone()),
-                        P::I(f.last.0),
-                        P::S(f.min.clone()),
-                        P::S(f.max.clone()),
-                        P::OF(f.sum),
-                        P::OF(f.nmin),
-                        P::OF(f.nmax),
-                        P::I(f.n),
-                    ]
-                })
-                .collect();
-            insert_rows(
-                self,
-                conn,
-                "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, last_at, \
-                 min_value, max_value, num_sum, num_min, num_max, n)",
-                13,
-                rows,
-                "ON CONFLICT (identity_id, name, source) DO UPDATE SET \
-                 first_value = CASE WHEN excluded.first_at < trait_obs.first_at OR (excluded.first_at = trait_obs.first_at AND excluded.first_value < trait_obs.first_value) THEN excluded.first_value ELSE trait_obs.first_value END, \
-                 first_at = CASE WHEN excluded.first_at < trait_obs.first_at THEN excluded.first_at ELSE trait_obs.first_at END, \
-                 last_value = CASE WHEN excluded.last_at > trait_obs.last_at OR (excluded.last_at = trait_obs.last_at AND excluded.last_value > trait_obs.last_value) THEN excluded.last_value ELSE trait_obs.last_value END, \
-                 last_at = CASE WHEN excluded.last_at > trait_obs.last_at THEN excluded.last_at ELSE trait_obs.last_at END, \
-                 min_value = CASE WHEN excluded.min_value < trait_obs.min_value THEN excluded.min_value ELSE trait_obs.min_value END, \
-                 max_value = CASE WHEN excluded.max_value > trait_obs.max_value THEN excluded.max_value ELSE trait_obs.max_value END, \
-                 num_sum = COALESCE(trait_obs.num_sum, 0) + COALESCE(excluded.num_sum, 0), \
-                 num_min = CASE WHEN trait_obs.num_min IS NULL OR excluded.num_min < trait_obs.num_min THEN excluded.num_min ELSE trait_obs.num_min END, \
-                 num_max = CASE WHEN trait_obs.num_max IS NULL OR excluded.num_max > trait_obs.num_max THEN excluded.num_max ELSE trait_obs.num_max END, \
-                 n = trait_obs.n + excluded.n",
-            )
-            .await?;
+            self.write_folds(conn, folds, &new_nodes.iter().map(|n| n.0).collect()).await?;
         }
         if !entity_rows.is_empty() {
             insert_rows(
@@ -897,6 +941,83 @@ impl Store {
         Ok(report)
     }
 
+    /// Writes folded trait observations. Those of identifiers created by this
+    /// batch are plain inserts, and a single observation (most of them) binds
+    /// its value once for the first, last, min and max columns; the rest fold
+    /// into the stored rows.
+    async fn write_folds(
+        &self,
+        conn: &mut AnyConnection,
+        folds: FxHashMap<(i64, String, String), TraitFold>,
+        fresh: &FxHashSet<i64>,
+    ) -> Result<()> {
+        const COLUMNS: &str = "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, \
+                               last_at, min_value, max_value, num_sum, num_min, num_max, n)";
+        let mut folds: Vec<((i64, String, String), TraitFold)> = folds.into_iter().collect();
+        folds.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut single, mut multi, mut stored) = (Vec::new(), Vec::new(), Vec::new());
+        for ((id, name, source), f) in folds {
+            if fresh.contains(&id) && f.n == 1 {
+                single.push(vec![P::I(id), P::S(name), P::S(source), P::S(f.first.1), P::I(f.first.0), P::OF(f.sum)]);
+                continue;
+            }
+            let row = vec![
+                P::I(id),
+                P::S(name),
+                P::S(source),
+                P::S(f.first.1),
+                P::I(f.first.0),
+                P::S(f.last.1),
+                P::I(f.last.0),
+                P::S(f.min),
+                P::S(f.max),
+                P::OF(f.sum),
+                P::OF(f.nmin),
+                P::OF(f.nmax),
+                P::I(f.n),
+            ];
+            if fresh.contains(&id) { multi.push(row) } else { stored.push(row) }
+        }
+        if !single.is_empty() {
+            insert_fresh_as(
+                self,
+                conn,
+                COLUMNS,
+                "SELECT column1, column2, column3, column4, column5, column4, column5, column4, column4, \
+                 column6, column6, column6, 1",
+                6,
+                single,
+                "",
+            )
+            .await?;
+        }
+        if !multi.is_empty() {
+            insert_fresh(self, conn, COLUMNS, 13, multi).await?;
+        }
+        if !stored.is_empty() {
+            insert_rows(
+                self,
+                conn,
+                COLUMNS,
+                13,
+                stored,
+                "ON CONFLICT (identity_id, name, source) DO UPDATE SET \
+                 first_value = CASE WHEN excluded.first_at < trait_obs.first_at OR (excluded.first_at = trait_obs.first_at AND excluded.first_value < trait_obs.first_value) THEN excluded.first_value ELSE trait_obs.first_value END, \
+                 first_at = CASE WHEN excluded.first_at < trait_obs.first_at THEN excluded.first_at ELSE trait_obs.first_at END, \
+                 last_value = CASE WHEN excluded.last_at > trait_obs.last_at OR (excluded.last_at = trait_obs.last_at AND excluded.last_value > trait_obs.last_value) THEN excluded.last_value ELSE trait_obs.last_value END, \
+                 last_at = CASE WHEN excluded.last_at > trait_obs.last_at THEN excluded.last_at ELSE trait_obs.last_at END, \
+                 min_value = CASE WHEN excluded.min_value < trait_obs.min_value THEN excluded.min_value ELSE trait_obs.min_value END, \
+                 max_value = CASE WHEN excluded.max_value > trait_obs.max_value THEN excluded.max_value ELSE trait_obs.max_value END, \
+                 num_sum = COALESCE(trait_obs.num_sum, 0) + COALESCE(excluded.num_sum, 0), \
+                 num_min = CASE WHEN trait_obs.num_min IS NULL OR excluded.num_min < trait_obs.num_min THEN excluded.num_min ELSE trait_obs.num_min END, \
+                 num_max = CASE WHEN trait_obs.num_max IS NULL OR excluded.num_max > trait_obs.num_max THEN excluded.num_max ELSE trait_obs.num_max END, \
+                 n = trait_obs.n + excluded.n",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn lookup_identities(
         &self,
         conn: &mut AnyConnection,
@@ -912,25 +1033,26 @@ impl Store {
         for (key, values) in by_key {
             let values: Vec<&str> = values.into_iter().collect();
             for chunk in values.chunks(IN_CHUNK) {
-                let sql = format!(
-                    "SELECT i.id, i.value, i.profile_id, i.component, i.first_at FROM ({}) AS v \
-                     JOIN identities i ON i.value = v.column1 AND i.key = ?",
-                    values_list(chunk.len())
+                let sql = self.rows_sql(
+                    "i.id, i.value, i.profile_id, i.component, i.first_at",
+                    &format!(
+                        "FROM ({}) AS v JOIN identities i ON i.value = v.column1 AND i.key = ?",
+                        values_list(chunk.len())
+                    ),
                 );
-                let sql = self.sql(&sql).into_owned();
                 let mut q = sqlx::query(&sql);
                 for v in chunk {
                     q = q.bind(*v);
                 }
                 q = q.bind(key);
-                for row in q.fetch_all(&mut *conn).await? {
+                for row in self.fetch_rows(conn, q).await? {
                     let e = Existing {
-                        id: row.try_get(0)?,
-                        profile: row.try_get(2)?,
-                        component: row.try_get(3)?,
-                        first_at: row.try_get(4)?,
+                        id: row.int(0)?,
+                        profile: row.int(2)?,
+                        component: row.int(3)?,
+                        first_at: row.int(4)?,
                     };
-                    out.insert((key.to_owned(), row.try_get::<String, _>(1)?), e);
+                    out.insert((key.to_owned(), row.text(1)?), e);
                 }
             }
         }
@@ -944,17 +1066,16 @@ impl Store {
     ) -> Result<FxHashMap<String, (i64, String, String)>> {
         let mut out = FxHashMap::default();
         for chunk in keys.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT l.ids, l.at, l.source, l.message_id FROM ({}) AS v JOIN links l ON l.ids = v.column1",
-                values_list(chunk.len())
+            let sql = self.rows_sql(
+                "l.ids, l.at, l.source, l.message_id",
+                &format!("FROM ({}) AS v JOIN links l ON l.ids = v.column1", values_list(chunk.len())),
             );
-            let sql = self.sql(&sql).into_owned();
             let mut q = sqlx::query(&sql);
             for k in chunk {
                 q = q.bind(k.as_str());
             }
-            for row in q.fetch_all(&mut *conn).await? {
-                out.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?));
+            for row in self.fetch_rows(conn, q).await? {
+                out.insert(row.text(0)?, (row.int(1)?, row.text(2)?, row.text(3)?));
             }
         }
         Ok(out)
@@ -969,29 +1090,37 @@ impl Store {
     ) -> Result<(Vec<Node>, Vec<(String, i64, String, String, Vec<i64>)>)> {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
-        let rows = self
-            .select_in(
-                conn,
-                "SELECT id, key, value, profile_id, component, isolated FROM identities WHERE component IN ({})",
-                components,
-            )
-            .await?;
-        for row in rows {
-            nodes.push(Node {
-                id: row.try_get(0)?,
-                key: row.try_get(1)?,
-                value: row.try_get(2)?,
-                old: Some((row.try_get(3)?, row.try_get(4)?)),
-                isolated: row.try_get::<i64, _>(5)? != 0,
-            });
-        }
-        let rows = self
-            .select_in(conn, "SELECT ids, at, source, message_id FROM links WHERE component IN ({})", components)
-            .await?;
-        for row in rows {
-            let key: String = row.try_get(0)?;
-            let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
-            links.push((key, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, ids));
+        for chunk in components.chunks(IN_CHUNK) {
+            let sql = self.rows_sql(
+                "id, key, value, profile_id, component, isolated",
+                &format!("FROM identities WHERE component IN ({})", in_list(chunk.len())),
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q.bind(*c);
+            }
+            for row in self.fetch_rows(conn, q).await? {
+                nodes.push(Node {
+                    id: row.int(0)?,
+                    key: row.text(1)?,
+                    value: row.text(2)?,
+                    old: Some((row.int(3)?, row.int(4)?)),
+                    isolated: row.int(5)? != 0,
+                });
+            }
+            let sql = self.rows_sql(
+                "ids, at, source, message_id",
+                &format!("FROM links WHERE component IN ({})", in_list(chunk.len())),
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q.bind(*c);
+            }
+            for row in self.fetch_rows(conn, q).await? {
+                let key = row.text(0)?;
+                let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
+                links.push((key, row.int(1)?, row.text(2)?, row.text(3)?, ids));
+            }
         }
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))

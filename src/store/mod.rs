@@ -30,6 +30,8 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("the database was written by a newer cdp (schema version {0})")]
     TooNew(i64),
+    #[error("{0}")]
+    Invariant(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -122,6 +124,17 @@ impl Store {
         Ok(store)
     }
 
+    /// Starts a transaction that will write. On SQLite it takes the write lock
+    /// at once (`BEGIN IMMEDIATE`): a transaction that reads first and
+    /// upgrades later can fail with SQLITE_BUSY when another writer got there
+    /// in between, and ingest relies on no other writer adding rows mid-batch.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -153,6 +166,11 @@ impl Store {
             }
             let mut tx = self.pool.begin().await?;
             for s in *statements {
+                let s = match schema::sqlite_only(s) {
+                    Some(_) if self.backend == Backend::Postgres => continue,
+                    Some(s) => s,
+                    None => s,
+                };
                 tx.execute(&*self.sql(s)).await?;
             }
             sqlx::query(&self.sql("INSERT INTO cdp_migrations (version, name, applied_at) VALUES (?, ?, ?)"))
@@ -207,6 +225,34 @@ impl Store {
         Ok(rows)
     }
 
+    /// `SELECT {cols} {rest}` with every row packed into one JSON text (an
+    /// array of arrays), on SQLite. sqlx hands each result row from its
+    /// SQLite thread to the caller's separately, two thread wake-ups per row;
+    /// the lookups of a batch return thousands of rows. PostgreSQL streams
+    /// rows over its socket, so there the rows come as they are.
+    pub(crate) fn rows_sql(&self, cols: &str, rest: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("SELECT json_group_array(json_array({cols})) {rest}"),
+            Backend::Postgres => render(self.backend, &format!("SELECT {cols} {rest}")).into_owned(),
+        }
+    }
+
+    /// Runs a query built on [`Store::rows_sql`].
+    pub(crate) async fn fetch_rows(&self, conn: &mut sqlx::AnyConnection, q: ingest::Query<'_>) -> Result<Vec<Rowish>> {
+        match self.backend {
+            Backend::Sqlite => {
+                let text: Option<String> = q.fetch_one(&mut *conn).await?.try_get(0)?;
+                let rows: Vec<Vec<serde_json::Value>> = match text {
+                    Some(t) => serde_json::from_str(&t)
+                        .map_err(|e| StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}")))?,
+                    None => Vec::new(),
+                };
+                Ok(rows.into_iter().map(Rowish::Json).collect())
+            }
+            Backend::Postgres => Ok(q.fetch_all(&mut *conn).await?.into_iter().map(Rowish::Row).collect()),
+        }
+    }
+
     /// Where a named input stream stopped, if it ever ran.
     pub async fn cursor(&self, stream: &str) -> Result<Option<String>> {
         let row = sqlx::query(&self.sql("SELECT position FROM cursors WHERE stream = ?"))
@@ -215,6 +261,34 @@ impl Store {
             .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
+}
+
+/// A result row of [`Store::select_rows`]: packed JSON or a database row.
+pub(crate) enum Rowish {
+    Json(Vec<serde_json::Value>),
+    Row(sqlx::any::AnyRow),
+}
+
+impl Rowish {
+    pub(crate) fn int(&self, i: usize) -> Result<i64> {
+        match self {
+            Rowish::Json(v) => v.get(i).and_then(serde_json::Value::as_i64).ok_or_else(|| bad_column(i, "an integer")),
+            Rowish::Row(r) => Ok(r.try_get(i)?),
+        }
+    }
+
+    pub(crate) fn text(&self, i: usize) -> Result<String> {
+        match self {
+            Rowish::Json(v) => {
+                v.get(i).and_then(|x| x.as_str().map(str::to_owned)).ok_or_else(|| bad_column(i, "text"))
+            }
+            Rowish::Row(r) => Ok(r.try_get(i)?),
+        }
+    }
+}
+
+fn bad_column(i: usize, what: &str) -> StoreError {
+    StoreError::Invariant(format!("column {i} of a packed row is not {what}"))
 }
 
 /// Renders placeholders and types for a backend.

@@ -385,7 +385,7 @@ impl Store {
         let opts = normalize::Options { default_region: spec.default_region.as_deref() };
         let n = normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), value, &opts)
             .map_err(|e| LookupError::Invalid(value.to_owned(), key.to_owned(), e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&self.sql("SELECT id FROM identities WHERE key = ? AND value = ?"))
             .bind(key)
             .bind(&n)

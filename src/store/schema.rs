@@ -1,22 +1,32 @@
 //! Migrations for SQLite and PostgreSQL. One list, applied in order on
 //! connect, each version once, recorded in `cdp_migrations`. The two backends
 //! share every statement except where their types differ; `{id}` and `{f64}`
-//! are rendered per backend.
+//! are rendered per backend; a statement that only one backend needs is
+//! marked with [`sqlite_only`].
+
+/// Marks a statement that runs on SQLite only (PostgreSQL skips it).
+const SQLITE_ONLY: &str = "-- sqlite only\n";
+
+/// Whether `statement` applies to SQLite only; returns the statement itself.
+pub fn sqlite_only(statement: &str) -> Option<&str> {
+    statement.strip_prefix(SQLITE_ONLY)
+}
 
 /// `(version, name, statements)`.
-pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
-    1,
-    "profiles, identities, records, traits, entities, consent, ledger",
-    &[
-        "CREATE TABLE profiles (
+pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
+    (
+        1,
+        "profiles, identities, records, traits, entities, consent, ledger",
+        &[
+            "CREATE TABLE profiles (
             id BIGINT PRIMARY KEY,
             created_at BIGINT NOT NULL,
             merged_into BIGINT
         )",
-        "CREATE INDEX profiles_merged ON profiles (merged_into)",
-        // One row per identifier. `component` groups identifiers connected by
-        // any record (ignoring limits); `profile_id` is the resolved person.
-        "CREATE TABLE identities (
+            "CREATE INDEX profiles_merged ON profiles (merged_into)",
+            // One row per identifier. `component` groups identifiers connected by
+            // any record (ignoring limits); `profile_id` is the resolved person.
+            "CREATE TABLE identities (
             id BIGINT PRIMARY KEY,
             key TEXT NOT NULL,
             value TEXT NOT NULL,
@@ -28,10 +38,10 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             isolated BIGINT NOT NULL DEFAULT 0,
             UNIQUE (key, value)
         )",
-        "CREATE INDEX identities_profile ON identities (profile_id)",
-        "CREATE INDEX identities_component ON identities (component)",
-        // Records that carried two or more identifiers: the identity graph.
-        "CREATE TABLE links (
+            "CREATE INDEX identities_profile ON identities (profile_id)",
+            "CREATE INDEX identities_component ON identities (component)",
+            // Records that carried two or more identifiers: the identity graph.
+            "CREATE TABLE links (
             id {id},
             component BIGINT NOT NULL,
             at BIGINT NOT NULL,
@@ -39,12 +49,12 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             message_id TEXT NOT NULL,
             ids TEXT NOT NULL
         )",
-        "CREATE INDEX links_component ON links (component)",
-        "CREATE UNIQUE INDEX links_ids ON links (ids)",
-        // Every accepted record, deduplicated by (source, message id). Records
-        // belong to the identifier they anchor on; their profile is that
-        // identifier's, so merges never rewrite this table.
-        "CREATE TABLE records (
+            "CREATE INDEX links_component ON links (component)",
+            "CREATE UNIQUE INDEX links_ids ON links (ids)",
+            // Every accepted record, deduplicated by (source, message id). Records
+            // belong to the identifier they anchor on; their profile is that
+            // identifier's, so merges never rewrite this table.
+            "CREATE TABLE records (
             source TEXT NOT NULL,
             message_id TEXT NOT NULL,
             at BIGINT NOT NULL,
@@ -55,10 +65,10 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             payload TEXT NOT NULL,
             PRIMARY KEY (source, message_id)
         )",
-        "CREATE INDEX records_identity ON records (identity_id)",
-        // Trait observations per identifier and source, folded so every merge
-        // policy can be answered: first, latest, min, max, sum.
-        "CREATE TABLE trait_obs (
+            "CREATE INDEX records_identity ON records (identity_id)",
+            // Trait observations per identifier and source, folded so every merge
+            // policy can be answered: first, latest, min, max, sum.
+            "CREATE TABLE trait_obs (
             identity_id BIGINT NOT NULL,
             name TEXT NOT NULL,
             source TEXT NOT NULL,
@@ -74,7 +84,7 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             n BIGINT NOT NULL,
             PRIMARY KEY (identity_id, name, source)
         )",
-        "CREATE TABLE entities (
+            "CREATE TABLE entities (
             entity TEXT NOT NULL,
             key TEXT NOT NULL,
             identity_id BIGINT,
@@ -84,9 +94,9 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             fields TEXT NOT NULL,
             PRIMARY KEY (entity, key)
         )",
-        "CREATE INDEX entities_profile ON entities (profile_id)",
-        "CREATE INDEX entities_identity ON entities (identity_id)",
-        "CREATE TABLE consent (
+            "CREATE INDEX entities_profile ON entities (profile_id)",
+            "CREATE INDEX entities_identity ON entities (identity_id)",
+            "CREATE TABLE consent (
             identity_id BIGINT NOT NULL,
             purpose TEXT NOT NULL,
             granted BIGINT NOT NULL,
@@ -95,8 +105,8 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             message_id TEXT NOT NULL,
             PRIMARY KEY (identity_id, purpose)
         )",
-        // Every merge, split, limit conflict and unmerge, with the record and rule behind it.
-        "CREATE TABLE ledger (
+            // Every merge, split, limit conflict and unmerge, with the record and rule behind it.
+            "CREATE TABLE ledger (
             id {id},
             at BIGINT NOT NULL,
             kind TEXT NOT NULL,
@@ -108,13 +118,106 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             rule TEXT NOT NULL,
             detail TEXT
         )",
-        "CREATE INDEX ledger_profile ON ledger (profile_id)",
-        "CREATE INDEX ledger_other ON ledger (other_profile_id)",
-        // Where each input stream stopped, committed with the records it covers.
-        "CREATE TABLE cursors (
+            "CREATE INDEX ledger_profile ON ledger (profile_id)",
+            "CREATE INDEX ledger_other ON ledger (other_profile_id)",
+            // Where each input stream stopped, committed with the records it covers.
+            "CREATE TABLE cursors (
             stream TEXT PRIMARY KEY,
             position TEXT NOT NULL,
             updated_at BIGINT NOT NULL
         )",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        "SQLite: one B-tree per table where a key says it all",
+        // In SQLite only `INTEGER PRIMARY KEY` names the row id; `BIGINT PRIMARY
+        // KEY` kept a second B-tree beside each table that every insert paid for.
+        // Trait observations and links are small rows found by their key: stored
+        // in the key's B-tree (WITHOUT ROWID) they are one insert, not two.
+        // PostgreSQL's tables are unchanged.
+        &[
+            "-- sqlite only
+        CREATE TABLE profiles_v2 (
+            id INTEGER PRIMARY KEY,
+            created_at BIGINT NOT NULL,
+            merged_into BIGINT
+        )",
+            "-- sqlite only
+        INSERT INTO profiles_v2 (id, created_at, merged_into) SELECT id, created_at, merged_into FROM profiles",
+            "-- sqlite only
+        DROP TABLE profiles",
+            "-- sqlite only
+        ALTER TABLE profiles_v2 RENAME TO profiles",
+            // Only merged profiles have `merged_into`; indexing the NULLs of all
+            // the others cost an insert per new profile.
+            "-- sqlite only
+        CREATE INDEX profiles_merged ON profiles (merged_into) WHERE merged_into IS NOT NULL",
+            "-- sqlite only
+        CREATE TABLE identities_v2 (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            component BIGINT NOT NULL,
+            first_at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            isolated BIGINT NOT NULL DEFAULT 0,
+            UNIQUE (key, value)
+        )",
+            "-- sqlite only
+        INSERT INTO identities_v2 (id, key, value, profile_id, component, first_at, source, message_id, isolated)
+        SELECT id, key, value, profile_id, component, first_at, source, message_id, isolated FROM identities",
+            "-- sqlite only
+        DROP TABLE identities",
+            "-- sqlite only
+        ALTER TABLE identities_v2 RENAME TO identities",
+            "-- sqlite only
+        CREATE INDEX identities_profile ON identities (profile_id)",
+            "-- sqlite only
+        CREATE INDEX identities_component ON identities (component)",
+            "-- sqlite only
+        CREATE TABLE trait_obs_v2 (
+            identity_id BIGINT NOT NULL,
+            name TEXT NOT NULL,
+            source TEXT NOT NULL,
+            first_value TEXT NOT NULL,
+            first_at BIGINT NOT NULL,
+            last_value TEXT NOT NULL,
+            last_at BIGINT NOT NULL,
+            min_value TEXT NOT NULL,
+            max_value TEXT NOT NULL,
+            num_sum REAL,
+            num_min REAL,
+            num_max REAL,
+            n BIGINT NOT NULL,
+            PRIMARY KEY (identity_id, name, source)
+        ) WITHOUT ROWID",
+            "-- sqlite only
+        INSERT INTO trait_obs_v2 SELECT identity_id, name, source, first_value, first_at, last_value, last_at,
+            min_value, max_value, num_sum, num_min, num_max, n FROM trait_obs",
+            "-- sqlite only
+        DROP TABLE trait_obs",
+            "-- sqlite only
+        ALTER TABLE trait_obs_v2 RENAME TO trait_obs",
+            "-- sqlite only
+        CREATE TABLE links_v2 (
+            ids TEXT NOT NULL PRIMARY KEY,
+            component BIGINT NOT NULL,
+            at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            message_id TEXT NOT NULL
+        ) WITHOUT ROWID",
+            "-- sqlite only
+        INSERT INTO links_v2 (ids, component, at, source, message_id)
+        SELECT ids, component, at, source, message_id FROM links",
+            "-- sqlite only
+        DROP TABLE links",
+            "-- sqlite only
+        ALTER TABLE links_v2 RENAME TO links",
+            "-- sqlite only
+        CREATE INDEX links_component ON links (component)",
+        ],
+    ),
+];
