@@ -369,4 +369,77 @@ mod tests {
         assert!(render(Backend::Postgres, "id {id}").contains("BIGSERIAL"));
         assert_eq!(values_clause(2, 3), "(?, ?, ?), (?, ?, ?)");
     }
+
+    /// A database written before migration 2 keeps every row when it is
+    /// rebuilt into the new SQLite layout, and new ids stay above the old ones.
+    #[tokio::test]
+    async fn migration_2_keeps_the_rows_of_a_version_1_database() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v1.db");
+        let pool = sqlx::AnyPool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await.expect("open");
+        pool.execute(
+            "CREATE TABLE cdp_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .expect("migrations table");
+        let (version, name, statements) = schema::MIGRATIONS[0];
+        for s in statements {
+            pool.execute(&*render(Backend::Sqlite, s)).await.expect("migration 1");
+        }
+        sqlx::query("INSERT INTO cdp_migrations VALUES (?, ?, 0)")
+            .bind(version)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .expect("v1");
+        for s in [
+            "INSERT INTO profiles (id, created_at, merged_into) VALUES (7000000000001, 10, NULL), (7000000000002, 10, 7000000000001)",
+            "INSERT INTO identities (id, key, value, profile_id, component, first_at, source, message_id, isolated) \
+             VALUES (7000000000005, 'email', 'a@example.se', 7000000000001, 7000000000005, 10, 'crm', 'm1', 1)",
+            "INSERT INTO trait_obs VALUES (7000000000005, 'tier', 'crm', '\"gold\"', 10, '\"gold\"', 10, '\"gold\"', '\"gold\"', NULL, NULL, NULL, 1)",
+            "INSERT INTO links (component, at, source, message_id, ids) VALUES (7000000000005, 10, 'crm', 'm1', '7000000000005,7000000000006')",
+        ] {
+            pool.execute(s).await.expect("v1 rows");
+        }
+        pool.close().await;
+
+        let store = Store::connect(&format!("sqlite://{}", path.display()), dir.path()).await.expect("migrate");
+        let p = store.pool();
+        let row = sqlx::query("SELECT key, value, profile_id, isolated FROM identities WHERE id = 7000000000005")
+            .fetch_one(p)
+            .await
+            .expect("identity kept");
+        assert_eq!(row.try_get::<String, _>(1).expect("value"), "a@example.se");
+        assert_eq!(row.try_get::<i64, _>(2).expect("profile"), 7000000000001);
+        assert_eq!(row.try_get::<i64, _>(3).expect("isolated"), 1);
+        let merged: i64 = sqlx::query("SELECT merged_into FROM profiles WHERE id = 7000000000002")
+            .fetch_one(p)
+            .await
+            .and_then(|r| r.try_get(0))
+            .expect("profile kept");
+        assert_eq!(merged, 7000000000001);
+        let tier: String = sqlx::query("SELECT last_value FROM trait_obs WHERE identity_id = 7000000000005")
+            .fetch_one(p)
+            .await
+            .and_then(|r| r.try_get(0))
+            .expect("trait kept");
+        assert_eq!(tier, "\"gold\"");
+        let link: String = sqlx::query("SELECT ids FROM links WHERE component = 7000000000005")
+            .fetch_one(p)
+            .await
+            .and_then(|r| r.try_get(0))
+            .expect("link kept");
+        assert_eq!(link, "7000000000005,7000000000006");
+        for table in ["trait_obs", "links"] {
+            let sql: String = sqlx::query("SELECT sql FROM sqlite_master WHERE name = ?")
+                .bind(table)
+                .fetch_one(p)
+                .await
+                .and_then(|r| r.try_get(0))
+                .expect("schema");
+            assert!(sql.contains("WITHOUT ROWID"), "{table}: {sql}");
+        }
+        assert!(store.next_id() > 7000000000005);
+    }
 }
