@@ -241,11 +241,7 @@ async fn insert_chunks(
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
-        let sql = if prefix.ends_with('(') {
-            format!("{prefix}VALUES {}{suffix}", values_clause(chunk.len(), cols))
-        } else {
-            format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols))
-        };
+        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
         let sql = store.sql(&sql).into_owned();
         let mut q = sqlx::query(&sql);
         for row in chunk {
