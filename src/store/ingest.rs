@@ -415,23 +415,33 @@ impl Store {
 
         // 2. Identifiers: stored ones, and new ones with fresh ids.
         let existing = self.lookup_identities(conn, &records).await?;
-        let mut idmap: FxHashMap<(String, String), i64> = existing.iter().map(|(k, e)| (k.clone(), e.id)).collect();
+        // Key, then value: looked up with the record's own strings, no copies.
+        let mut idmap: FxHashMap<String, FxHashMap<String, i64>> = FxHashMap::default();
+        for ((k, v), e) in &existing {
+            idmap.entry(k.clone()).or_default().insert(v.clone(), e.id);
+        }
         let mut new_nodes: Vec<(i64, String, String, i64, String, String)> = Vec::new();
         for r in &records {
             for (k, v) in &r.ids {
-                if let std::collections::hash_map::Entry::Vacant(e) = idmap.entry((k.clone(), v.clone())) {
+                let values = match idmap.get_mut(k.as_str()) {
+                    Some(values) => values,
+                    None => idmap.entry(k.clone()).or_default(),
+                };
+                if !values.contains_key(v.as_str()) {
                     let id = self.next_id();
-                    e.insert(id);
+                    values.insert(v.clone(), id);
                     new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
                 }
             }
         }
+        let id_of =
+            |k: &str, v: &str| -> i64 { idmap.get(k).and_then(|values| values.get(v)).copied().unwrap_or_default() };
 
         let anchor_of = |r: &Record| -> i64 {
             r.ids
                 .iter()
                 .min_by(|a, b| (cfg.rank(&a.0), &a.0, &a.1).cmp(&(cfg.rank(&b.0), &b.0, &b.1)))
-                .map(|(k, v)| idmap[&(k.clone(), v.clone())])
+                .map(|(k, v)| id_of(k, v))
                 .unwrap_or_default()
         };
         {
@@ -490,7 +500,7 @@ impl Store {
             if r.ids.len() < 2 {
                 continue;
             }
-            let mut ids: Vec<i64> = r.ids.iter().map(|(k, v)| idmap[&(k.clone(), v.clone())]).collect();
+            let mut ids: Vec<i64> = r.ids.iter().map(|(k, v)| id_of(k, v)).collect();
             ids.sort_unstable();
             ids.dedup();
             if ids.len() < 2 {
@@ -536,8 +546,9 @@ impl Store {
             let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
             let mut nodes: Vec<Node> = stored_nodes;
             let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
+            let linked: FxHashSet<i64> = changing.iter().flat_map(|(_, l)| l.3.iter().copied()).collect();
             for n in &new_nodes {
-                if changing.iter().any(|(_, l)| l.3.contains(&n.0)) && !index.contains_key(&n.0) {
+                if linked.contains(&n.0) && !index.contains_key(&n.0) {
                     index.insert(n.0, nodes.len() as u32);
                     nodes.push(Node { id: n.0, key: n.1.clone(), value: n.2.clone(), old: None, isolated: false });
                 }
