@@ -141,31 +141,29 @@ async fn insert_fresh(
     cols: usize,
     rows: Vec<Vec<P>>,
 ) -> Result<()> {
-    insert_fresh_as(store, conn, into, "VALUES", cols, rows, "").await
+    insert_fresh_as(store, conn, into, None, cols, rows).await
 }
 
-/// [`insert_fresh`] with the rows as `select … FROM (VALUES …) AS v`: lets a
-/// row bind one value for several columns.
+/// [`insert_fresh`], with the rows given as `select … FROM (VALUES …) AS v`
+/// when `select` is set: lets a row bind one value for several columns.
 async fn insert_fresh_as(
     store: &Store,
     conn: &mut AnyConnection,
     into: &str,
-    select: &str,
+    select: Option<&str>,
     cols: usize,
     rows: Vec<Vec<P>>,
-    from_suffix: &str,
 ) -> Result<()> {
     let expected = rows.len() as u64;
     let prefix = match store.backend() {
         super::Backend::Sqlite => format!("INSERT OR IGNORE {}", into.trim_start_matches("INSERT ")),
         super::Backend::Postgres => into.to_owned(),
     };
-    let (prefix, suffix) = if select == "VALUES" {
-        (prefix, String::new())
-    } else {
-        (format!("{prefix} {select} FROM ("), format!(") AS v {from_suffix}"))
+    let (prefix, suffix) = match select {
+        None => (prefix, ""),
+        Some(select) => (format!("{prefix} {select} FROM ("), ") AS v"),
     };
-    let (_, written) = insert_chunks(store, conn, &prefix, cols, rows, &suffix, false).await?;
+    let (_, written) = insert_chunks(store, conn, &prefix, cols, rows, suffix, false).await?;
     if written != expected {
         return Err(super::StoreError::Invariant(format!(
             "{into}: {written} of {expected} new rows written; another writer changed the store during this batch"
@@ -990,11 +988,12 @@ impl Store {
                 self,
                 conn,
                 COLUMNS,
-                "SELECT column1, column2, column3, column4, column5, column4, column5, column4, column4, \
-                 column6, column6, column6, 1",
+                Some(
+                    "SELECT column1, column2, column3, column4, column5, column4, column5, column4, column4, \
+                     column6, column6, column6, 1",
+                ),
                 6,
                 single,
-                "",
             )
             .await?;
         }
@@ -1097,37 +1096,29 @@ impl Store {
     ) -> Result<(Vec<Node>, Vec<(String, i64, String, String, Vec<i64>)>)> {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
-        for chunk in components.chunks(IN_CHUNK) {
-            let sql = self.rows_sql(
+        let rows = self
+            .rows_in(
+                conn,
                 "id, key, value, profile_id, component, isolated",
-                &format!("FROM identities WHERE component IN ({})", in_list(chunk.len())),
-            );
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q.bind(*c);
-            }
-            for row in self.fetch_rows(conn, q).await? {
-                nodes.push(Node {
-                    id: row.int(0)?,
-                    key: row.text(1)?,
-                    value: row.text(2)?,
-                    old: Some((row.int(3)?, row.int(4)?)),
-                    isolated: row.int(5)? != 0,
-                });
-            }
-            let sql = self.rows_sql(
-                "ids, at, source, message_id",
-                &format!("FROM links WHERE component IN ({})", in_list(chunk.len())),
-            );
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q.bind(*c);
-            }
-            for row in self.fetch_rows(conn, q).await? {
-                let key = row.text(0)?;
-                let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
-                links.push((key, row.int(1)?, row.text(2)?, row.text(3)?, ids));
-            }
+                "FROM identities WHERE component IN ({})",
+                components,
+            )
+            .await?;
+        for row in rows {
+            nodes.push(Node {
+                id: row.int(0)?,
+                key: row.text(1)?,
+                value: row.text(2)?,
+                old: Some((row.int(3)?, row.int(4)?)),
+                isolated: row.int(5)? != 0,
+            });
+        }
+        let rows =
+            self.rows_in(conn, "ids, at, source, message_id", "FROM links WHERE component IN ({})", components).await?;
+        for row in rows {
+            let key = row.text(0)?;
+            let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
+            links.push((key, row.int(1)?, row.text(2)?, row.text(3)?, ids));
         }
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))

@@ -166,12 +166,11 @@ impl Store {
             }
             let mut tx = self.pool.begin().await?;
             for s in *statements {
-                let s = match schema::sqlite_only(s) {
-                    Some(_) if self.backend == Backend::Postgres => continue,
-                    Some(s) => s,
-                    None => s,
-                };
-                tx.execute(&*self.sql(s)).await?;
+                let only_sqlite = schema::sqlite_only(s);
+                if only_sqlite.is_some() && self.backend == Backend::Postgres {
+                    continue;
+                }
+                tx.execute(&*self.sql(only_sqlite.unwrap_or(s))).await?;
             }
             sqlx::query(&self.sql("INSERT INTO cdp_migrations (version, name, applied_at) VALUES (?, ?, ?)"))
                 .bind(*version)
@@ -253,6 +252,27 @@ impl Store {
         }
     }
 
+    /// [`Store::rows_sql`] over an IN list: `SELECT {cols} {from}` where the
+    /// `{}` of `from` is the list, in chunks under the parameter limits.
+    pub(crate) async fn rows_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        cols: &str,
+        from: &str,
+        ids: &[i64],
+    ) -> Result<Vec<Rowish>> {
+        let mut rows = Vec::new();
+        for chunk in ids.chunks(IN_CHUNK) {
+            let sql = self.rows_sql(cols, &from.replacen("{}", &in_list(chunk.len()), 1));
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            rows.extend(self.fetch_rows(conn, q).await?);
+        }
+        Ok(rows)
+    }
+
     /// Where a named input stream stopped, if it ever ran.
     pub async fn cursor(&self, stream: &str) -> Result<Option<String>> {
         let row = sqlx::query(&self.sql("SELECT position FROM cursors WHERE stream = ?"))
@@ -263,7 +283,7 @@ impl Store {
     }
 }
 
-/// A result row of [`Store::select_rows`]: packed JSON or a database row.
+/// A result row of [`Store::fetch_rows`]: packed JSON or a database row.
 pub(crate) enum Rowish {
     Json(Vec<serde_json::Value>),
     Row(sqlx::any::AnyRow),
