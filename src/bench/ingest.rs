@@ -5,9 +5,9 @@
 //! design — and, on PostgreSQL, next to COPY.
 
 use super::people::{self, Labeled};
-use crate::ingest::{Mapper, Record};
+use crate::ingest::Mapper;
 use crate::manifest::{self, Manifest};
-use crate::store::ingest::{BatchReport, IdentityConfig};
+use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
 use crate::store::{Backend, Store, values_clause};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
@@ -40,7 +40,7 @@ fn chunks(n: usize) -> impl Iterator<Item = Vec<Labeled>> {
 pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(BatchReport, f64, u64)> {
     let m = bench_manifest()?;
     let cfg = IdentityConfig::from_manifest(&m);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Record>, u64)>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Batch, u64)>(1);
     let producer = std::thread::spawn(move || -> Result<()> {
         let mut mappers: Vec<(&str, Mapper<'_>)> = ["crm", "web", "pos"]
             .into_iter()
@@ -61,14 +61,14 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                     Err(_) => rejected += 1,
                 }
                 if batch.len() >= batch_size {
-                    if tx.blocking_send((std::mem::take(&mut batch), rejected)).is_err() {
+                    if tx.blocking_send((Batch::new(std::mem::take(&mut batch)), rejected)).is_err() {
                         return Ok(());
                     }
                     rejected = 0;
                 }
             }
         }
-        let _ = tx.blocking_send((batch, rejected));
+        let _ = tx.blocking_send((Batch::new(batch), rejected));
         Ok(())
     });
     let start = Instant::now();
@@ -88,7 +88,7 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
     sqlx::query("CREATE TABLE raw_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
         .execute(store.pool())
         .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, String, String, String)>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, String, String, String)>>(1);
     let producer = std::thread::spawn(move || {
         let mut batch = Vec::with_capacity(batch_size);
         let mut sent = 0usize;

@@ -1,10 +1,10 @@
 //! `cdp ingest SOURCE --file F`: load a JSON Lines or CSV file as if SOURCE
-//! had produced it. Reading and mapping run on their own thread; each batch is
-//! applied in one transaction with the file's cursor.
+//! had produced it. Reading, mapping and preparing batches run on their own
+//! thread; each batch is applied in one transaction with the file's cursor.
 
 use super::{connect, load_manifest};
 use crate::ingest::{Mapper, file};
-use crate::store::ingest::{BatchReport, IdentityConfig};
+use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
@@ -69,9 +69,10 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         bar
     };
 
-    // The reader thread maps records; this task writes batches.
-    type Batch = (Vec<crate::ingest::Record>, Vec<(u64, String)>, u64, u64, u64);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
+    // The reader thread maps records and prepares batches; this task writes them.
+    // (records, rejections, last line, lines skipped, identifiers dropped)
+    type Chunk = (Batch, Vec<(u64, String)>, u64, u64, u64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(1);
     let manifest = m.clone();
     let source = a.source.to_owned();
     let batch_size = a.batch.max(1);
@@ -93,7 +94,8 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
             if recs.len() >= batch_size {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
-                let batch = (std::mem::take(&mut recs), std::mem::take(&mut rejs), last_line, skipped, dropped);
+                let prepared = Batch::new(std::mem::take(&mut recs));
+                let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped);
                 skipped = 0;
                 if tx.blocking_send(batch).is_err() {
                     return Ok(());
@@ -101,7 +103,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let dropped = std::mem::take(&mut mapper.dropped_ids);
-        let _ = tx.blocking_send((recs, rejs, last_line, skipped, dropped));
+        let _ = tx.blocking_send((Batch::new(recs), rejs, last_line, skipped, dropped));
         Ok(())
     });
 

@@ -91,15 +91,100 @@ pub(crate) fn bind(q: Query<'_>, p: P) -> Query<'_> {
 const RECORDS_INSERT: &str =
     "INSERT INTO records (source, message_id, at, received_at, identity_id, kind, name, payload)";
 
+/// A batch of records made ready for [`Store::apply_batch`]: deduplicated by
+/// message id (the first copy stays), in canonical order so that results never
+/// depend on the order records arrived in, and with each record's stored
+/// payload and trait values rendered as JSON text. Preparing touches no
+/// database: a reader thread prepares the next batch while the writer applies
+/// this one.
+#[derive(Debug, Default)]
+pub struct Batch {
+    records: Vec<Record>,
+    /// Per record: the `records.payload` text.
+    payloads: Vec<String>,
+    /// Per record: the JSON text of each of its traits' values.
+    trait_texts: Vec<Vec<String>>,
+    duplicates: u64,
+}
+
+impl Batch {
+    pub fn new(mut records: Vec<Record>) -> Batch {
+        let keep: Vec<bool> = {
+            let mut seen: FxHashSet<(&str, &str)> = FxHashSet::default();
+            records.iter().map(|r| seen.insert((&r.source, &r.message_id))).collect()
+        };
+        let before = records.len();
+        retain_flagged(&mut records, &keep);
+        let duplicates = (before - records.len()) as u64;
+        // (source, message id) is unique now, so an unstable sort is deterministic.
+        records.sort_unstable_by(|a, b| (a.at, &a.source, &a.message_id).cmp(&(b.at, &b.source, &b.message_id)));
+        let trait_texts: Vec<Vec<String>> =
+            records.iter().map(|r| r.traits.iter().map(|(_, v)| v.to_string()).collect()).collect();
+        let payloads = records.iter().zip(&trait_texts).map(|(r, texts)| payload(r, texts)).collect();
+        Batch { records, payloads, trait_texts, duplicates }
+    }
+
+    /// Records left after deduplication.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Keeps the records `keep` says to, with their rendered texts.
+    fn retain(&mut self, keep: impl FnMut(&Record) -> bool) {
+        let flags: Vec<bool> = self.records.iter().map(keep).collect();
+        retain_flagged(&mut self.records, &flags);
+        retain_flagged(&mut self.trait_texts, &flags);
+        retain_flagged(&mut self.payloads, &flags);
+    }
+}
+
+/// Keeps the items whose flag is set (items past the flags are dropped).
+fn retain_flagged<T>(items: &mut Vec<T>, flags: &[bool]) {
+    let mut f = flags.iter();
+    items.retain(|_| f.next().copied().unwrap_or(false));
+}
+
+impl From<Vec<Record>> for Batch {
+    fn from(records: Vec<Record>) -> Batch {
+        Batch::new(records)
+    }
+}
+
+/// What a record is stored as: its event properties, entity fields, link
+/// metadata, or (an identify call) its traits as one object.
+fn payload(r: &Record, trait_texts: &[String]) -> String {
+    match (&r.event, &r.entity, &r.meta) {
+        (Some((_, props)), _, _) => serde_json::to_string(props).unwrap_or_default(),
+        (None, Some((_, _, fields)), _) => serde_json::to_string(fields).unwrap_or_default(),
+        (None, None, Some(meta)) => meta.to_string(),
+        (None, None, None) => {
+            let mut out = String::with_capacity(16 + trait_texts.iter().map(|t| t.len() + 16).sum::<usize>());
+            out.push('{');
+            for (i, ((name, _), text)) in r.traits.iter().zip(trait_texts).enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::from(name.as_str()).to_string());
+                out.push(':');
+                out.push_str(text);
+            }
+            out.push('}');
+            out
+        }
+    }
+}
+
 /// A `records` row: what the record was and the identifier it anchors on.
-fn record_row(r: &Record, anchor: i64, received: i64) -> Vec<P> {
-    let (kind, name, payload) = match (&r.event, &r.entity) {
-        (Some((n, props)), _) => ("event", Some(n.clone()), Value::Object(props.clone())),
-        (None, Some((e, _, fields))) => ("entity", Some(e.clone()), Value::Object(fields.clone())),
-        (None, None) => match &r.meta {
-            Some(meta) => ("link", None, meta.clone()),
-            None => ("identify", None, Value::Object(r.traits.iter().cloned().collect())),
-        },
+fn record_row(r: &Record, payload: String, anchor: i64, received: i64) -> Vec<P> {
+    let (kind, name) = match (&r.event, &r.entity, &r.meta) {
+        (Some((n, _)), _, _) => ("event", Some(n.clone())),
+        (None, Some((e, _, _)), _) => ("entity", Some(e.clone())),
+        (None, None, Some(_)) => ("link", None),
+        (None, None, None) => ("identify", None),
     };
     vec![
         P::S(r.source.clone()),
@@ -109,7 +194,7 @@ fn record_row(r: &Record, anchor: i64, received: i64) -> Vec<P> {
         P::I(anchor),
         P::S(kind.to_owned()),
         P::OS(name),
-        P::S(payload.to_string()),
+        P::S(payload),
     ]
 }
 const ROW_PARAMS: usize = 9_000;
@@ -120,7 +205,7 @@ async fn insert_rows(
     conn: &mut AnyConnection,
     prefix: &str,
     cols: usize,
-    rows: Vec<Vec<P>>,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
     suffix: &str,
 ) -> Result<()> {
     insert_chunks(store, conn, prefix, cols, rows, suffix, false).await.map(drop)
@@ -139,7 +224,7 @@ async fn insert_fresh(
     conn: &mut AnyConnection,
     into: &str,
     cols: usize,
-    rows: Vec<Vec<P>>,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
 ) -> Result<()> {
     insert_fresh_as(store, conn, into, None, cols, rows).await
 }
@@ -152,7 +237,7 @@ async fn insert_fresh_as(
     into: &str,
     select: Option<&str>,
     cols: usize,
-    rows: Vec<Vec<P>>,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
 ) -> Result<()> {
     let expected = rows.len() as u64;
     let prefix = match store.backend() {
@@ -186,7 +271,7 @@ async fn insert_records(
     store: &Store,
     conn: &mut AnyConnection,
     batch: &[Record],
-    rows: Vec<Vec<P>>,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
 ) -> Result<FxHashSet<(String, String)>> {
     if store.backend() == super::Backend::Postgres {
         let suffix = "ON CONFLICT (source, message_id) DO NOTHING RETURNING source, message_id";
@@ -224,39 +309,65 @@ async fn insert_records(
 
 /// Runs the chunks; returns the `(source, message_id)` pairs a RETURNING
 /// clause reported (when `returning`) and the rows written.
+///
+/// Binding a chunk's parameters is as much work for this thread as running
+/// the chunk is for the database's, so the two overlap: while the database
+/// runs one chunk, this task binds the next.
 async fn insert_chunks(
     store: &Store,
     conn: &mut AnyConnection,
     prefix: &str,
     cols: usize,
-    rows: Vec<Vec<P>>,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
     suffix: &str,
     returning: bool,
 ) -> Result<(FxHashSet<(String, String)>, u64)> {
     let per = (ROW_PARAMS / cols).max(1);
-    let mut out = FxHashSet::default();
-    let mut written = 0;
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<P>> = rows.by_ref().take(per).collect();
-        let sql = format!("{prefix} VALUES {} {suffix}", values_clause(chunk.len(), cols));
-        let sql = store.sql(&sql).into_owned();
-        let mut q = sqlx::query(&sql);
-        for row in chunk {
-            for p in row {
-                q = bind(q, p);
-            }
-        }
-        if returning {
-            for row in q.fetch_all(&mut *conn).await? {
-                out.insert((row.try_get(0)?, row.try_get(1)?));
-                written += 1;
-            }
-        } else {
-            written += q.execute(&mut *conn).await?.rows_affected();
-        }
+    let n = rows.len();
+    if n == 0 {
+        return Ok((FxHashSet::default(), 0));
     }
-    Ok((out, written))
+    // One statement shape for the full chunks, one for the last.
+    let shape = |k: usize| store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned();
+    let full = (per.min(n), shape(per.min(n)));
+    let rest = (n > per && n % per != 0).then(|| (n % per, shape(n % per)));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Query<'_>>(1);
+    let bind_chunks = async {
+        let mut rows = rows;
+        while rows.len() > 0 {
+            let k = rows.len().min(per);
+            let sql = match &rest {
+                Some((r, sql)) if *r == k => sql,
+                _ => &full.1,
+            };
+            let mut q = sqlx::query(sql);
+            for row in rows.by_ref().take(k) {
+                for p in row {
+                    q = bind(q, p);
+                }
+            }
+            if tx.send(q).await.is_err() {
+                return; // a chunk failed; its error is returned below
+            }
+        }
+        drop(tx);
+    };
+    let run_chunks = async {
+        let mut out = FxHashSet::default();
+        let mut written = 0;
+        while let Some(q) = rx.recv().await {
+            if returning {
+                for row in q.fetch_all(&mut *conn).await? {
+                    out.insert((row.try_get(0)?, row.try_get(1)?));
+                    written += 1;
+                }
+            } else {
+                written += q.execute(&mut *conn).await?.rows_affected();
+            }
+        }
+        Ok((out, written))
+    };
+    tokio::join!(bind_chunks, run_chunks).1
 }
 
 /// Runs `prefix (…ids…) suffix` once per chunk of an IN list, with `head`
@@ -287,13 +398,23 @@ async fn in_chunks(
 /// A link from this batch: observed time, source, message id, identifier ids.
 type PendingLink = (i64, String, String, Vec<i64>);
 
-#[derive(Debug, Clone)]
-struct Existing {
+/// An identifier of a batch: its id, and what the store holds for it
+/// (nothing when this batch creates it).
+#[derive(Debug, Clone, Copy)]
+struct Known {
     id: i64,
+    stored: Option<Stored>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stored {
     profile: i64,
     component: i64,
     first_at: i64,
 }
+
+/// Identifiers by key, then value.
+type IdMap = FxHashMap<String, FxHashMap<String, Known>>;
 
 /// A stored or new identifier in the working set of a resolution.
 #[derive(Debug, Clone)]
@@ -308,21 +429,20 @@ struct Node {
 /// Folded trait observations of one (identifier, trait, source): enough to
 /// answer every merge policy. Values are JSON text.
 #[derive(Debug, Clone)]
-pub(crate) struct TraitFold {
-    pub first: (i64, String),
-    pub last: (i64, String),
-    pub min: String,
-    pub max: String,
+pub(crate) struct TraitFold<T = String> {
+    pub first: (i64, T),
+    pub last: (i64, T),
+    pub min: T,
+    pub max: T,
     pub sum: Option<f64>,
     pub nmin: Option<f64>,
     pub nmax: Option<f64>,
     pub n: i64,
 }
 
-impl TraitFold {
-    fn new(at: i64, v: &Value) -> Self {
-        let text = v.to_string();
-        let num = v.as_f64();
+/// Folding in a batch borrows the values' texts from the batch.
+impl<T: Ord + Clone> TraitFold<T> {
+    fn new(at: i64, text: T, num: Option<f64>) -> Self {
         TraitFold {
             first: (at, text.clone()),
             last: (at, text.clone()),
@@ -335,8 +455,7 @@ impl TraitFold {
         }
     }
 
-    fn add(&mut self, at: i64, v: &Value) {
-        let text = v.to_string();
+    fn add(&mut self, at: i64, text: T, num: Option<f64>) {
         if (at, &text) < (self.first.0, &self.first.1) {
             self.first = (at, text.clone());
         }
@@ -349,7 +468,7 @@ impl TraitFold {
         if text > self.max {
             self.max = text;
         }
-        if let Some(x) = v.as_f64() {
+        if let Some(x) = num {
             self.sum = Some(self.sum.unwrap_or(0.0) + x);
             self.nmin = Some(self.nmin.map_or(x, |m| m.min(x)));
             self.nmax = Some(self.nmax.map_or(x, |m| m.max(x)));
@@ -359,16 +478,23 @@ impl TraitFold {
 }
 
 impl Store {
-    /// Applies one batch of records, and the cursor `(stream, position)` of the
-    /// input they came from, in one transaction.
+    /// Applies one batch of records (a `Vec<Record>`, or a [`Batch`] prepared
+    /// off this task), and the cursor `(stream, position)` of the input they
+    /// came from, in one transaction.
     pub async fn apply_batch(
         &self,
         cfg: &IdentityConfig,
-        records: Vec<Record>,
+        records: impl Into<Batch>,
         cursor: Option<(&str, &str)>,
     ) -> Result<BatchReport> {
+        let mut batch = records.into();
+        let started = std::time::Instant::now();
         let mut tx = self.begin_write().await?;
-        let report = self.apply_in(&mut tx, cfg, records).await?;
+        let report = self.apply_in(&mut tx, cfg, &mut batch).await;
+        // Freeing a batch's hundreds of thousands of strings is work the
+        // writer need not wait for.
+        tokio::task::spawn_blocking(move || drop(batch));
+        let report = report?;
         if let Some((stream, position)) = cursor {
             sqlx::query(&self.sql(
                 "INSERT INTO cursors (stream, position, updated_at) VALUES (?, ?, ?) \
@@ -380,46 +506,31 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let applied = std::time::Instant::now();
         tx.commit().await?;
+        tracing::debug!(
+            accepted = report.accepted,
+            duplicates = report.duplicates,
+            apply_ms = (applied - started).as_secs_f64() * 1e3,
+            commit_ms = applied.elapsed().as_secs_f64() * 1e3,
+            "batch committed"
+        );
         Ok(report)
     }
 
-    async fn apply_in(
-        &self,
-        conn: &mut AnyConnection,
-        cfg: &IdentityConfig,
-        records: Vec<Record>,
-    ) -> Result<BatchReport> {
-        let mut report = BatchReport::default();
+    async fn apply_in(&self, conn: &mut AnyConnection, cfg: &IdentityConfig, batch: &mut Batch) -> Result<BatchReport> {
+        let mut report = BatchReport { duplicates: batch.duplicates, ..BatchReport::default() };
         let received = now_ms();
-
-        // 1. Duplicates, within the batch and against what is stored.
-        let mut seen: FxHashSet<(String, String)> = FxHashSet::default();
-        let mut records: Vec<Record> = records
-            .into_iter()
-            .filter(|r| {
-                let fresh = seen.insert((r.source.clone(), r.message_id.clone()));
-                if !fresh {
-                    report.duplicates += 1;
-                }
-                fresh
-            })
-            .collect();
-        if records.is_empty() {
+        if batch.is_empty() {
             return Ok(report);
         }
-        // Canonical order: results never depend on the order records arrived in.
-        records.sort_by(|a, b| (a.at, &a.source, &a.message_id).cmp(&(b.at, &b.source, &b.message_id)));
 
-        // 2. Identifiers: stored ones, and new ones with fresh ids.
-        let existing = self.lookup_identities(conn, &records).await?;
-        // Key, then value: looked up with the record's own strings, no copies.
-        let mut idmap: FxHashMap<String, FxHashMap<String, i64>> = FxHashMap::default();
-        for ((k, v), e) in &existing {
-            idmap.entry(k.clone()).or_default().insert(v.clone(), e.id);
-        }
+        // 1. Identifiers: stored ones, and new ones with fresh ids (duplicates
+        // within the batch went when it was prepared). Key, then value: looked
+        // up with the record's own strings, no copies.
+        let mut idmap = self.lookup_identities(conn, &batch.records).await?;
         let mut new_nodes: Vec<(i64, String, String, i64, String, String)> = Vec::new();
-        for r in &records {
+        for r in &batch.records {
             for (k, v) in &r.ids {
                 let values = match idmap.get_mut(k.as_str()) {
                     Some(values) => values,
@@ -427,13 +538,12 @@ impl Store {
                 };
                 if !values.contains_key(v.as_str()) {
                     let id = self.next_id();
-                    values.insert(v.clone(), id);
+                    values.insert(v.clone(), Known { id, stored: None });
                     new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
                 }
             }
         }
-        let id_of =
-            |k: &str, v: &str| -> i64 { idmap.get(k).and_then(|values| values.get(v)).copied().unwrap_or_default() };
+        let id_of = |k: &str, v: &str| -> i64 { idmap.get(k).and_then(|values| values.get(v)).map_or(0, |x| x.id) };
 
         let anchor_of = |r: &Record| -> i64 {
             r.ids
@@ -447,32 +557,37 @@ impl Store {
             // records are new (`ON CONFLICT DO NOTHING RETURNING`, on both
             // backends), one pass over the message-id index instead of a
             // probe and then an insert.
-            let rows = records.iter().map(|r| record_row(r, anchor_of(r), received)).collect();
-            let stored = insert_records(self, conn, &records, rows).await?;
-            let before = records.len();
+            let payloads = std::mem::take(&mut batch.payloads);
+            let rows =
+                batch.records.iter().zip(payloads).map(|(r, payload)| record_row(r, payload, anchor_of(r), received));
+            let stored = insert_records(self, conn, &batch.records, rows).await?;
+            let before = batch.len();
             if !stored.is_empty() {
-                records.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
+                batch.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
             }
-            report.duplicates += (before - records.len()) as u64;
-            if records.is_empty() {
+            report.duplicates += (before - batch.len()) as u64;
+            if batch.is_empty() {
                 return Ok(report);
             }
-            if records.len() < before {
+            if batch.len() < before {
                 // Identifiers only duplicates carried were stored with their first copy.
                 let live: FxHashSet<(&str, &str)> =
-                    records.iter().flat_map(|r| r.ids.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+                    batch.records.iter().flat_map(|r| r.ids.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
                 new_nodes.retain(|n| live.contains(&(n.1.as_str(), n.2.as_str())));
             }
         }
+        let batch: &Batch = batch;
+        let records = &batch.records;
 
         // A record older than an identifier's first sighting becomes its first sighting.
         let mut first_seen: FxHashMap<i64, (i64, &str, &str)> = FxHashMap::default();
-        for r in &records {
+        for r in records {
             for (k, v) in &r.ids {
-                if let Some(e) = existing.get(&(k.clone(), v.clone()))
+                if let Some(Known { id, stored: Some(e) }) =
+                    idmap.get(k.as_str()).and_then(|values| values.get(v.as_str()))
                     && r.at < e.first_at
                 {
-                    first_seen.entry(e.id).or_insert((r.at, &r.source, &r.message_id));
+                    first_seen.entry(*id).or_insert((r.at, &r.source, &r.message_id));
                 }
             }
         }
@@ -491,10 +606,10 @@ impl Store {
             .await?;
         }
 
-        // 3. Links: records with several identifiers. A link changes the graph
+        // 2. Links: records with several identifiers. A link changes the graph
         // when its identifier set is new, or earlier than the stored one.
         let mut batch_links: FxHashMap<String, PendingLink> = FxHashMap::default();
-        for r in &records {
+        for r in records {
             if r.ids.len() < 2 {
                 continue;
             }
@@ -522,9 +637,10 @@ impl Store {
             })
             .collect();
 
-        // 4. Resolve every component a changing link touches.
-        let mut profile_of: FxHashMap<i64, i64> = existing.values().map(|e| (e.id, e.profile)).collect();
-        let mut component_of: FxHashMap<i64, i64> = existing.values().map(|e| (e.id, e.component)).collect();
+        // 3. Resolve every component a changing link touches.
+        let stored = || idmap.values().flat_map(|values| values.values()).filter_map(|x| Some((x.id, x.stored?)));
+        let mut profile_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.profile)).collect();
+        let mut component_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.component)).collect();
         let mut id_updates: Vec<(i64, i64, i64)> = Vec::new(); // (identity, profile, component)
         let mut new_profiles: Vec<i64> = Vec::new();
         let mut absorbed: Vec<(i64, i64)> = Vec::new(); // (absorbed, into)
@@ -762,9 +878,9 @@ impl Store {
         }
         report.new_profiles = new_profiles.len() as u64;
 
-        // 5. Writes.
+        // 4. Writes.
         if !new_profiles.is_empty() {
-            let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]).collect();
+            let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]);
             insert_fresh(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows).await?;
         }
         for (p, q) in &absorbed {
@@ -780,22 +896,20 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
         }
+        let fresh: FxHashSet<i64> = new_nodes.iter().map(|n| n.0).collect();
         if !new_nodes.is_empty() {
-            let rows = new_nodes
-                .iter()
-                .map(|(id, k, v, at, src, msg)| {
-                    vec![
-                        P::I(*id),
-                        P::S(k.clone()),
-                        P::S(v.clone()),
-                        P::I(profile_of[id]),
-                        P::I(component_of[id]),
-                        P::I(*at),
-                        P::S(src.clone()),
-                        P::S(msg.clone()),
-                    ]
-                })
-                .collect();
+            let rows = new_nodes.into_iter().map(|(id, k, v, at, src, msg)| {
+                vec![
+                    P::I(id),
+                    P::S(k),
+                    P::S(v),
+                    P::I(profile_of[&id]),
+                    P::I(component_of[&id]),
+                    P::I(at),
+                    P::S(src),
+                    P::S(msg),
+                ]
+            });
             insert_fresh(
                 self,
                 conn,
@@ -831,18 +945,9 @@ impl Store {
                 .await?;
         }
         if !changing.is_empty() {
-            let rows = changing
-                .iter()
-                .map(|(key, (at, src, msg, ids))| {
-                    vec![
-                        P::I(component_of[&ids[0]]),
-                        P::I(*at),
-                        P::S(src.clone()),
-                        P::S(msg.clone()),
-                        P::S(key.clone()),
-                    ]
-                })
-                .collect();
+            let rows = changing.iter().map(|(key, (at, src, msg, ids))| {
+                vec![P::I(component_of[&ids[0]]), P::I(*at), P::S(src.clone()), P::S(msg.clone()), P::S(key.clone())]
+            });
             insert_rows(
                 self,
                 conn,
@@ -856,17 +961,20 @@ impl Store {
         }
 
         // Each record attaches to its strongest identifier.
-        let mut folds: FxHashMap<(i64, String, String), TraitFold> = FxHashMap::default();
+        let observations = records.iter().map(|r| r.traits.len()).sum();
+        let mut folds: FxHashMap<(i64, &str, &str), TraitFold<&str>> =
+            FxHashMap::with_capacity_and_hasher(observations, Default::default());
         let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
         let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
-        for r in &records {
+        for (r, texts) in records.iter().zip(&batch.trait_texts) {
             let anchor = anchor_of(r);
             let profile = profile_of.get(&anchor).copied().unwrap_or_default();
-            for (t, v) in &r.traits {
+            for ((t, v), text) in r.traits.iter().zip(texts) {
+                let num = v.as_f64();
                 folds
-                    .entry((anchor, t.clone(), r.source.clone()))
-                    .and_modify(|f| f.add(r.at, v))
-                    .or_insert_with(|| TraitFold::new(r.at, v));
+                    .entry((anchor, t.as_str(), r.source.as_str()))
+                    .and_modify(|f| f.add(r.at, text.as_str(), num))
+                    .or_insert_with(|| TraitFold::new(r.at, text.as_str(), num));
             }
             if let Some((entity, key, fields)) = &r.entity {
                 // Records are in canonical order: the last row written for a key is the newest.
@@ -899,7 +1007,7 @@ impl Store {
         }
         report.accepted = records.len() as u64;
         if !folds.is_empty() {
-            self.write_folds(conn, folds, &new_nodes.iter().map(|n| n.0).collect()).await?;
+            self.write_folds(conn, folds, &fresh).await?;
         }
         if !entity_rows.is_empty() {
             insert_rows(
@@ -907,7 +1015,7 @@ impl Store {
                 conn,
                 "INSERT INTO entities (entity, key, identity_id, profile_id, source, at, fields)",
                 7,
-                entity_rows.into_values().collect(),
+                entity_rows.into_values(),
                 "ON CONFLICT (entity, key) DO UPDATE SET identity_id = excluded.identity_id, profile_id = excluded.profile_id, \
                  source = excluded.source, at = excluded.at, fields = excluded.fields WHERE excluded.at >= entities.at",
             )
@@ -919,20 +1027,17 @@ impl Store {
                 conn,
                 "INSERT INTO consent (identity_id, purpose, granted, at, source, message_id)",
                 6,
-                consent_rows.into_values().collect(),
+                consent_rows.into_values(),
                 "ON CONFLICT (identity_id, purpose) DO UPDATE SET granted = excluded.granted, at = excluded.at, \
                  source = excluded.source, message_id = excluded.message_id WHERE excluded.at >= consent.at",
             )
             .await?;
         }
         if !ledger.is_empty() {
-            let rows = ledger
-                .into_iter()
-                .map(|mut row| {
-                    row.insert(0, P::I(received));
-                    row
-                })
-                .collect();
+            let rows = ledger.into_iter().map(|mut row| {
+                row.insert(0, P::I(received));
+                row
+            });
             insert_rows(
                 self,
                 conn,
@@ -953,29 +1058,30 @@ impl Store {
     async fn write_folds(
         &self,
         conn: &mut AnyConnection,
-        folds: FxHashMap<(i64, String, String), TraitFold>,
+        folds: FxHashMap<(i64, &str, &str), TraitFold<&str>>,
         fresh: &FxHashSet<i64>,
     ) -> Result<()> {
         const COLUMNS: &str = "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, \
                                last_at, min_value, max_value, num_sum, num_min, num_max, n)";
-        let mut folds: Vec<((i64, String, String), TraitFold)> = folds.into_iter().collect();
-        folds.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut folds: Vec<((i64, &str, &str), TraitFold<&str>)> = folds.into_iter().collect();
+        folds.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let s = |x: &str| P::S(x.to_owned());
         let (mut single, mut multi, mut stored) = (Vec::new(), Vec::new(), Vec::new());
         for ((id, name, source), f) in folds {
             if fresh.contains(&id) && f.n == 1 {
-                single.push(vec![P::I(id), P::S(name), P::S(source), P::S(f.first.1), P::I(f.first.0), P::OF(f.sum)]);
+                single.push(vec![P::I(id), s(name), s(source), s(f.first.1), P::I(f.first.0), P::OF(f.sum)]);
                 continue;
             }
             let row = vec![
                 P::I(id),
-                P::S(name),
-                P::S(source),
-                P::S(f.first.1),
+                s(name),
+                s(source),
+                s(f.first.1),
                 P::I(f.first.0),
-                P::S(f.last.1),
+                s(f.last.1),
                 P::I(f.last.0),
-                P::S(f.min),
-                P::S(f.max),
+                s(f.min),
+                s(f.max),
                 P::OF(f.sum),
                 P::OF(f.nmin),
                 P::OF(f.nmax),
@@ -993,12 +1099,12 @@ impl Store {
                      column6, column6, column6, 1",
                 ),
                 6,
-                single,
+                single.into_iter(),
             )
             .await?;
         }
         if !multi.is_empty() {
-            insert_fresh(self, conn, COLUMNS, 13, multi).await?;
+            insert_fresh(self, conn, COLUMNS, 13, multi.into_iter()).await?;
         }
         if !stored.is_empty() {
             insert_rows(
@@ -1006,7 +1112,7 @@ impl Store {
                 conn,
                 COLUMNS,
                 13,
-                stored,
+                stored.into_iter(),
                 "ON CONFLICT (identity_id, name, source) DO UPDATE SET \
                  first_value = CASE WHEN excluded.first_at < trait_obs.first_at OR (excluded.first_at = trait_obs.first_at AND excluded.first_value < trait_obs.first_value) THEN excluded.first_value ELSE trait_obs.first_value END, \
                  first_at = CASE WHEN excluded.first_at < trait_obs.first_at THEN excluded.first_at ELSE trait_obs.first_at END, \
@@ -1024,19 +1130,16 @@ impl Store {
         Ok(())
     }
 
-    async fn lookup_identities(
-        &self,
-        conn: &mut AnyConnection,
-        records: &[Record],
-    ) -> Result<FxHashMap<(String, String), Existing>> {
+    async fn lookup_identities(&self, conn: &mut AnyConnection, records: &[Record]) -> Result<IdMap> {
         let mut by_key: FxHashMap<&str, FxHashSet<&str>> = FxHashMap::default();
         for r in records {
             for (k, v) in &r.ids {
                 by_key.entry(k).or_default().insert(v);
             }
         }
-        let mut out = FxHashMap::default();
+        let mut out = IdMap::default();
         for (key, values) in by_key {
+            let found = out.entry(key.to_owned()).or_default();
             let values: Vec<&str> = values.into_iter().collect();
             for chunk in values.chunks(IN_CHUNK) {
                 let sql = self.rows_sql(
@@ -1052,13 +1155,8 @@ impl Store {
                 }
                 q = q.bind(key);
                 for row in self.fetch_rows(conn, q).await? {
-                    let e = Existing {
-                        id: row.int(0)?,
-                        profile: row.int(2)?,
-                        component: row.int(3)?,
-                        first_at: row.int(4)?,
-                    };
-                    out.insert((key.to_owned(), row.text(1)?), e);
+                    let stored = Stored { profile: row.int(2)?, component: row.int(3)?, first_at: row.int(4)? };
+                    found.insert(row.text(1)?, Known { id: row.int(0)?, stored: Some(stored) });
                 }
             }
         }
