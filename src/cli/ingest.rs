@@ -13,8 +13,9 @@ use std::time::Instant;
 /// Records per transaction unless `--batch` says otherwise. Bigger batches
 /// write each index page once for more records (a batch dirties pages all
 /// over the message-id and identifier indexes): 28,000 → 34,000 records/s
-/// from 5,000 to 20,000 in `cdp bench ingest`. The cost is memory (~250 →
-/// ~380 MiB there) and the lines redone after a crash.
+/// from 5,000 to 20,000 in `cdp bench ingest` when it was measured, and
+/// ~48,000 → ~51,000 from 20,000 to 50,000 later. The cost is memory (~300 →
+/// ~440 MiB there) and the lines redone after a crash.
 pub const DEFAULT_BATCH: usize = 20_000;
 
 pub struct Args<'a> {

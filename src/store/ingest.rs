@@ -330,8 +330,8 @@ async fn insert_chunks(
     // One statement shape for the full chunks, one for the last.
     let shape = |k: usize| store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned();
     let full = (per.min(n), shape(per.min(n)));
-    let rest = (n > per && n % per != 0).then(|| (n % per, shape(n % per)));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Query<'_>>(1);
+    let rest = (n > per && !n.is_multiple_of(per)).then(|| (n % per, shape(n % per)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Query<'_>>(1);
     let bind_chunks = async {
         let mut rows = rows;
         while rows.len() > 0 {
@@ -353,6 +353,8 @@ async fn insert_chunks(
         drop(tx);
     };
     let run_chunks = async {
+        // Owned here: a failed chunk drops the receiver, which stops the binding.
+        let mut rx = rx;
         let mut out = FxHashSet::default();
         let mut written = 0;
         while let Some(q) = rx.recv().await {
@@ -412,6 +414,9 @@ struct Stored {
     component: i64,
     first_at: i64,
 }
+
+/// A batch's trait observations folded per (identifier, trait, source).
+type Folds<'b> = FxHashMap<(i64, &'b str, &'b str), TraitFold<&'b str>>;
 
 /// Identifiers by key, then value.
 type IdMap = FxHashMap<String, FxHashMap<String, Known>>;
@@ -962,8 +967,7 @@ impl Store {
 
         // Each record attaches to its strongest identifier.
         let observations = records.iter().map(|r| r.traits.len()).sum();
-        let mut folds: FxHashMap<(i64, &str, &str), TraitFold<&str>> =
-            FxHashMap::with_capacity_and_hasher(observations, Default::default());
+        let mut folds: Folds<'_> = FxHashMap::with_capacity_and_hasher(observations, Default::default());
         let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
         let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
         for (r, texts) in records.iter().zip(&batch.trait_texts) {
@@ -1055,15 +1059,10 @@ impl Store {
     /// batch are plain inserts, and a single observation (most of them) binds
     /// its value once for the first, last, min and max columns; the rest fold
     /// into the stored rows.
-    async fn write_folds(
-        &self,
-        conn: &mut AnyConnection,
-        folds: FxHashMap<(i64, &str, &str), TraitFold<&str>>,
-        fresh: &FxHashSet<i64>,
-    ) -> Result<()> {
+    async fn write_folds(&self, conn: &mut AnyConnection, folds: Folds<'_>, fresh: &FxHashSet<i64>) -> Result<()> {
         const COLUMNS: &str = "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, \
                                last_at, min_value, max_value, num_sum, num_min, num_max, n)";
-        let mut folds: Vec<((i64, &str, &str), TraitFold<&str>)> = folds.into_iter().collect();
+        let mut folds: Vec<_> = folds.into_iter().collect();
         folds.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let s = |x: &str| P::S(x.to_owned());
         let (mut single, mut multi, mut stored) = (Vec::new(), Vec::new(), Vec::new());
@@ -1244,4 +1243,75 @@ fn ledger_row(
         P::S(rule.to_owned()),
         P::OS(detail),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(source: &str, id: &str, at: i64, traits: &[(&str, Value)]) -> Record {
+        Record {
+            source: source.into(),
+            message_id: id.into(),
+            at,
+            ids: vec![("email".into(), format!("{id}@example.com"))],
+            traits: traits.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+            event: None,
+            entity: None,
+            consent: Vec::new(),
+            meta: None,
+        }
+    }
+
+    /// A chunk that fails ends the insert with its error while later chunks
+    /// are still being bound (the binding must not wait for a runner that
+    /// stopped).
+    #[tokio::test]
+    async fn a_failing_chunk_ends_a_pipelined_insert() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("s.db").display()), dir.path())
+            .await
+            .expect("store");
+        let mut conn = store.pool().acquire().await.expect("connection");
+        sqlx::query("CREATE TABLE t (a BIGINT NOT NULL UNIQUE)").execute(&mut *conn).await.expect("table");
+        // Chunks of 9,000 rows; the duplicate is in the first one.
+        let rows = (0..40_000u32).map(|i| vec![P::I(if i == 1 { 0 } else { i64::from(i) })]);
+        let done = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            insert_rows(&store, &mut conn, "INSERT INTO t (a)", 1, rows, ""),
+        )
+        .await
+        .expect("the insert returns instead of waiting forever");
+        assert!(done.is_err(), "the unique violation is reported");
+        let rows = (0..20_000u32).map(|i| vec![P::I(100_000 + i64::from(i))]);
+        insert_rows(&store, &mut conn, "INSERT INTO t (a)", 1, rows, "").await.expect("a clean insert");
+    }
+
+    #[test]
+    fn a_batch_keeps_first_copies_in_canonical_order() {
+        let batch = Batch::new(vec![
+            record("web", "b", 2, &[("tier", json!("gold"))]),
+            record("crm", "a", 2, &[]),
+            record("web", "b", 1, &[("tier", json!("silver"))]),
+            record("crm", "c", 1, &[]),
+        ]);
+        let order: Vec<(&str, &str, i64)> =
+            batch.records.iter().map(|r| (r.source.as_str(), r.message_id.as_str(), r.at)).collect();
+        assert_eq!(order, [("crm", "c", 1), ("crm", "a", 2), ("web", "b", 2)]);
+        assert_eq!(batch.duplicates, 1);
+        assert_eq!(batch.trait_texts[2], ["\"gold\""]);
+    }
+
+    #[test]
+    fn identify_payloads_are_the_traits_as_one_object() {
+        let traits = [("first \"name\"", json!("Åsa")), ("ltv", json!(12.5)), ("tags", json!(["a", "b"]))];
+        let batch = Batch::new(vec![record("crm", "a", 1, &traits)]);
+        let expected: serde_json::Map<String, Value> =
+            traits.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        assert_eq!(batch.payloads[0], Value::Object(expected).to_string());
+        let mut event = record("web", "e", 1, &[]);
+        event.event = Some(("order".into(), serde_json::Map::from_iter([("total".to_owned(), json!(3))])));
+        assert_eq!(Batch::new(vec![event]).payloads[0], r#"{"total":3}"#);
+    }
 }
