@@ -168,7 +168,7 @@ fn payload(r: &Record, trait_texts: &[String]) -> String {
                 if i > 0 {
                     out.push(',');
                 }
-                out.push_str(&Value::from(name.as_str()).to_string());
+                out.push_str(&serde_json::to_string(name).unwrap_or_default());
                 out.push(':');
                 out.push_str(text);
             }
@@ -329,7 +329,7 @@ async fn insert_chunks(
     }
     // One statement shape for the full chunks, one for the last.
     let shape = |k: usize| store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned();
-    let full = (per.min(n), shape(per.min(n)));
+    let full = shape(per.min(n));
     let rest = (n > per && !n.is_multiple_of(per)).then(|| (n % per, shape(n % per)));
     let (tx, rx) = tokio::sync::mpsc::channel::<Query<'_>>(1);
     let bind_chunks = async {
@@ -338,7 +338,7 @@ async fn insert_chunks(
             let k = rows.len().min(per);
             let sql = match &rest {
                 Some((r, sql)) if *r == k => sql,
-                _ => &full.1,
+                _ => &full,
             };
             let mut q = sqlx::query(sql);
             for row in rows.by_ref().take(k) {
