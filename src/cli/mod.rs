@@ -177,6 +177,9 @@ pub enum Bench {
         /// How many records (batches of 1,000).
         #[arg(long, default_value_t = 200_000)]
         records: usize,
+        /// Runs of each path, alternating (the median is shown).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
         /// The dest-file component (default: plugins/dist/dest_file.wasm).
         #[arg(long)]
         plugin: Option<PathBuf>,
@@ -228,8 +231,8 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(Bench::Plugin { records, plugin }) => block_on(async {
-            print!("{}", crate::bench::plugin::run(records, plugin.as_deref()).await?);
+        Command::Bench(Bench::Plugin { records, runs, plugin }) => block_on(async {
+            print!("{}", crate::bench::plugin::run(records, runs, plugin.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Plugin(cmd) => match cmd {

@@ -16,11 +16,13 @@ const SOURCE_TEMPLATE: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../../plugins/templates/source/Cargo.toml.tmpl")),
     ("src/lib.rs", include_str!("../../plugins/templates/source/src/lib.rs.tmpl")),
     ("README.md", include_str!("../../plugins/templates/source/README.md.tmpl")),
+    (".cargo/config.toml", include_str!("../../plugins/templates/source/.cargo/config.toml.tmpl")),
 ];
 const DESTINATION_TEMPLATE: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../../plugins/templates/destination/Cargo.toml.tmpl")),
     ("src/lib.rs", include_str!("../../plugins/templates/destination/src/lib.rs.tmpl")),
     ("README.md", include_str!("../../plugins/templates/destination/README.md.tmpl")),
+    (".cargo/config.toml", include_str!("../../plugins/templates/destination/.cargo/config.toml.tmpl")),
 ];
 
 /// The wasm target plugins build for.

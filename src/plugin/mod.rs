@@ -263,6 +263,15 @@ impl Host {
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool()));
+        // `CDP_PLUGIN_PROFILER=perfmap` writes /tmp/perf-PID.map, naming guest
+        // functions for `perf`, so a plugin can be profiled inside the host.
+        match std::env::var("CDP_PLUGIN_PROFILER").as_deref() {
+            Ok("perfmap") => {
+                config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+            }
+            Ok(other) => tracing::warn!("CDP_PLUGIN_PROFILER={other:?} is not `perfmap`; ignored"),
+            Err(_) => {}
+        }
         // The pool reserves address space up front; where that is refused
         // (a low `ulimit -v`), instances are allocated on demand instead.
         let engine = match Engine::new(&config) {

@@ -59,7 +59,12 @@ pub fn normalize_phone(raw: &str, default_country_code: Option<&str>) -> Option<
 
 /// SHA-256 of `value`, lower-case hex.
 pub fn sha256_hex(value: &str) -> String {
-    hex::encode(Sha256::digest(value.as_bytes()))
+    let mut text = [0u8; 64];
+    // A 32-byte digest always fits 64 hex digits, and hex digits are ASCII.
+    if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_err() {
+        return String::new();
+    }
+    std::str::from_utf8(&text).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]
