@@ -40,6 +40,7 @@ fn chunks(n: usize) -> impl Iterator<Item = Vec<Labeled>> {
 pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(BatchReport, f64, u64)> {
     let m = bench_manifest()?;
     let cfg = IdentityConfig::from_manifest(&m);
+    let reader_cfg = cfg.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Batch, u64)>(1);
     let producer = std::thread::spawn(move || -> Result<()> {
         let mut mappers: Vec<(&str, Mapper<'_>)> = ["crm", "web", "pos"]
@@ -61,14 +62,14 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                     Err(_) => rejected += 1,
                 }
                 if batch.len() >= batch_size {
-                    if tx.blocking_send((Batch::new(std::mem::take(&mut batch)), rejected)).is_err() {
+                    if tx.blocking_send((Batch::prepare(std::mem::take(&mut batch), &reader_cfg), rejected)).is_err() {
                         return Ok(());
                     }
                     rejected = 0;
                 }
             }
         }
-        let _ = tx.blocking_send((Batch::new(batch), rejected));
+        let _ = tx.blocking_send((Batch::prepare(batch, &reader_cfg), rejected));
         Ok(())
     });
     let start = Instant::now();

@@ -77,6 +77,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     let manifest = m.clone();
     let source = a.source.to_owned();
     let batch_size = a.batch.max(1);
+    let reader_cfg = cfg.clone();
     let reader = std::thread::spawn(move || -> Result<()> {
         let mut mapper = Mapper::new(&manifest, &source).map_err(anyhow::Error::msg)?;
         let now = crate::store::now_ms();
@@ -95,7 +96,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
             if recs.len() >= batch_size {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
-                let prepared = Batch::new(std::mem::take(&mut recs));
+                let prepared = Batch::prepare(std::mem::take(&mut recs), &reader_cfg);
                 let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped);
                 skipped = 0;
                 if tx.blocking_send(batch).is_err() {
@@ -104,7 +105,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let dropped = std::mem::take(&mut mapper.dropped_ids);
-        let _ = tx.blocking_send((Batch::new(recs), rejs, last_line, skipped, dropped));
+        let _ = tx.blocking_send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped));
         Ok(())
     });
 

@@ -9,13 +9,14 @@
 //! re-points identifiers (and the denormalised `profile_id` columns kept for
 //! reads), never rewrites trait history.
 
-use super::{IN_CHUNK, Result, Store, in_list, now_ms, values_clause, values_list};
+use super::{IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
 use crate::identity::resolve::{self, Ident, KeyRules, Link};
 use crate::ingest::Record;
 use crate::manifest::Manifest;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
+use std::fmt::Write as _;
 
 /// Identity keys in priority order, with their limits.
 #[derive(Debug, Clone)]
@@ -105,6 +106,115 @@ pub struct Batch {
     /// Per record: the JSON text of each of its traits' values.
     trait_texts: Vec<Vec<String>>,
     duplicates: u64,
+    /// The batch's identifiers and trait folds, when indexed.
+    index: Option<Index>,
+}
+
+/// A record with no identifier attaches to nothing.
+const NO_ANCHOR: u32 = u32::MAX;
+
+/// The identifiers of a batch, indexed once (on the reader thread when the
+/// batch is prepared with [`Batch::prepare`]): the distinct `(key, value)`
+/// pairs, which of them each record carries, the one each record attaches
+/// to, and the record's trait observations folded per (anchor identifier,
+/// trait, source). None of it needs the database; the writer only adds what
+/// the store holds for each identifier.
+#[derive(Debug, Default)]
+struct Index {
+    /// The identity keys and ranks the anchors were chosen by.
+    keys: Vec<String>,
+    rank: Vec<u32>,
+    /// Distinct identifiers, as `(record, position in its ids)` of their
+    /// first appearance. Records are in canonical order, so that is the
+    /// identifier's earliest record in the batch.
+    idents: Vec<(u32, u32)>,
+    /// Per record `r`: its identifiers are `ids[ids_at[r]..ids_at[r + 1]]`.
+    ids_at: Vec<u32>,
+    ids: Vec<u32>,
+    /// Per record: the identifier it attaches to (its strongest), or
+    /// [`NO_ANCHOR`].
+    anchor: Vec<u32>,
+    /// Trait observations folded per (anchor, trait, source).
+    folds: Vec<Fold>,
+}
+
+/// A place in a batch: `(record, position)` of a trait.
+type At = (u32, u32);
+
+/// The folded observations of one trait from one source on one identifier.
+#[derive(Debug)]
+struct Fold {
+    anchor: u32,
+    /// Where the trait's name and source are found: the first record folded.
+    at: At,
+    /// Values as the places of their JSON texts.
+    fold: TraitFold<At>,
+}
+
+/// A trait value's JSON text while folding: ordered by the text, then place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'b> {
+    text: &'b str,
+    at: At,
+}
+
+impl Index {
+    fn build(records: &[Record], trait_texts: &[Vec<String>], cfg: &IdentityConfig) -> Index {
+        let mut seen: FxHashMap<(&str, &str), u32> =
+            FxHashMap::with_capacity_and_hasher(records.len() * 2, Default::default());
+        let mut index = Index {
+            keys: cfg.keys.clone(),
+            rank: cfg.rules.rank.clone(),
+            ids_at: Vec::with_capacity(records.len() + 1),
+            anchor: Vec::with_capacity(records.len()),
+            ..Index::default()
+        };
+        index.ids_at.push(0);
+        for (ri, r) in records.iter().enumerate() {
+            let mut best: Option<((u32, &str, &str), u32)> = None;
+            for (pos, (k, v)) in r.ids.iter().enumerate() {
+                let next = index.idents.len() as u32;
+                let i = *seen.entry((k.as_str(), v.as_str())).or_insert(next);
+                if i == next {
+                    index.idents.push((ri as u32, pos as u32));
+                }
+                index.ids.push(i);
+                let rank = (cfg.rank(k), k.as_str(), v.as_str());
+                if best.is_none_or(|(b, _)| rank < b) {
+                    best = Some((rank, i));
+                }
+            }
+            index.ids_at.push(index.ids.len() as u32);
+            index.anchor.push(best.map_or(NO_ANCHOR, |(_, i)| i));
+        }
+        let observations = records.iter().map(|r| r.traits.len()).sum();
+        let mut folds: FxHashMap<(u32, &str, &str), (At, TraitFold<Text<'_>>)> =
+            FxHashMap::with_capacity_and_hasher(observations, Default::default());
+        for (ri, (r, texts)) in records.iter().zip(trait_texts).enumerate() {
+            let anchor = index.anchor[ri];
+            for (ti, ((name, v), text)) in r.traits.iter().zip(texts).enumerate() {
+                let at = (ri as u32, ti as u32);
+                let text = Text { text, at };
+                let num = v.as_f64();
+                folds
+                    .entry((anchor, name.as_str(), r.source.as_str()))
+                    .and_modify(|(_, f)| f.add(r.at, text, num))
+                    .or_insert_with(|| (at, TraitFold::new(r.at, text, num)));
+            }
+        }
+        index.folds =
+            folds.into_iter().map(|((anchor, _, _), (at, f))| Fold { anchor, at, fold: f.map(|t| t.at) }).collect();
+        index
+    }
+
+    fn fits(&self, cfg: &IdentityConfig) -> bool {
+        self.keys == cfg.keys && self.rank == cfg.rules.rank
+    }
+
+    /// The identifiers record `r` carries.
+    fn ids_of(&self, r: usize) -> &[u32] {
+        &self.ids[self.ids_at[r] as usize..self.ids_at[r + 1] as usize]
+    }
 }
 
 impl Batch {
@@ -121,7 +231,20 @@ impl Batch {
         let trait_texts: Vec<Vec<String>> =
             records.iter().map(|r| r.traits.iter().map(|(_, v)| v.to_string()).collect()).collect();
         let payloads = records.iter().zip(&trait_texts).map(|(r, texts)| payload(r, texts)).collect();
-        Batch { records, payloads, trait_texts, duplicates }
+        Batch { records, payloads, trait_texts, duplicates, index: None }
+    }
+
+    /// [`Batch::new`], with the identifiers indexed and trait observations
+    /// folded for `cfg`: all the work of a batch that needs no database,
+    /// done wherever the batch is prepared.
+    pub fn prepare(records: Vec<Record>, cfg: &IdentityConfig) -> Batch {
+        let mut batch = Batch::new(records);
+        batch.index(cfg);
+        batch
+    }
+
+    fn index(&mut self, cfg: &IdentityConfig) {
+        self.index = Some(Index::build(&self.records, &self.trait_texts, cfg));
     }
 
     /// Records left after deduplication.
@@ -139,6 +262,7 @@ impl Batch {
         retain_flagged(&mut self.records, &flags);
         retain_flagged(&mut self.trait_texts, &flags);
         retain_flagged(&mut self.payloads, &flags);
+        self.index = None;
     }
 }
 
@@ -372,29 +496,19 @@ async fn insert_chunks(
     tokio::join!(bind_chunks, run_chunks).1
 }
 
-/// Runs `prefix (…ids…) suffix` once per chunk of an IN list, with `head`
-/// parameters bound before the list.
-async fn in_chunks(
+/// `UPDATE {set} FROM (VALUES …) AS v WHERE {cond}` over `rows`, in chunks:
+/// one statement per chunk instead of one per row or per target value.
+/// `set` names the table and its assignments from `v.column1…`; every row's
+/// key must be unique, as both backends apply one source row per target.
+async fn update_rows(
     store: &Store,
     conn: &mut AnyConnection,
-    head: &[P],
-    prefix: &str,
-    ids: &[i64],
-    suffix: &str,
+    set: &str,
+    cols: usize,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
+    cond: &str,
 ) -> Result<()> {
-    for chunk in ids.chunks(IN_CHUNK) {
-        let sql = format!("{prefix} ({}) {suffix}", in_list(chunk.len()));
-        let sql = store.sql(&sql).into_owned();
-        let mut q = sqlx::query(&sql);
-        for p in head {
-            q = bind(q, p.clone());
-        }
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        q.execute(&mut *conn).await?;
-    }
-    Ok(())
+    insert_rows(store, conn, &format!("UPDATE {set} FROM ("), cols, rows, &format!(") AS v WHERE {cond}")).await
 }
 
 /// A link from this batch: observed time, source, message id, identifier ids.
@@ -415,11 +529,42 @@ struct Stored {
     first_at: i64,
 }
 
-/// A batch's trait observations folded per (identifier, trait, source).
-type Folds<'b> = FxHashMap<(i64, &'b str, &'b str), TraitFold<&'b str>>;
+/// Wall time of each step of applying a batch, for the debug log.
+struct Steps {
+    last: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
 
-/// Identifiers by key, then value.
-type IdMap = FxHashMap<String, FxHashMap<String, Known>>;
+impl Steps {
+    fn start() -> Steps {
+        Steps { last: std::time::Instant::now(), done: Vec::with_capacity(16) }
+    }
+
+    /// Ends the step `name` now.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.done.iter().enumerate() {
+            write!(f, "{}{name}={:.1}ms", if i > 0 { " " } else { "" }, d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
+/// The id of the identifier a record anchors on (0: none).
+fn anchor_id(known: &[Known], anchor: u32) -> i64 {
+    known.get(anchor as usize).map_or(0, |k| k.id)
+}
+
+fn unindexed() -> super::StoreError {
+    super::StoreError::Invariant("a batch was applied without its identifier index".to_owned())
+}
 
 /// A stored or new identifier in the working set of a resolution.
 #[derive(Debug, Clone)]
@@ -457,6 +602,19 @@ impl<T: Ord + Clone> TraitFold<T> {
             nmin: num,
             nmax: num,
             n: 1,
+        }
+    }
+
+    fn map<U>(self, f: impl Fn(T) -> U) -> TraitFold<U> {
+        TraitFold {
+            first: (self.first.0, f(self.first.1)),
+            last: (self.last.0, f(self.last.1)),
+            min: f(self.min),
+            max: f(self.max),
+            sum: self.sum,
+            nmin: self.nmin,
+            nmax: self.nmax,
+            n: self.n,
         }
     }
 
@@ -531,109 +689,133 @@ impl Store {
         }
 
         // 1. Identifiers: stored ones, and new ones with fresh ids (duplicates
-        // within the batch went when it was prepared). Key, then value: looked
-        // up with the record's own strings, no copies.
-        let mut idmap = self.lookup_identities(conn, &batch.records).await?;
-        let mut new_nodes: Vec<(i64, String, String, i64, String, String)> = Vec::new();
-        for r in &batch.records {
-            for (k, v) in &r.ids {
-                let values = match idmap.get_mut(k.as_str()) {
-                    Some(values) => values,
-                    None => idmap.entry(k.clone()).or_default(),
-                };
-                if !values.contains_key(v.as_str()) {
-                    let id = self.next_id();
-                    values.insert(v.clone(), Known { id, stored: None });
-                    new_nodes.push((id, k.clone(), v.clone(), r.at, r.source.clone(), r.message_id.clone()));
-                }
-            }
+        // within the batch went when it was prepared, and so did the index of
+        // its identifiers when a reader thread prepared it).
+        let mut steps = Steps::start();
+        if !batch.index.as_ref().is_some_and(|i| i.fits(cfg)) {
+            batch.index(cfg);
         }
-        let id_of = |k: &str, v: &str| -> i64 { idmap.get(k).and_then(|values| values.get(v)).map_or(0, |x| x.id) };
-
-        let anchor_of = |r: &Record| -> i64 {
-            r.ids
-                .iter()
-                .min_by(|a, b| (cfg.rank(&a.0), &a.0, &a.1).cmp(&(cfg.rank(&b.0), &b.0, &b.1)))
-                .map(|(k, v)| id_of(k, v))
-                .unwrap_or_default()
-        };
+        let mut known = self.lookup_identities(conn, batch).await?;
+        steps.mark("lookup");
         {
             // Duplicates of stored records: the insert itself says which
             // records are new (`ON CONFLICT DO NOTHING RETURNING`, on both
             // backends), one pass over the message-id index instead of a
             // probe and then an insert.
+            let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
             let payloads = std::mem::take(&mut batch.payloads);
-            let rows =
-                batch.records.iter().zip(payloads).map(|(r, payload)| record_row(r, payload, anchor_of(r), received));
+            let rows = batch
+                .records
+                .iter()
+                .zip(payloads)
+                .enumerate()
+                .map(|(ri, (r, payload))| record_row(r, payload, anchor_id(&known, index.anchor[ri]), received));
             let stored = insert_records(self, conn, &batch.records, rows).await?;
+            steps.mark("records");
             let before = batch.len();
             if !stored.is_empty() {
+                // Rare (a re-run over input already stored): index the
+                // records left, keeping the ids the records just written
+                // anchor on.
+                let ids: FxHashMap<(String, String), Known> = {
+                    let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+                    index
+                        .idents
+                        .iter()
+                        .zip(&known)
+                        .map(|(&(ri, pos), k)| (batch.records[ri as usize].ids[pos as usize].clone(), *k))
+                        .collect()
+                };
                 batch.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
+                batch.index(cfg);
+                let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+                known = index
+                    .idents
+                    .iter()
+                    .map(|&(ri, pos)| ids.get(&batch.records[ri as usize].ids[pos as usize]).copied())
+                    .collect::<Option<Vec<Known>>>()
+                    .ok_or_else(|| unindexed())?;
             }
             report.duplicates += (before - batch.len()) as u64;
             if batch.is_empty() {
                 return Ok(report);
             }
-            if batch.len() < before {
-                // Identifiers only duplicates carried were stored with their first copy.
-                let live: FxHashSet<(&str, &str)> =
-                    batch.records.iter().flat_map(|r| r.ids.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
-                new_nodes.retain(|n| live.contains(&(n.1.as_str(), n.2.as_str())));
-            }
         }
         let batch: &Batch = batch;
         let records = &batch.records;
+        let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+        let ident = |i: usize| -> &(String, String) {
+            let (ri, pos) = index.idents[i];
+            &records[ri as usize].ids[pos as usize]
+        };
+        let anchor_of = |ri: usize| anchor_id(&known, index.anchor[ri]);
+        // Identifiers this batch creates: (id, key, value, first record).
+        let new_nodes: Vec<(i64, &str, &str, &Record)> = known
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.stored.is_none())
+            .map(|(i, k)| {
+                let (key, value) = ident(i);
+                (k.id, key.as_str(), value.as_str(), &records[index.idents[i].0 as usize])
+            })
+            .collect();
 
-        // A record older than an identifier's first sighting becomes its first sighting.
-        let mut first_seen: FxHashMap<i64, (i64, &str, &str)> = FxHashMap::default();
-        for r in records {
-            for (k, v) in &r.ids {
-                if let Some(Known { id, stored: Some(e) }) =
-                    idmap.get(k.as_str()).and_then(|values| values.get(v.as_str()))
-                    && r.at < e.first_at
-                {
-                    first_seen.entry(*id).or_insert((r.at, &r.source, &r.message_id));
-                }
+        // A record older than an identifier's first sighting becomes its
+        // first sighting: the earliest record of the batch that carries it.
+        let mut first_seen: Vec<(i64, (i64, &str, &str))> = Vec::new();
+        for (i, k) in known.iter().enumerate() {
+            let r = &records[index.idents[i].0 as usize];
+            if let Some(e) = k.stored
+                && r.at < e.first_at
+            {
+                first_seen.push((k.id, (r.at, &r.source, &r.message_id)));
             }
         }
-        for (id, (at, src, msg)) in &first_seen {
-            sqlx::query(
-                &self.sql(
-                    "UPDATE identities SET first_at = ?, source = ?, message_id = ? WHERE id = ? AND first_at > ?",
-                ),
+        if !first_seen.is_empty() {
+            let mut rows = first_seen;
+            rows.sort_unstable_by_key(|(id, _)| *id);
+            update_rows(
+                self,
+                conn,
+                "identities SET first_at = v.column2, source = v.column3, message_id = v.column4",
+                4,
+                rows.into_iter()
+                    .map(|(id, (at, src, msg))| vec![P::I(id), P::I(at), P::S(src.to_owned()), P::S(msg.to_owned())]),
+                "identities.id = v.column1 AND identities.first_at > v.column2",
             )
-            .bind(*at)
-            .bind(*src)
-            .bind(*msg)
-            .bind(*id)
-            .bind(*at)
-            .execute(&mut *conn)
             .await?;
         }
 
+        steps.mark("first_seen");
         // 2. Links: records with several identifiers. A link changes the graph
         // when its identifier set is new, or earlier than the stored one.
+        // Records are in canonical order, so the first record of a set is
+        // its earliest.
         let mut batch_links: FxHashMap<String, PendingLink> = FxHashMap::default();
-        for r in records {
-            if r.ids.len() < 2 {
+        for (ri, r) in records.iter().enumerate() {
+            let of = index.ids_of(ri);
+            if of.len() < 2 {
                 continue;
             }
-            let mut ids: Vec<i64> = r.ids.iter().map(|(k, v)| id_of(k, v)).collect();
+            let mut ids: Vec<i64> = of.iter().map(|i| known[*i as usize].id).collect();
             ids.sort_unstable();
             ids.dedup();
             if ids.len() < 2 {
                 continue;
             }
-            let key = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-            let cand = (r.at, r.source.clone(), r.message_id.clone(), ids);
-            match batch_links.get(&key) {
-                Some(cur) if (cur.0, &cur.1, &cur.2) <= (cand.0, &cand.1, &cand.2) => {}
-                _ => {
-                    batch_links.insert(key, cand);
+            let mut key = String::with_capacity(ids.len() * 18);
+            for (n, id) in ids.iter().enumerate() {
+                if n > 0 {
+                    key.push(',');
                 }
+                let _ = write!(key, "{id}");
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = batch_links.entry(key) {
+                e.insert((r.at, r.source.clone(), r.message_id.clone(), ids));
             }
         }
         let stored_links = self.lookup_links(conn, batch_links.keys().cloned().collect()).await?;
+        steps.mark("links");
         let changing: Vec<(String, PendingLink)> = batch_links
             .into_iter()
             .filter(|(key, l)| match stored_links.get(key) {
@@ -643,7 +825,7 @@ impl Store {
             .collect();
 
         // 3. Resolve every component a changing link touches.
-        let stored = || idmap.values().flat_map(|values| values.values()).filter_map(|x| Some((x.id, x.stored?)));
+        let stored = || known.iter().filter_map(|x| Some((x.id, x.stored?)));
         let mut profile_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.profile)).collect();
         let mut component_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.component)).collect();
         let mut id_updates: Vec<(i64, i64, i64)> = Vec::new(); // (identity, profile, component)
@@ -663,13 +845,20 @@ impl Store {
                 t
             };
             let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
+            steps.mark("components");
             let mut nodes: Vec<Node> = stored_nodes;
             let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
             let linked: FxHashSet<i64> = changing.iter().flat_map(|(_, l)| l.3.iter().copied()).collect();
             for n in &new_nodes {
                 if linked.contains(&n.0) && !index.contains_key(&n.0) {
                     index.insert(n.0, nodes.len() as u32);
-                    nodes.push(Node { id: n.0, key: n.1.clone(), value: n.2.clone(), old: None, isolated: false });
+                    nodes.push(Node {
+                        id: n.0,
+                        key: n.1.to_owned(),
+                        value: n.2.to_owned(),
+                        old: None,
+                        isolated: false,
+                    });
                 }
             }
             let changing_keys: FxHashSet<&String> = changing.iter().map(|(k, _)| k).collect();
@@ -883,6 +1072,7 @@ impl Store {
         }
         report.new_profiles = new_profiles.len() as u64;
 
+        steps.mark("resolve");
         // 4. Writes.
         if !new_profiles.is_empty() {
             let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]);
@@ -901,18 +1091,17 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
         }
-        let fresh: FxHashSet<i64> = new_nodes.iter().map(|n| n.0).collect();
         if !new_nodes.is_empty() {
-            let rows = new_nodes.into_iter().map(|(id, k, v, at, src, msg)| {
+            let rows = new_nodes.iter().map(|&(id, k, v, r)| {
                 vec![
                     P::I(id),
-                    P::S(k),
-                    P::S(v),
+                    P::S(k.to_owned()),
+                    P::S(v.to_owned()),
                     P::I(profile_of[&id]),
                     P::I(component_of[&id]),
-                    P::I(at),
-                    P::S(src),
-                    P::S(msg),
+                    P::I(r.at),
+                    P::S(r.source.clone()),
+                    P::S(r.message_id.clone()),
                 ]
             });
             insert_fresh(
@@ -924,31 +1113,43 @@ impl Store {
             )
             .await?;
         }
-        let mut by_target: FxHashMap<(i64, i64), Vec<i64>> = FxHashMap::default();
-        for (id, p, c) in &id_updates {
-            by_target.entry((*p, *c)).or_default().push(*id);
-        }
-        let mut by_profile: FxHashMap<i64, Vec<i64>> = FxHashMap::default();
-        for ((p, c), ids) in by_target {
-            in_chunks(
+        steps.mark("identities");
+        if !id_updates.is_empty() {
+            id_updates.sort_unstable();
+            update_rows(
                 self,
                 conn,
-                &[P::I(p), P::I(c)],
-                "UPDATE identities SET profile_id = ?, component = ? WHERE id IN",
-                &ids,
-                "",
+                "identities SET profile_id = v.column2, component = v.column3",
+                3,
+                id_updates.iter().map(|(id, p, c)| vec![P::I(*id), P::I(*p), P::I(*c)]),
+                "identities.id = v.column1",
             )
             .await?;
-            by_profile.entry(p).or_default().extend(ids);
+            update_rows(
+                self,
+                conn,
+                "entities SET profile_id = v.column2",
+                2,
+                id_updates.iter().map(|(id, p, _)| vec![P::I(*id), P::I(*p)]),
+                "entities.identity_id = v.column1",
+            )
+            .await?;
         }
-        for (p, ids) in by_profile {
-            in_chunks(self, conn, &[P::I(p)], "UPDATE entities SET profile_id = ? WHERE identity_id IN", &ids, "")
-                .await?;
+        if !component_moves.is_empty() {
+            let mut moves: Vec<(i64, i64)> =
+                component_moves.iter().flat_map(|(into, from)| from.iter().map(|f| (*f, *into))).collect();
+            moves.sort_unstable();
+            update_rows(
+                self,
+                conn,
+                "links SET component = v.column2",
+                2,
+                moves.into_iter().map(|(from, into)| vec![P::I(from), P::I(into)]),
+                "links.component = v.column1",
+            )
+            .await?;
         }
-        for (into, from) in &component_moves {
-            in_chunks(self, conn, &[P::I(*into)], "UPDATE links SET component = ? WHERE component IN", from, "")
-                .await?;
-        }
+        steps.mark("updates");
         if !changing.is_empty() {
             let rows = changing.iter().map(|(key, (at, src, msg, ids))| {
                 vec![P::I(component_of[&ids[0]]), P::I(*at), P::S(src.clone()), P::S(msg.clone()), P::S(key.clone())]
@@ -965,21 +1166,16 @@ impl Store {
             .await?;
         }
 
+        steps.mark("link_writes");
         // Each record attaches to its strongest identifier.
-        let observations = records.iter().map(|r| r.traits.len()).sum();
-        let mut folds: Folds<'_> = FxHashMap::with_capacity_and_hasher(observations, Default::default());
         let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
         let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
-        for (r, texts) in records.iter().zip(&batch.trait_texts) {
-            let anchor = anchor_of(r);
-            let profile = profile_of.get(&anchor).copied().unwrap_or_default();
-            for ((t, v), text) in r.traits.iter().zip(texts) {
-                let num = v.as_f64();
-                folds
-                    .entry((anchor, t.as_str(), r.source.as_str()))
-                    .and_modify(|f| f.add(r.at, text.as_str(), num))
-                    .or_insert_with(|| TraitFold::new(r.at, text.as_str(), num));
+        for (ri, r) in records.iter().enumerate() {
+            if r.entity.is_none() && r.consent.is_empty() {
+                continue;
             }
+            let anchor = anchor_of(ri);
+            let profile = profile_of.get(&anchor).copied().unwrap_or_default();
             if let Some((entity, key, fields)) = &r.entity {
                 // Records are in canonical order: the last row written for a key is the newest.
                 entity_rows.insert(
@@ -1010,9 +1206,10 @@ impl Store {
             }
         }
         report.accepted = records.len() as u64;
-        if !folds.is_empty() {
-            self.write_folds(conn, folds, &fresh).await?;
+        if !index.folds.is_empty() {
+            self.write_folds(conn, batch, &known).await?;
         }
+        steps.mark("traits");
         if !entity_rows.is_empty() {
             insert_rows(
                 self,
@@ -1052,6 +1249,8 @@ impl Store {
             )
             .await?;
         }
+        steps.mark("rest");
+        tracing::debug!(accepted = report.accepted, %steps, "batch applied");
         Ok(report)
     }
 
@@ -1059,15 +1258,28 @@ impl Store {
     /// batch are plain inserts, and a single observation (most of them) binds
     /// its value once for the first, last, min and max columns; the rest fold
     /// into the stored rows.
-    async fn write_folds(&self, conn: &mut AnyConnection, folds: Folds<'_>, fresh: &FxHashSet<i64>) -> Result<()> {
+    async fn write_folds(&self, conn: &mut AnyConnection, batch: &Batch, known: &[Known]) -> Result<()> {
         const COLUMNS: &str = "INSERT INTO trait_obs (identity_id, name, source, first_value, first_at, last_value, \
                                last_at, min_value, max_value, num_sum, num_min, num_max, n)";
-        let mut folds: Vec<_> = folds.into_iter().collect();
-        folds.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
+        let text = |(ri, ti): At| batch.trait_texts[ri as usize][ti as usize].as_str();
+        // (identity, fresh, name, source, fold), in key order.
+        let mut folds: Vec<(i64, bool, &str, &str, TraitFold<&str>)> = index
+            .folds
+            .iter()
+            .map(|f| {
+                let r = &batch.records[f.at.0 as usize];
+                let name = r.traits[f.at.1 as usize].0.as_str();
+                let k = known.get(f.anchor as usize);
+                let (id, fresh) = k.map_or((0, false), |k| (k.id, k.stored.is_none()));
+                (id, fresh, name, r.source.as_str(), f.fold.clone().map(text))
+            })
+            .collect();
+        folds.sort_unstable_by(|a, b| (a.0, a.2, a.3).cmp(&(b.0, b.2, b.3)));
         let s = |x: &str| P::S(x.to_owned());
         let (mut single, mut multi, mut stored) = (Vec::new(), Vec::new(), Vec::new());
-        for ((id, name, source), f) in folds {
-            if fresh.contains(&id) && f.n == 1 {
+        for (id, fresh, name, source, f) in folds {
+            if fresh && f.n == 1 {
                 single.push(vec![P::I(id), s(name), s(source), s(f.first.1), P::I(f.first.0), P::OF(f.sum)]);
                 continue;
             }
@@ -1086,7 +1298,7 @@ impl Store {
                 P::OF(f.nmax),
                 P::I(f.n),
             ];
-            if fresh.contains(&id) { multi.push(row) } else { stored.push(row) }
+            if fresh { multi.push(row) } else { stored.push(row) }
         }
         if !single.is_empty() {
             insert_fresh_as(
@@ -1129,37 +1341,45 @@ impl Store {
         Ok(())
     }
 
-    async fn lookup_identities(&self, conn: &mut AnyConnection, records: &[Record]) -> Result<IdMap> {
-        let mut by_key: FxHashMap<&str, FxHashSet<&str>> = FxHashMap::default();
-        for r in records {
-            for (k, v) in &r.ids {
-                by_key.entry(k).or_default().insert(v);
-            }
-        }
-        let mut out = IdMap::default();
-        for (key, values) in by_key {
-            let found = out.entry(key.to_owned()).or_default();
-            let values: Vec<&str> = values.into_iter().collect();
-            for chunk in values.chunks(IN_CHUNK) {
+    /// What the store holds for each identifier of the batch, by its place
+    /// in the batch's index; identifiers it does not hold get fresh ids, in
+    /// the order they first appear.
+    async fn lookup_identities(&self, conn: &mut AnyConnection, batch: &Batch) -> Result<Vec<Known>> {
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
+        let ident = |i: u32| -> &(String, String) {
+            let (ri, pos) = index.idents[i as usize];
+            &batch.records[ri as usize].ids[pos as usize]
+        };
+        // By key, then value: neighbouring probes of the (key, value) index.
+        let mut order: Vec<u32> = (0..index.idents.len() as u32).collect();
+        order.sort_unstable_by(|a, b| ident(*a).cmp(ident(*b)));
+        let mut found: Vec<Option<Known>> = vec![None; order.len()];
+        for group in order.chunk_by(|a, b| ident(*a).0 == ident(*b).0) {
+            let key = ident(group[0]).0.as_str();
+            for chunk in group.chunks(IN_CHUNK) {
                 let sql = self.rows_sql(
-                    "i.id, i.value, i.profile_id, i.component, i.first_at",
+                    "v.column2, i.id, i.profile_id, i.component, i.first_at",
                     &format!(
-                        "FROM ({}) AS v JOIN identities i ON i.value = v.column1 AND i.key = ?",
-                        values_list(chunk.len())
+                        "FROM (VALUES {}) AS v JOIN identities i ON i.value = v.column1 AND i.key = ?",
+                        values_clause(chunk.len(), 2)
                     ),
                 );
                 let mut q = sqlx::query(&sql);
-                for v in chunk {
-                    q = q.bind(*v);
+                for i in chunk {
+                    q = q.bind(ident(*i).1.as_str()).bind(i64::from(*i));
                 }
                 q = q.bind(key);
                 for row in self.fetch_rows(conn, q).await? {
+                    let slot = usize::try_from(row.int(0)?)
+                        .ok()
+                        .and_then(|i| found.get_mut(i))
+                        .ok_or_else(|| super::StoreError::Invariant("identifier lookup: a row for no value".into()))?;
                     let stored = Stored { profile: row.int(2)?, component: row.int(3)?, first_at: row.int(4)? };
-                    found.insert(row.text(1)?, Known { id: row.int(0)?, stored: Some(stored) });
+                    *slot = Some(Known { id: row.int(1)?, stored: Some(stored) });
                 }
             }
         }
-        Ok(out)
+        Ok(found.into_iter().map(|k| k.unwrap_or_else(|| Known { id: self.next_id(), stored: None })).collect())
     }
 
     async fn lookup_links(
@@ -1286,6 +1506,53 @@ mod tests {
         assert!(done.is_err(), "the unique violation is reported");
         let rows = (0..20_000u32).map(|i| vec![P::I(100_000 + i64::from(i))]);
         insert_rows(&store, &mut conn, "INSERT INTO t (a)", 1, rows, "").await.expect("a clean insert");
+    }
+
+    /// The index a reader thread builds: each identifier once, records
+    /// anchored on their strongest key, observations folded per anchor,
+    /// trait and source.
+    #[test]
+    fn a_prepared_batch_indexes_identifiers_and_folds_traits() {
+        let cfg = IdentityConfig {
+            keys: vec!["crm_id".into(), "email".into()],
+            rules: KeyRules { limits: vec![Some(1), None], rank: vec![0, 1] },
+        };
+        let mut a = record("crm", "a", 1, &[("tier", json!("silver")), ("ltv", json!(10))]);
+        a.ids.insert(0, ("crm_id".into(), "c1".into()));
+        let mut b = record("crm", "b", 3, &[("tier", json!("gold")), ("ltv", json!(5))]);
+        b.ids = a.ids.clone();
+        let mut c = record("web", "c", 2, &[("tier", json!("bronze"))]);
+        c.ids = vec![a.ids[1].clone()];
+        let batch = Batch::prepare(vec![b, c, a], &cfg);
+        let index = batch.index.as_ref().expect("indexed");
+        assert!(index.fits(&cfg));
+        // Canonical order: a (1), c (2), b (3); two identifiers, first seen in a.
+        assert_eq!(index.idents, [(0, 0), (0, 1)]);
+        assert_eq!((index.ids_of(0), index.ids_of(1), index.ids_of(2)), (&[0, 1][..], &[1][..], &[0, 1][..]));
+        // a and b anchor on the CRM id, c (email only) on the email.
+        assert_eq!(index.anchor, [0, 1, 0]);
+        let text = |at: At| batch.trait_texts[at.0 as usize][at.1 as usize].as_str();
+        let mut folds: Vec<(u32, &str, &str, i64, &str, &str, Option<f64>)> = index
+            .folds
+            .iter()
+            .map(|f| {
+                let r = &batch.records[f.at.0 as usize];
+                let name = r.traits[f.at.1 as usize].0.as_str();
+                (f.anchor, name, r.source.as_str(), f.fold.n, text(f.fold.first.1), text(f.fold.last.1), f.fold.sum)
+            })
+            .collect();
+        folds.sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+        assert_eq!(
+            folds,
+            [
+                (0, "ltv", "crm", 2, "10", "5", Some(15.0)),
+                (0, "tier", "crm", 2, "\"silver\"", "\"gold\"", None),
+                (1, "tier", "web", 1, "\"bronze\"", "\"bronze\"", None),
+            ]
+        );
+        let other =
+            IdentityConfig { keys: cfg.keys.clone(), rules: KeyRules { limits: vec![None, None], rank: vec![1, 0] } };
+        assert!(!index.fits(&other), "an index is rebuilt for other priorities");
     }
 
     #[test]
