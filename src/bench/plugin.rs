@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::plugin::{Grants, Host, Mount};
@@ -71,45 +71,263 @@ fn config(path: &str) -> Value {
     json!({"path": path, "format": "csv", "hash_identifiers": true, "identities": ["email", "phone"], "fields": FIELDS})
 }
 
-/// The `dest-file` transform, natively: the same record type, normalisation,
-/// hashing and CSV rows, appended to a file and synced at the end.
+/// The `dest-file` transform, natively: the same record decode (borrowed,
+/// as the SDK's `DestinationRecordRef`), normalisation, hashing and CSV rows
+/// with reused buffers, appended to a file and synced at the end.
 mod native {
+    use std::borrow::Cow;
+    use std::fmt;
+    use std::ops::Range;
+
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
     use super::*;
 
     #[derive(Deserialize)]
-    struct Record {
-        key: String,
-        op: String,
-        #[serde(default)]
-        audience: Option<String>,
-        #[serde(default)]
-        identities: indexmap::IndexMap<String, Vec<String>>,
-        #[serde(default)]
-        traits: Map<String, Value>,
+    struct Record<'a> {
+        #[serde(borrow)]
+        key: Cow<'a, str>,
+        op: Op,
+        #[serde(borrow)]
+        #[allow(dead_code)] // decoded as the plugin's record type does
+        profile_id: Cow<'a, str>,
+        #[serde(default, borrow, deserialize_with = "optional_str")]
+        audience: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        identities: Identities<'a>,
+        #[serde(default, borrow)]
+        traits: Traits<'a>,
+        #[serde(default, borrow, deserialize_with = "optional_str")]
+        #[allow(dead_code)]
+        occurred_at: Option<Cow<'a, str>>,
     }
 
-    fn email(raw: &str) -> Option<String> {
-        let e = raw.trim().to_lowercase();
-        let (local, domain) = e.split_once('@')?;
-        if local.is_empty() || domain.is_empty() || domain.contains('@') || e.chars().any(char::is_whitespace) {
-            return None;
+    #[derive(Clone, Copy, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Op {
+        Upsert,
+        Enter,
+        Exit,
+    }
+
+    impl Op {
+        fn as_str(self) -> &'static str {
+            match self {
+                Op::Upsert => "upsert",
+                Op::Enter => "enter",
+                Op::Exit => "exit",
+            }
         }
-        Some(e)
     }
 
-    fn phone(raw: &str) -> Option<String> {
+    #[derive(Default)]
+    struct Identities<'a>(Vec<(Cow<'a, str>, Values<'a>)>);
+
+    /// One value kept without a list of its own, as the SDK does.
+    enum Values<'a> {
+        One(Cow<'a, str>),
+        Many(Vec<Cow<'a, str>>),
+    }
+
+    impl<'a> Values<'a> {
+        fn as_slice(&self) -> &[Cow<'a, str>] {
+            match self {
+                Values::One(v) => std::slice::from_ref(v),
+                Values::Many(v) => v,
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Traits<'a>(Vec<(Cow<'a, str>, TraitValue<'a>)>);
+
+    enum TraitValue<'a> {
+        String(Cow<'a, str>),
+        Other(Value),
+    }
+
+    struct CowStr<'a>(Cow<'a, str>);
+
+    impl<'de> Deserialize<'de> for CowStr<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = CowStr<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(CowStr(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(CowStr(Cow::Owned(v.to_owned())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    fn optional_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+        Ok(Option::<CowStr<'de>>::deserialize(d)?.map(|s| s.0))
+    }
+
+    fn insert<'a, T>(list: &mut Vec<(Cow<'a, str>, T)>, key: Cow<'a, str>, value: T) {
+        match list.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => list.push((key, value)),
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Values<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Values<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a sequence")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                    let Some(CowStr(first)) = seq.next_element()? else {
+                        return Ok(Values::Many(Vec::new()));
+                    };
+                    let Some(CowStr(second)) = seq.next_element()? else {
+                        return Ok(Values::One(first));
+                    };
+                    let mut out = vec![first, second];
+                    while let Some(CowStr(s)) = seq.next_element()? {
+                        out.push(s);
+                    }
+                    Ok(Values::Many(out))
+                }
+            }
+            d.deserialize_seq(V)
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Identities<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Identities<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a map")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                    while let Some((CowStr(k), v)) = map.next_entry::<CowStr<'de>, Values<'de>>()? {
+                        insert(&mut out, k, v);
+                    }
+                    Ok(Identities(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Traits<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Traits<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a map")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
+                    while let Some((CowStr(k), v)) = map.next_entry()? {
+                        insert(&mut out, k, v);
+                    }
+                    Ok(Traits(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for TraitValue<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = TraitValue<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("any valid JSON value")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(TraitValue::String(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(TraitValue::String(Cow::Owned(v.to_owned())))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                    Ok(TraitValue::Other(Value::Bool(v)))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                    Ok(TraitValue::Other(Value::from(v)))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                    Ok(TraitValue::Other(Value::from(v)))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                    Ok(TraitValue::Other(Value::from(v)))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                    Ok(TraitValue::Other(Value::Null))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                    Ok(TraitValue::Other(Value::deserialize(SeqAccessDeserializer::new(seq))?))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                    Ok(TraitValue::Other(Value::deserialize(MapAccessDeserializer::new(map))?))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    fn email_into(raw: &str, out: &mut String) -> bool {
+        let start = out.len();
+        let t = raw.trim();
+        if t.is_ascii() {
+            out.push_str(t);
+            out[start..].make_ascii_lowercase();
+        } else {
+            out.push_str(&t.to_lowercase());
+        }
+        let e = &out[start..];
+        let ok = e.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@') && !e.chars().any(char::is_whitespace)
+        });
+        if !ok {
+            out.truncate(start);
+        }
+        ok
+    }
+
+    fn phone_into(raw: &str, out: &mut String) -> bool {
+        let start = out.len();
         let t = raw.trim_start();
-        let digits: String = t.chars().filter(char::is_ascii_digit).collect();
-        let e164 = if t.starts_with('+') { digits } else { digits.strip_prefix("00")?.to_owned() };
-        ((8..=15).contains(&e164.len()) && !e164.starts_with('0')).then_some(e164)
+        let mut digits = t.bytes().filter(u8::is_ascii_digit).map(char::from);
+        if !t.starts_with('+') {
+            // No default country code: only a `00` prefix makes it E.164.
+            if !(digits.next() == Some('0') && digits.next() == Some('0')) {
+                return false;
+            }
+        }
+        out.extend(digits);
+        let e164 = &out[start..];
+        let ok = (8..=15).contains(&e164.len()) && !e164.starts_with('0');
+        if !ok {
+            out.truncate(start);
+        }
+        ok
     }
 
-    fn sha256_hex(value: &str) -> String {
+    fn push_sha256_hex(value: &str, out: &mut String) {
         let mut text = [0u8; 64];
-        if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_err() {
-            return String::new();
+        if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_ok() {
+            out.push_str(std::str::from_utf8(&text).unwrap_or_default());
         }
-        std::str::from_utf8(&text).unwrap_or_default().to_owned()
     }
 
     fn csv_line(cells: &[String]) -> Result<Vec<u8>> {
@@ -121,56 +339,68 @@ mod native {
     /// Writes every batch to `file`; returns the records written and the
     /// time spent in the final `sync_all`.
     pub fn run(batches: &[(String, u32)], file: &Path) -> Result<(usize, Duration)> {
+        const KINDS: [&str; 2] = ["email", "phone"];
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
         let mut header: Vec<String> = ["key", "op", "audience", "email", "phone"].map(String::from).to_vec();
         header.extend(FIELDS.map(String::from));
         f.write_all(&csv_line(&header)?)?;
         let mut written = 0;
+        // Buffers reused across records and batches, as the plugin's are.
+        let (mut out, mut normalised, mut ids, mut cell) = (Vec::new(), String::new(), String::new(), Vec::new());
+        let mut spans: [Vec<Range<usize>>; 2] = Default::default();
         for (text, _) in batches {
-            let mut out = Vec::new();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                let Ok(r) = serde_json::from_str::<Record>(line) else { continue };
-                let ids: Vec<Vec<String>> = ["email", "phone"]
-                    .iter()
-                    .map(|k| {
-                        r.identities
-                            .get(*k)
-                            .map(Vec::as_slice)
-                            .unwrap_or_default()
-                            .iter()
-                            .filter_map(|v| if *k == "email" { email(v) } else { phone(v) })
-                            .map(|v| sha256_hex(&v))
-                            .collect()
-                    })
-                    .collect();
-                if ids.iter().all(Vec::is_empty) {
+            let records: Vec<Record<'_>> =
+                text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect();
+            let mut buf = std::mem::take(&mut out);
+            buf.clear();
+            let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(buf);
+            for r in &records {
+                ids.clear();
+                for (kind, cells) in KINDS.iter().zip(spans.iter_mut()) {
+                    cells.clear();
+                    let values = r.identities.0.iter().find(|(k, _)| k == kind).map_or(&[][..], |(_, v)| v.as_slice());
+                    for raw in values {
+                        normalised.clear();
+                        let ok = if *kind == "email" {
+                            email_into(raw, &mut normalised)
+                        } else {
+                            phone_into(raw, &mut normalised)
+                        };
+                        if ok {
+                            let start = ids.len();
+                            push_sha256_hex(&normalised, &mut ids);
+                            cells.push(start..ids.len());
+                        }
+                    }
+                }
+                let rows = spans.iter().map(Vec::len).max().unwrap_or(0);
+                if rows == 0 {
                     continue;
                 }
                 let audience = r.audience.as_deref().unwrap_or_default();
-                let mut w = csv::WriterBuilder::new()
-                    .terminator(csv::Terminator::CRLF)
-                    .buffer_capacity(1024)
-                    .from_writer(&mut out);
-                for i in 0..ids.iter().map(Vec::len).max().unwrap_or(0) {
-                    w.write_field(&r.key)?;
-                    w.write_field(&r.op)?;
+                for i in 0..rows {
+                    w.write_field(r.key.as_bytes())?;
+                    w.write_field(r.op.as_str())?;
                     w.write_field(audience)?;
-                    for v in &ids {
-                        w.write_field(v.get(i).map_or("", String::as_str))?;
+                    for cells in &spans {
+                        w.write_field(cells.get(i).map_or("", |c| &ids[c.clone()]))?;
                     }
                     for k in FIELDS {
-                        match r.traits.get(k) {
-                            None | Some(Value::Null) => w.write_field("")?,
-                            Some(Value::String(s)) => w.write_field(s)?,
-                            Some(o) => w.write_field(o.to_string())?,
+                        match r.traits.0.iter().find(|(name, _)| name == k).map(|(_, v)| v) {
+                            None | Some(TraitValue::Other(Value::Null)) => w.write_field("")?,
+                            Some(TraitValue::String(s)) => w.write_field(s.as_bytes())?,
+                            Some(TraitValue::Other(v)) => {
+                                cell.clear();
+                                serde_json::to_writer(&mut cell, v)?;
+                                w.write_field(&cell)?;
+                            }
                         }
                     }
                     w.write_record(None::<&[u8]>)?;
                 }
-                w.flush()?;
-                drop(w);
                 written += 1;
             }
+            out = w.into_inner().map_err(|e| anyhow::anyhow!("{}", e.error()))?;
             f.write_all(&out)?;
         }
         let started = Instant::now();

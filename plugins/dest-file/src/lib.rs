@@ -51,15 +51,17 @@ pub mod normalize;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::Path;
 
 use cdp_plugin_sdk::{
-    ConnectorError, Destination, DestinationRecord, DestinationWriter, Rejection, Spec, WriteAck, capability, log,
+    ConnectorError, Destination, DestinationRecord, DestinationRecordRef, DestinationWriter, Rejection, Spec,
+    TraitValue, WriteAck, capability, log,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use normalize::{normalize_email, normalize_phone, sha256_hex};
+use normalize::{normalize_email_into, normalize_phone_into, push_sha256_hex};
 
 /// The file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -222,6 +224,23 @@ impl Destination for FileDestination {
 pub struct FileWriter {
     cfg: Config,
     file: File,
+    scratch: Scratch,
+}
+
+/// Buffers a write reuses, so that in steady state a batch allocates
+/// nothing per record.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The batch's rows.
+    out: Vec<u8>,
+    /// One normalised identifier, before hashing.
+    normalised: String,
+    /// The identifier cells of one record, one after another.
+    ids: String,
+    /// Per configured identity type: its cells in `ids`.
+    spans: Vec<Vec<Range<usize>>>,
+    /// One non-string trait as JSON text.
+    cell: Vec<u8>,
 }
 
 impl FileWriter {
@@ -273,92 +292,120 @@ impl FileWriter {
                 }
             }
         }
-        Ok(FileWriter { cfg, file })
+        Ok(FileWriter {
+            cfg,
+            file,
+            scratch: Scratch::default(),
+        })
     }
 
-    /// The identifiers of `record` to write, by configured type (normalised,
-    /// hashed if configured); values that do not normalise are dropped with
-    /// a warning.
-    fn identifiers(&self, record: &DestinationRecord) -> Vec<Vec<String>> {
-        self.cfg
-            .identities
-            .iter()
-            .map(|kind| {
-                let values = record.identities.get(kind).map(Vec::as_slice).unwrap_or_default();
-                values
-                    .iter()
-                    .filter_map(|raw| {
-                        let normalised = match kind.as_str() {
-                            "email" => normalize_email(raw),
-                            "phone" => normalize_phone(raw, self.cfg.default_country_code.as_deref()),
-                            _ => Some(raw.trim().to_string()).filter(|v| !v.is_empty()),
-                        };
-                        if normalised.is_none() {
-                            log::warn!("record {}: {kind} value is not usable; left out", record.key);
-                        }
-                        normalised
-                    })
-                    .map(|v| if self.cfg.hash_identifiers { sha256_hex(&v) } else { v })
-                    .collect()
-            })
-            .collect()
-    }
-
-    fn render(&self, record: &DestinationRecord, ids: &[Vec<String>], out: &mut Vec<u8>) -> Result<(), ConnectorError> {
-        let audience = record.audience.as_deref().unwrap_or_default();
-        match self.cfg.format {
-            Format::Csv => {
-                // One CSV writer per batch, fields written in place: no
-                // per-row writer or cell copies.
-                let rows = ids.iter().map(Vec::len).max().unwrap_or(0);
-                let err = |e: csv::Error| ConnectorError::internal("csv_write", e.to_string());
-                let mut w = csv::WriterBuilder::new()
-                    .terminator(csv::Terminator::CRLF)
-                    .buffer_capacity(1024)
-                    .from_writer(&mut *out);
-                for i in 0..rows {
-                    w.write_field(&record.key).map_err(err)?;
-                    w.write_field(record.op.as_str()).map_err(err)?;
-                    w.write_field(audience).map_err(err)?;
-                    for values in ids {
-                        w.write_field(values.get(i).map_or("", String::as_str)).map_err(err)?;
+    /// Puts the identifiers of `record` to write into `ids`/`spans`, by
+    /// configured type (normalised, hashed if configured); values that do
+    /// not normalise are dropped with a warning. Answers whether any is
+    /// left.
+    fn identifiers(
+        cfg: &Config,
+        record: &DestinationRecordRef<'_>,
+        normalised: &mut String,
+        ids: &mut String,
+        spans: &mut Vec<Vec<Range<usize>>>,
+    ) -> bool {
+        ids.clear();
+        spans.resize_with(cfg.identities.len(), Vec::new);
+        let mut any = false;
+        for (kind, cells) in cfg.identities.iter().zip(spans.iter_mut()) {
+            cells.clear();
+            for raw in record.identities.get(kind).unwrap_or_default() {
+                normalised.clear();
+                let ok = match kind.as_str() {
+                    "email" => normalize_email_into(raw, normalised),
+                    "phone" => normalize_phone_into(raw, cfg.default_country_code.as_deref(), normalised),
+                    _ => {
+                        normalised.push_str(raw.trim());
+                        !normalised.is_empty()
                     }
-                    for f in &self.cfg.fields {
-                        match record.traits.get(f) {
-                            None | Some(Value::Null) => w.write_field("").map_err(err)?,
-                            Some(Value::String(s)) => w.write_field(s).map_err(err)?,
-                            Some(other) => w.write_field(other.to_string()).map_err(err)?,
-                        }
-                    }
-                    w.write_record(None::<&[u8]>).map_err(err)?;
+                };
+                if !ok {
+                    log::warn!("record {}: {kind} value is not usable; left out", record.key);
+                    continue;
                 }
-                w.flush()
-                    .map_err(|e| ConnectorError::internal("csv_write", e.to_string()))?;
-            }
-            Format::Jsonl => {
-                let identities: Map<String, Value> = self
-                    .cfg
-                    .identities
-                    .iter()
-                    .zip(ids)
-                    .filter(|(_, v)| !v.is_empty())
-                    .map(|(k, v)| (k.clone(), json!(v)))
-                    .collect();
-                let traits: Map<String, Value> = self
-                    .cfg
-                    .fields
-                    .iter()
-                    .filter_map(|f| record.traits.get(f).map(|v| (f.clone(), v.clone())))
-                    .collect();
-                let mut line = json!({"key": record.key, "op": record.op, "identities": identities, "traits": traits});
-                if let Some(a) = &record.audience {
-                    line["audience"] = json!(a);
+                let start = ids.len();
+                if cfg.hash_identifiers {
+                    push_sha256_hex(normalised, ids);
+                } else {
+                    ids.push_str(normalised);
                 }
-                serde_json::to_writer(&mut *out, &line)
-                    .map_err(|e| ConnectorError::internal("jsonl_write", e.to_string()))?;
-                out.push(b'\n');
+                cells.push(start..ids.len());
+                any = true;
             }
         }
+        any
+    }
+
+    /// The CSV rows of one record: one per value of its most-valued
+    /// identity type.
+    fn render_csv<W: Write>(
+        cfg: &Config,
+        record: &DestinationRecordRef<'_>,
+        ids: &str,
+        spans: &[Vec<Range<usize>>],
+        cell: &mut Vec<u8>,
+        w: &mut csv::Writer<W>,
+    ) -> Result<(), ConnectorError> {
+        let err = |e: csv::Error| ConnectorError::internal("csv_write", e.to_string());
+        let audience = record.audience.as_deref().unwrap_or_default();
+        let rows = spans.iter().map(Vec::len).max().unwrap_or(0);
+        for i in 0..rows {
+            w.write_field(record.key.as_bytes()).map_err(err)?;
+            w.write_field(record.op.as_str()).map_err(err)?;
+            w.write_field(audience).map_err(err)?;
+            for cells in spans {
+                w.write_field(cells.get(i).map_or("", |r| &ids[r.clone()]))
+                    .map_err(err)?;
+            }
+            for f in &cfg.fields {
+                match record.traits.get(f) {
+                    None => w.write_field("").map_err(err)?,
+                    Some(TraitValue::String(s)) => w.write_field(s.as_bytes()).map_err(err)?,
+                    Some(TraitValue::Other(v)) if v.is_null() => w.write_field("").map_err(err)?,
+                    Some(TraitValue::Other(v)) => {
+                        cell.clear();
+                        serde_json::to_writer(&mut *cell, v.as_ref())
+                            .map_err(|e| ConnectorError::internal("csv_write", e.to_string()))?;
+                        w.write_field(&cell[..]).map_err(err)?;
+                    }
+                }
+            }
+            w.write_record(None::<&[u8]>).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn render_jsonl(
+        cfg: &Config,
+        record: &DestinationRecordRef<'_>,
+        ids: &str,
+        spans: &[Vec<Range<usize>>],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ConnectorError> {
+        let identities: Map<String, Value> = cfg
+            .identities
+            .iter()
+            .zip(spans)
+            .filter(|(_, cells)| !cells.is_empty())
+            .map(|(k, cells)| (k.clone(), cells.iter().map(|r| &ids[r.clone()]).collect()))
+            .collect();
+        let traits: Map<String, Value> = cfg
+            .fields
+            .iter()
+            .filter_map(|f| record.traits.get(f).map(|v| (f.clone(), v.to_value())))
+            .collect();
+        let mut line = json!({"key": record.key, "op": record.op, "identities": identities, "traits": traits});
+        if let Some(a) = &record.audience {
+            line["audience"] = json!(a);
+        }
+        serde_json::to_writer(&mut *out, &line).map_err(|e| ConnectorError::internal("jsonl_write", e.to_string()))?;
+        out.push(b'\n');
         Ok(())
     }
 }
@@ -373,13 +420,42 @@ fn csv_line(cells: &[String]) -> Result<Vec<u8>, ConnectorError> {
     w.into_inner().map_err(|e| err(e.to_string()))
 }
 
+/// Where a batch's rows go.
+// One per batch, on the stack: boxing the writer would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Sink {
+    Csv(csv::Writer<Vec<u8>>),
+    Jsonl(Vec<u8>),
+}
+
 impl DestinationWriter for FileWriter {
     fn write(&mut self, batch: Vec<DestinationRecord>) -> Result<WriteAck, ConnectorError> {
-        let mut out = Vec::new();
+        self.write_ref(batch.iter().map(DestinationRecord::borrowed).collect())
+    }
+
+    fn write_ref(&mut self, batch: Vec<DestinationRecordRef<'_>>) -> Result<WriteAck, ConnectorError> {
+        let Scratch {
+            out,
+            normalised,
+            ids,
+            spans,
+            cell,
+        } = &mut self.scratch;
+        let cfg = &self.cfg;
+        let mut buf = std::mem::take(out);
+        buf.clear();
+        // One CSV writer for the batch, fields written in place.
+        let mut sink = match cfg.format {
+            Format::Csv => Sink::Csv(
+                csv::WriterBuilder::new()
+                    .terminator(csv::Terminator::CRLF)
+                    .from_writer(buf),
+            ),
+            Format::Jsonl => Sink::Jsonl(buf),
+        };
         let mut rejected = Vec::new();
         for (i, record) in batch.iter().enumerate() {
-            let ids = self.identifiers(record);
-            if ids.iter().all(Vec::is_empty) {
+            if !Self::identifiers(cfg, record, normalised, ids, spans) {
                 rejected.push(Rejection::new(
                     i,
                     ConnectorError::data(
@@ -387,16 +463,29 @@ impl DestinationWriter for FileWriter {
                         format!(
                             "record {} has no usable identifier among {}",
                             record.key,
-                            self.cfg.identities.join(", ")
+                            cfg.identities.join(", ")
                         ),
                     ),
                 ));
                 continue;
             }
-            self.render(record, &ids, &mut out)?;
+            match &mut sink {
+                Sink::Csv(w) => Self::render_csv(cfg, record, ids, spans, cell, w)?,
+                Sink::Jsonl(v) => Self::render_jsonl(cfg, record, ids, spans, v)?,
+            }
         }
+        *out = match sink {
+            Sink::Csv(w) => w
+                .into_inner()
+                .map_err(|e| ConnectorError::internal("csv_write", e.to_string()))?,
+            Sink::Jsonl(v) => v,
+        };
         if !out.is_empty() {
-            self.file.write_all(&out).map_err(|e| io_error(&self.cfg.path, &e))?;
+            self.file.write_all(out).map_err(|e| io_error(&cfg.path, &e))?;
+        }
+        // A batch far larger than usual leaves no lasting reservation.
+        if out.capacity() > 16 << 20 {
+            *out = Vec::new();
         }
         log::metric("records_written_total", (batch.len() - rejected.len()) as f64);
         Ok(WriteAck::with_rejections(batch.len(), rejected))

@@ -32,39 +32,85 @@ use sha2::{Digest, Sha256};
 
 /// A normalised email, or `None` if `raw` is not an email address.
 pub fn normalize_email(raw: &str) -> Option<String> {
-    let email = raw.trim().to_lowercase();
-    let (local, domain) = email.split_once('@')?;
-    if local.is_empty() || domain.is_empty() || domain.contains('@') || email.chars().any(char::is_whitespace) {
-        return None;
+    let mut out = String::new();
+    normalize_email_into(raw, &mut out).then_some(out)
+}
+
+/// Appends the normalised email to `out` and answers `true`, or leaves `out`
+/// as it was and answers `false` if `raw` is not an email address. No
+/// allocation beyond `out`'s growth for ASCII input.
+pub fn normalize_email_into(raw: &str, out: &mut String) -> bool {
+    let start = out.len();
+    let trimmed = raw.trim();
+    if trimmed.is_ascii() {
+        out.push_str(trimmed);
+        out[start..].make_ascii_lowercase();
+    } else {
+        // `str::to_lowercase` knows context-dependent mappings (a final Σ).
+        out.push_str(&trimmed.to_lowercase());
     }
-    Some(email)
+    let email = &out[start..];
+    let ok = match email.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@') && !email.chars().any(char::is_whitespace)
+        }
+        None => false,
+    };
+    if !ok {
+        out.truncate(start);
+    }
+    ok
 }
 
 /// A phone as E.164 digits without `+`, or `None` if it cannot be made one.
 pub fn normalize_phone(raw: &str, default_country_code: Option<&str>) -> Option<String> {
+    let mut out = String::new();
+    normalize_phone_into(raw, default_country_code, &mut out).then_some(out)
+}
+
+/// Appends the phone as E.164 digits without `+` to `out` and answers
+/// `true`, or leaves `out` as it was and answers `false` if it cannot be
+/// made one.
+pub fn normalize_phone_into(raw: &str, default_country_code: Option<&str>, out: &mut String) -> bool {
+    let start = out.len();
     let trimmed = raw.trim_start();
     let plus = trimmed.starts_with('+');
-    let digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
-    let e164 = if plus {
-        digits
-    } else if let Some(rest) = digits.strip_prefix("00") {
-        rest.to_string()
-    } else {
-        let cc = default_country_code?;
-        format!("{cc}{}", digits.trim_start_matches('0'))
-    };
+    let mut digits = trimmed.bytes().filter(u8::is_ascii_digit).map(char::from).peekable();
+    if !plus {
+        // A `00` international prefix is dropped; else the default country
+        // code goes in front of the national number without trunk zeros.
+        let mut rest = digits.clone();
+        if rest.next() == Some('0') && rest.next() == Some('0') {
+            digits = rest;
+        } else {
+            let Some(cc) = default_country_code else { return false };
+            out.push_str(cc);
+            while digits.next_if_eq(&'0').is_some() {}
+        }
+    }
+    out.extend(digits);
+    let e164 = &out[start..];
     let ok = (8..=15).contains(&e164.len()) && !e164.starts_with('0');
-    ok.then_some(e164)
+    if !ok {
+        out.truncate(start);
+    }
+    ok
 }
 
 /// SHA-256 of `value`, lower-case hex.
 pub fn sha256_hex(value: &str) -> String {
+    let mut out = String::with_capacity(64);
+    push_sha256_hex(value, &mut out);
+    out
+}
+
+/// Appends the SHA-256 of `value`, lower-case hex, to `out`.
+pub fn push_sha256_hex(value: &str, out: &mut String) {
     let mut text = [0u8; 64];
     // A 32-byte digest always fits 64 hex digits, and hex digits are ASCII.
-    if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_err() {
-        return String::new();
+    if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_ok() {
+        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
     }
-    std::str::from_utf8(&text).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

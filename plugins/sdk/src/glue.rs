@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::config::parse_config;
 use crate::error::ConnectorError;
-use crate::records::{DeleteRecord, DestinationRecord, Rejection, WriteAck, decode_json_lines};
+use crate::records::{DeleteRecord, DestinationRecordRef, Rejection, WriteAck};
 use crate::{Destination, DestinationWriter, Source, SourceReader};
 
 pub(crate) fn source_check<S: Source>(config: &str) -> Result<(), ConnectorError> {
@@ -53,16 +53,32 @@ pub(crate) fn destination_open<D: Destination>(config: &str) -> Result<D::Writer
 
 /// Decodes the batch, hands the decodable rows to `op`, and maps the indexes
 /// of its rejections back to line indexes of the original batch.
-fn dispatch<T, F>(ndjson: &str, op: F) -> Result<WriteAck, ConnectorError>
+fn dispatch<'a, T, F>(ndjson: &'a str, op: F) -> Result<WriteAck, ConnectorError>
 where
-    T: serde::de::DeserializeOwned,
+    T: serde::Deserialize<'a>,
     F: FnOnce(Vec<T>) -> Result<WriteAck, ConnectorError>,
 {
-    let (rows, mut rejected) = decode_json_lines::<T>(ndjson);
+    // As `decode_json_lines`, but rows and their line indexes straight into
+    // two lists.
+    let mut rows = Vec::new();
+    let mut positions = Vec::new();
+    let mut rejected = Vec::new();
+    let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
+    for (index, line) in lines.enumerate() {
+        match serde_json::from_str::<T>(line) {
+            Ok(row) => {
+                rows.push(row);
+                positions.push(u32::try_from(index).unwrap_or(u32::MAX));
+            }
+            Err(e) => rejected.push(Rejection::new(
+                index,
+                ConnectorError::data("record_invalid", format!("record {index} does not decode: {e}")),
+            )),
+        }
+    }
     if rows.is_empty() {
         return Ok(WriteAck { accepted: 0, rejected });
     }
-    let (positions, rows): (Vec<u32>, Vec<T>) = rows.into_iter().unzip();
     let ack = op(rows)?;
     for r in ack.rejected {
         match positions.get(r.index as usize) {
@@ -88,7 +104,7 @@ pub(crate) fn destination_write<W: DestinationWriter>(
     writer: &mut W,
     ndjson: &str,
 ) -> Result<WriteAck, ConnectorError> {
-    dispatch::<DestinationRecord, _>(ndjson, |rows| writer.write(rows))
+    dispatch::<DestinationRecordRef, _>(ndjson, |rows| writer.write_ref(rows))
 }
 
 pub(crate) fn destination_delete<W: DestinationWriter>(
@@ -101,7 +117,7 @@ pub(crate) fn destination_delete<W: DestinationWriter>(
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
-    use crate::records::{ReadEvent, Records};
+    use crate::records::{DestinationRecord, ReadEvent, Records};
     use crate::{ErrorClass, Spec, testing};
     use serde::Deserialize;
     use serde_json::json;

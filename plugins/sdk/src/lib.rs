@@ -229,7 +229,8 @@ pub mod testing;
 pub use config::parse_config;
 pub use error::{ConnectorError, ErrorClass};
 pub use records::{
-    DeleteRecord, DestinationRecord, Identities, Op, ReadEvent, Records, Rejection, WriteAck, decode_json_lines,
+    DeleteRecord, DestinationRecord, DestinationRecordRef, Identities, IdentitiesRef, Op, ReadEvent, Records,
+    Rejection, TraitValue, TraitsRef, WriteAck, decode_json_lines,
 };
 pub use serde_json;
 pub use spec::{PROTOCOL_VERSION, Spec, capability};
@@ -297,6 +298,16 @@ pub trait DestinationWriter: 'static {
     /// delivered. Records are delivered with an idempotency `key`; the host
     /// may send the same batch again after a retryable error.
     fn write(&mut self, batch: Vec<DestinationRecord>) -> Result<WriteAck, ConnectorError>;
+
+    /// Delivers a batch of records borrowed from the batch text; the SDK
+    /// calls this for every batch. The default makes the records owned (a
+    /// copy of each string, nothing parsed twice) and calls
+    /// [`DestinationWriter::write`]. Override it when the copies matter, as
+    /// a file or bulk exporter's do; `write` then only serves direct calls
+    /// (typically delegating with [`DestinationRecord::borrowed`]).
+    fn write_ref(&mut self, batch: Vec<DestinationRecordRef<'_>>) -> Result<WriteAck, ConnectorError> {
+        self.write(batch.into_iter().map(DestinationRecordRef::into_owned).collect())
+    }
 
     /// Makes everything accepted so far durable.
     fn flush(&mut self) -> Result<(), ConnectorError>;
