@@ -205,15 +205,6 @@
 #![warn(missing_docs)]
 
 mod bindings;
-
-// Rust's own dlmalloc port instead of the C library's: the same algorithm,
-// but compiled with the plugin, so link-time optimisation inlines the
-// allocator into its callers (about 7 % of dest-file's write path in
-// `cdp bench plugin`). A plugin with its own `#[global_allocator]` turns
-// off the default `allocator` feature.
-#[cfg(all(target_arch = "wasm32", feature = "allocator"))]
-#[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 mod config;
 mod error;
 #[doc(hidden)]
