@@ -702,7 +702,7 @@ impl Store {
             // records are new (`ON CONFLICT DO NOTHING RETURNING`, on both
             // backends), one pass over the message-id index instead of a
             // probe and then an insert.
-            let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+            let index = batch.index.as_ref().ok_or_else(unindexed)?;
             let payloads = std::mem::take(&mut batch.payloads);
             let rows = batch
                 .records
@@ -718,7 +718,7 @@ impl Store {
                 // records left, keeping the ids the records just written
                 // anchor on.
                 let ids: FxHashMap<(String, String), Known> = {
-                    let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+                    let index = batch.index.as_ref().ok_or_else(unindexed)?;
                     index
                         .idents
                         .iter()
@@ -728,13 +728,13 @@ impl Store {
                 };
                 batch.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
                 batch.index(cfg);
-                let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+                let index = batch.index.as_ref().ok_or_else(unindexed)?;
                 known = index
                     .idents
                     .iter()
                     .map(|&(ri, pos)| ids.get(&batch.records[ri as usize].ids[pos as usize]).copied())
                     .collect::<Option<Vec<Known>>>()
-                    .ok_or_else(|| unindexed())?;
+                    .ok_or_else(unindexed)?;
             }
             report.duplicates += (before - batch.len()) as u64;
             if batch.is_empty() {
@@ -743,7 +743,7 @@ impl Store {
         }
         let batch: &Batch = batch;
         let records = &batch.records;
-        let index = batch.index.as_ref().ok_or_else(|| unindexed())?;
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
         let ident = |i: usize| -> &(String, String) {
             let (ri, pos) = index.idents[i];
             &records[ri as usize].ids[pos as usize]
@@ -1532,7 +1532,9 @@ mod tests {
         // a and b anchor on the CRM id, c (email only) on the email.
         assert_eq!(index.anchor, [0, 1, 0]);
         let text = |at: At| batch.trait_texts[at.0 as usize][at.1 as usize].as_str();
-        let mut folds: Vec<(u32, &str, &str, i64, &str, &str, Option<f64>)> = index
+        // (anchor, trait, source, observations, first, last, sum)
+        type Row<'a> = (u32, &'a str, &'a str, i64, &'a str, &'a str, Option<f64>);
+        let mut folds: Vec<Row<'_>> = index
             .folds
             .iter()
             .map(|f| {
