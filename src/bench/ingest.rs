@@ -62,7 +62,13 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                     Err(_) => rejected += 1,
                 }
                 if batch.len() >= batch_size {
-                    if tx.blocking_send((Batch::prepare(std::mem::take(&mut batch), &reader_cfg), rejected)).is_err() {
+                    if tx
+                        .blocking_send((
+                            Batch::prepare(std::mem::replace(&mut batch, Vec::with_capacity(batch_size)), &reader_cfg),
+                            rejected,
+                        ))
+                        .is_err()
+                    {
                         return Ok(());
                     }
                     rejected = 0;
@@ -102,7 +108,9 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
                 let id = l.record["id"].as_str().unwrap_or_default().to_owned();
                 let at = l.record["at"].as_str().unwrap_or_default().to_owned();
                 batch.push((l.source.to_owned(), id, at, l.record.to_string()));
-                if batch.len() >= batch_size && tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                if batch.len() >= batch_size
+                    && tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).is_err()
+                {
                     return;
                 }
             }

@@ -96,7 +96,8 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
             if recs.len() >= batch_size {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
-                let prepared = Batch::prepare(std::mem::take(&mut recs), &reader_cfg);
+                let prepared =
+                    Batch::prepare(std::mem::replace(&mut recs, Vec::with_capacity(batch_size)), &reader_cfg);
                 let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped);
                 skipped = 0;
                 if tx.blocking_send(batch).is_err() {
