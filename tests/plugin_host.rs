@@ -313,3 +313,42 @@ async fn the_conformance_suite_reports_a_broken_plugin() {
     let write = report.checks.iter().find(|c| c.name == "writes a batch").unwrap();
     assert!(!write.passed && write.detail.contains("deadline"), "{write:?}");
 }
+
+/// dest-file hashes identifiers through the host's `sha256` import: the file
+/// written in the sandbox holds the SHA-256 of each normalised value, and a
+/// record without a usable identifier is rejected while the rest are written.
+#[tokio::test]
+async fn dest_file_hashes_through_the_host() {
+    let (host, _cache) = host();
+    let file = host.load(&plugins::shipped("dest_file"), None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let grants = Grants {
+        mounts: vec![Mount { host: dir.path().canonicalize().unwrap(), guest: "/out".into(), writable: true }],
+        ..Grants::default()
+    };
+    let mut inst = file.destination("file", &grants).await.unwrap();
+    inst.open(&json!({"path": "/out/h.csv", "identities": ["email", "phone"]})).await.unwrap();
+    let batch = [
+        json!({"key": "a", "op": "enter", "profile_id": "p1", "identities": {"email": [" Ada@Example.com", "b@x.io"], "phone": ["+46 70 123 45 67"]}}),
+        json!({"key": "b", "op": "enter", "profile_id": "p2", "identities": {"email": ["not an email"]}}),
+        json!({"key": "c", "op": "exit", "profile_id": "p3", "identities": {"phone": ["+1 (650) 555-1234"]}}),
+    ]
+    .iter()
+    .map(|r| format!("{r}\n"))
+    .collect::<String>();
+    let ack = inst.write(batch, 3).await.unwrap();
+    assert_eq!(ack.accepted, 2);
+    assert_eq!(ack.rejected.iter().map(|r| r.0).collect::<Vec<_>>(), [1]);
+    inst.flush().await.unwrap();
+    let sha = |s: &str| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(s.as_bytes()))
+    };
+    let text = std::fs::read_to_string(dir.path().join("h.csv")).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "key,op,audience,email,phone");
+    assert_eq!(rows[1], format!("a,enter,,{},{}", sha("ada@example.com"), sha("46701234567")));
+    assert_eq!(rows[2], format!("a,enter,,{},", sha("b@x.io")));
+    assert_eq!(rows[3], format!("c,exit,,,{}", sha("16505551234")));
+    assert_eq!(rows.len(), 4);
+}

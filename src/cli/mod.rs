@@ -172,13 +172,13 @@ pub enum Bench {
         #[arg(long, default_value_t = 11)]
         runs: usize,
     },
-    /// A destination plugin's write path next to the same transform natively; load and instantiation costs.
+    /// A destination plugin's write path next to the same connector code natively; load and instantiation costs.
     Plugin {
         /// How many records (batches of 1,000).
         #[arg(long, default_value_t = 200_000)]
         records: usize,
-        /// Runs of each path, alternating (the median is shown).
-        #[arg(long, default_value_t = 5)]
+        /// Runs of each path, alternating (medians are shown).
+        #[arg(long, default_value_t = 7)]
         runs: usize,
         /// The dest-file component (default: plugins/dist/dest_file.wasm).
         #[arg(long)]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -245,7 +246,37 @@ impl host::Host for State {
         *slot = if counter { *slot + value } else { value };
         Ok(())
     }
+
+    fn sha256(&mut self, data: Vec<u8>, ends: Vec<u32>) -> wasmtime::Result<Vec<u8>> {
+        if data.len() > MAX_HASH_INPUT || ends.len() > MAX_HASH_VALUES {
+            wasmtime::bail!(
+                "host sha256: {} bytes in {} values is over the limit of {MAX_HASH_INPUT} bytes and {MAX_HASH_VALUES} values per call; split the work",
+                data.len(),
+                ends.len()
+            );
+        }
+        let mut digests = Vec::with_capacity(32 * ends.len());
+        let mut start = 0;
+        for (i, &end) in ends.iter().enumerate() {
+            let end = end as usize;
+            let Some(value) = data.get(start..end) else {
+                wasmtime::bail!(
+                    "host sha256: value {i} ends at byte {end}, before its start ({start}) or past the end of the data ({})",
+                    data.len()
+                );
+            };
+            digests.extend_from_slice(&Sha256::digest(value));
+            start = end;
+        }
+        Ok(digests)
+    }
 }
+
+/// Largest input of one `sha256` call: the host copies it out of the
+/// guest's memory, outside the guest's memory cap and deadline.
+pub const MAX_HASH_INPUT: usize = 1 << 20;
+/// Most values one `sha256` call hashes.
+pub const MAX_HASH_VALUES: usize = 1 << 16;
 
 fn cut(mut s: String) -> String {
     if s.len() > MAX_LINE {
@@ -351,6 +382,28 @@ mod tests {
         assert!(!l.memory_growing(4 << 16, 5 << 16, None).unwrap());
         assert_eq!(l.refused, Some(11 << 16));
         assert_eq!(l.used, 10 << 16);
+    }
+
+    #[test]
+    fn sha256_hashes_each_value_and_refuses_bad_bounds() {
+        use host::Host as _;
+        let mut state = State::new("t", &Grants::default()).unwrap();
+        let digests = state.sha256(b"abc".to_vec(), vec![0, 3]).unwrap();
+        assert_eq!(
+            hex::encode(&digests),
+            concat!(
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            )
+        );
+        assert!(state.sha256(Vec::new(), Vec::new()).unwrap().is_empty());
+        let past = state.sha256(b"abc".to_vec(), vec![4]).unwrap_err().to_string();
+        assert!(past.contains("value 0 ends at byte 4"), "{past}");
+        let back = state.sha256(b"abc".to_vec(), vec![2, 1]).unwrap_err().to_string();
+        assert!(back.contains("value 1 ends at byte 1, before its start (2)"), "{back}");
+        let big = state.sha256(vec![0; MAX_HASH_INPUT + 1], vec![1]).unwrap_err().to_string();
+        assert!(big.contains("over the limit"), "{big}");
+        assert!(state.sha256(Vec::new(), vec![0; MAX_HASH_VALUES + 1]).is_err());
     }
 
     #[test]

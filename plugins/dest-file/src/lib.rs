@@ -61,7 +61,8 @@ use cdp_plugin_sdk::{
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use normalize::{normalize_email_into, normalize_phone_into, push_sha256_hex};
+use cdp_plugin_sdk::hash::{Digest256, Sha256Batch, push_hex};
+use normalize::{normalize_email_into, normalize_phone_into};
 
 /// The file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -235,10 +236,18 @@ struct Scratch {
     out: Vec<u8>,
     /// One normalised identifier, before hashing.
     normalised: String,
-    /// The identifier cells of one record, one after another.
+    /// The batch's identifier cells as written (hex digests or normalised
+    /// values), one after another.
     ids: String,
-    /// Per configured identity type: its cells in `ids`.
-    spans: Vec<Vec<Range<usize>>>,
+    /// Each identifier cell's place in `ids`, record by record and, within
+    /// a record, by configured identity type.
+    cells: Vec<Range<usize>>,
+    /// Per record and configured identity type (`record * types + type`):
+    /// its cells in `cells`.
+    spans: Vec<Range<usize>>,
+    /// The normalised identifiers to hash, one per cell.
+    hashes: Sha256Batch,
+    digests: Vec<Digest256>,
     /// One non-string trait as JSON text.
     cell: Vec<u8>,
 }
@@ -299,47 +308,67 @@ impl FileWriter {
         })
     }
 
-    /// Puts the identifiers of `record` to write into `ids`/`spans`, by
-    /// configured type (normalised, hashed if configured); values that do
-    /// not normalise are dropped with a warning. Answers whether any is
-    /// left.
-    fn identifiers(
-        cfg: &Config,
-        record: &DestinationRecordRef<'_>,
-        normalised: &mut String,
-        ids: &mut String,
-        spans: &mut Vec<Vec<Range<usize>>>,
-    ) -> bool {
+    /// Normalises the identifiers of every record of `batch` into cells
+    /// (`scratch.ids`, `cells`, `spans`), hashing them all in one go if
+    /// configured; values that do not normalise are dropped with a warning.
+    /// Answers, per record, whether any identifier is left.
+    fn identifiers(cfg: &Config, batch: &[DestinationRecordRef<'_>], scratch: &mut Scratch) -> Vec<bool> {
+        let Scratch {
+            normalised,
+            ids,
+            cells,
+            spans,
+            hashes,
+            digests,
+            ..
+        } = scratch;
         ids.clear();
-        spans.resize_with(cfg.identities.len(), Vec::new);
-        let mut any = false;
-        for (kind, cells) in cfg.identities.iter().zip(spans.iter_mut()) {
-            cells.clear();
-            for raw in record.identities.get(kind).unwrap_or_default() {
-                normalised.clear();
-                let ok = match kind.as_str() {
-                    "email" => normalize_email_into(raw, normalised),
-                    "phone" => normalize_phone_into(raw, cfg.default_country_code.as_deref(), normalised),
-                    _ => {
-                        normalised.push_str(raw.trim());
-                        !normalised.is_empty()
+        cells.clear();
+        spans.clear();
+        hashes.clear();
+        let mut usable = Vec::with_capacity(batch.len());
+        for record in batch {
+            let mut any = false;
+            for kind in &cfg.identities {
+                let first = cells.len();
+                for raw in record.identities.get(kind).unwrap_or_default() {
+                    normalised.clear();
+                    let ok = match kind.as_str() {
+                        "email" => normalize_email_into(raw, normalised),
+                        "phone" => normalize_phone_into(raw, cfg.default_country_code.as_deref(), normalised),
+                        _ => {
+                            normalised.push_str(raw.trim());
+                            !normalised.is_empty()
+                        }
+                    };
+                    if !ok {
+                        log::warn!("record {}: {kind} value is not usable; left out", record.key);
+                        continue;
                     }
-                };
-                if !ok {
-                    log::warn!("record {}: {kind} value is not usable; left out", record.key);
-                    continue;
+                    if cfg.hash_identifiers {
+                        hashes.push(normalised.as_bytes());
+                        cells.push(0..0); // placed once hashed
+                    } else {
+                        let start = ids.len();
+                        ids.push_str(normalised);
+                        cells.push(start..ids.len());
+                    }
+                    any = true;
                 }
+                spans.push(first..cells.len());
+            }
+            usable.push(any);
+        }
+        if cfg.hash_identifiers {
+            // Cells and digests are in the same order.
+            hashes.digests_into(digests);
+            for (cell, digest) in cells.iter_mut().zip(digests.iter()) {
                 let start = ids.len();
-                if cfg.hash_identifiers {
-                    push_sha256_hex(normalised, ids);
-                } else {
-                    ids.push_str(normalised);
-                }
-                cells.push(start..ids.len());
-                any = true;
+                push_hex(digest, ids);
+                *cell = start..ids.len();
             }
         }
-        any
+        usable
     }
 
     /// The CSV rows of one record: one per value of its most-valued
@@ -347,21 +376,19 @@ impl FileWriter {
     fn render_csv<W: Write>(
         cfg: &Config,
         record: &DestinationRecordRef<'_>,
-        ids: &str,
-        spans: &[Vec<Range<usize>>],
+        ids: &Ids<'_>,
         cell: &mut Vec<u8>,
         w: &mut csv::Writer<W>,
     ) -> Result<(), ConnectorError> {
         let err = |e: csv::Error| ConnectorError::internal("csv_write", e.to_string());
         let audience = record.audience.as_deref().unwrap_or_default();
-        let rows = spans.iter().map(Vec::len).max().unwrap_or(0);
+        let rows = ids.spans.iter().map(ExactSizeIterator::len).max().unwrap_or(0);
         for i in 0..rows {
             w.write_field(record.key.as_bytes()).map_err(err)?;
             w.write_field(record.op.as_str()).map_err(err)?;
             w.write_field(audience).map_err(err)?;
-            for cells in spans {
-                w.write_field(cells.get(i).map_or("", |r| &ids[r.clone()]))
-                    .map_err(err)?;
+            for span in ids.spans {
+                w.write_field(ids.get(span, i).unwrap_or_default()).map_err(err)?;
             }
             for f in &cfg.fields {
                 match record.traits.get(f) {
@@ -384,16 +411,15 @@ impl FileWriter {
     fn render_jsonl(
         cfg: &Config,
         record: &DestinationRecordRef<'_>,
-        ids: &str,
-        spans: &[Vec<Range<usize>>],
+        ids: &Ids<'_>,
         out: &mut Vec<u8>,
     ) -> Result<(), ConnectorError> {
         let identities: Map<String, Value> = cfg
             .identities
             .iter()
-            .zip(spans)
-            .filter(|(_, cells)| !cells.is_empty())
-            .map(|(k, cells)| (k.clone(), cells.iter().map(|r| &ids[r.clone()]).collect()))
+            .zip(ids.spans)
+            .filter(|(_, span)| !span.is_empty())
+            .map(|(k, span)| (k.clone(), (0..span.len()).filter_map(|i| ids.get(span, i)).collect()))
             .collect();
         let traits: Map<String, Value> = cfg
             .fields
@@ -407,6 +433,22 @@ impl FileWriter {
         serde_json::to_writer(&mut *out, &line).map_err(|e| ConnectorError::internal("jsonl_write", e.to_string()))?;
         out.push(b'\n');
         Ok(())
+    }
+}
+
+/// One record's identifier cells, by configured identity type.
+struct Ids<'a> {
+    text: &'a str,
+    cells: &'a [Range<usize>],
+    /// Per identity type: its cells in `cells`.
+    spans: &'a [Range<usize>],
+}
+
+impl Ids<'_> {
+    /// The `i`-th cell of one identity type.
+    fn get(&self, span: &Range<usize>, i: usize) -> Option<&str> {
+        let cell = span.clone().nth(i)?;
+        self.text.get(self.cells.get(cell)?.clone())
     }
 }
 
@@ -434,14 +476,16 @@ impl DestinationWriter for FileWriter {
     }
 
     fn write_ref(&mut self, batch: Vec<DestinationRecordRef<'_>>) -> Result<WriteAck, ConnectorError> {
+        let cfg = &self.cfg;
+        let usable = Self::identifiers(cfg, &batch, &mut self.scratch);
         let Scratch {
             out,
-            normalised,
             ids,
+            cells,
             spans,
             cell,
+            ..
         } = &mut self.scratch;
-        let cfg = &self.cfg;
         let mut buf = std::mem::take(out);
         buf.clear();
         // One CSV writer for the batch, fields written in place.
@@ -453,9 +497,10 @@ impl DestinationWriter for FileWriter {
             ),
             Format::Jsonl => Sink::Jsonl(buf),
         };
+        let types = cfg.identities.len();
         let mut rejected = Vec::new();
-        for (i, record) in batch.iter().enumerate() {
-            if !Self::identifiers(cfg, record, normalised, ids, spans) {
+        for (i, (record, usable)) in batch.iter().zip(usable).enumerate() {
+            if !usable {
                 rejected.push(Rejection::new(
                     i,
                     ConnectorError::data(
@@ -469,9 +514,14 @@ impl DestinationWriter for FileWriter {
                 ));
                 continue;
             }
+            let record_ids = Ids {
+                text: ids,
+                cells,
+                spans: spans.get(i * types..(i + 1) * types).unwrap_or_default(),
+            };
             match &mut sink {
-                Sink::Csv(w) => Self::render_csv(cfg, record, ids, spans, cell, w)?,
-                Sink::Jsonl(v) => Self::render_jsonl(cfg, record, ids, spans, v)?,
+                Sink::Csv(w) => Self::render_csv(cfg, record, &record_ids, cell, w)?,
+                Sink::Jsonl(v) => Self::render_jsonl(cfg, record, &record_ids, v)?,
             }
         }
         *out = match sink {

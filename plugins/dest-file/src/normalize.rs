@@ -26,9 +26,10 @@
 //!
 //!   Google Customer Match hashes phones in E.164 *with* the `+`; files for
 //!   Google need `hash_identifiers: false` and the host's E.164 values.
-//! * **Hash**: SHA-256 of the normalised UTF-8 text, lower-case hex.
+//! * **Hash**: SHA-256 of the normalised UTF-8 text, lower-case hex,
+//!   computed by the host (`cdp_plugin_sdk::hash`).
 
-use sha2::{Digest, Sha256};
+use cdp_plugin_sdk::hash;
 
 /// A normalised email, or `None` if `raw` is not an email address.
 pub fn normalize_email(raw: &str) -> Option<String> {
@@ -106,11 +107,7 @@ pub fn sha256_hex(value: &str) -> String {
 
 /// Appends the SHA-256 of `value`, lower-case hex, to `out`.
 pub fn push_sha256_hex(value: &str, out: &mut String) {
-    let mut text = [0u8; 64];
-    // A 32-byte digest always fits 64 hex digits, and hex digits are ASCII.
-    if hex::encode_to_slice(Sha256::digest(value.as_bytes()), &mut text).is_ok() {
-        out.push_str(std::str::from_utf8(&text).unwrap_or_default());
-    }
+    hash::push_sha256_hex(value.as_bytes(), out);
 }
 
 #[cfg(test)]

@@ -63,8 +63,7 @@ where
     let mut rows = Vec::new();
     let mut positions = Vec::new();
     let mut rejected = Vec::new();
-    let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
-    for (index, line) in lines.enumerate() {
+    for (index, line) in crate::records::json_lines(ndjson).enumerate() {
         match serde_json::from_str::<T>(line) {
             Ok(row) => {
                 rows.push(row);

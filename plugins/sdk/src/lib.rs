@@ -210,6 +210,7 @@ mod error;
 #[doc(hidden)]
 pub mod export;
 mod glue;
+pub mod hash;
 pub mod http;
 pub mod log;
 mod records;
