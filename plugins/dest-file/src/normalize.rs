@@ -51,11 +51,28 @@ pub fn normalize_email_into(raw: &str, out: &mut String) -> bool {
         out.push_str(&trimmed.to_lowercase());
     }
     let email = &out[start..];
-    let ok = match email.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty() && !domain.is_empty() && !domain.contains('@') && !email.chars().any(char::is_whitespace)
+    let ok = if email.is_ascii() {
+        // One pass: exactly one `@` with text on both sides, no whitespace
+        // (`char::is_whitespace` in ASCII: tab to carriage return, space).
+        let (mut ats, mut at, mut space) = (0, 0, false);
+        for (i, &b) in email.as_bytes().iter().enumerate() {
+            if b == b'@' {
+                ats += 1;
+                at = i;
+            }
+            space |= matches!(b, b'\t'..=b'\r' | b' ');
         }
-        None => false,
+        ats == 1 && at > 0 && at + 1 < email.len() && !space
+    } else {
+        match email.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.is_empty()
+                    && !domain.contains('@')
+                    && !email.chars().any(char::is_whitespace)
+            }
+            None => false,
+        }
     };
     if !ok {
         out.truncate(start);
@@ -113,6 +130,33 @@ pub fn push_sha256_hex(value: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_emails_are_checked_as_the_general_rule_does() {
+        let general = |e: &str| {
+            e.split_once('@').is_some_and(|(l, d)| {
+                !l.is_empty() && !d.is_empty() && !d.contains('@') && !e.chars().any(char::is_whitespace)
+            })
+        };
+        for e in [
+            "a@b",
+            "@b",
+            "a@",
+            "a@@b",
+            "a@b@c",
+            "a b@c",
+            "a\u{b}b@c",
+            "a\u{c}@c",
+            "a\u{1f}@c",
+            "ab",
+            "",
+            "@",
+            "x@y.z",
+        ] {
+            let mut out = String::new();
+            assert_eq!(normalize_email_into(e, &mut out), general(e), "{e:?}");
+        }
+    }
 
     #[test]
     fn emails() {

@@ -161,11 +161,22 @@ fn host_values() -> usize {
 
 /// Appends `digest` to `out` as 64 lower-case hex digits.
 pub fn push_hex(digest: &Digest256, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Both digits of every byte value, so a byte is one lookup.
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
     let mut text = [0u8; 64];
-    for (pair, byte) in text.chunks_exact_mut(2).zip(digest) {
-        pair[0] = HEX[usize::from(byte >> 4)];
-        pair[1] = HEX[usize::from(byte & 0xf)];
+    for i in 0..32 {
+        let [hi, lo] = PAIRS[usize::from(digest[i])];
+        text[2 * i] = hi;
+        text[2 * i + 1] = lo;
     }
     // Hex digits are ASCII: always valid UTF-8.
     if let Ok(text) = std::str::from_utf8(&text) {

@@ -315,7 +315,10 @@ impl<'a> Values<'a> {
 impl<'a> IdentitiesRef<'a> {
     /// The values of one identity type, if the record has it.
     pub fn get(&self, kind: &str) -> Option<&[Cow<'a, str>]> {
-        self.0.iter().find(|(k, _)| k == kind).map(|(_, v)| v.as_slice())
+        self.0
+            .iter()
+            .find(|(k, _)| same_name(k, kind))
+            .map(|(_, v)| v.as_slice())
     }
 
     /// `(type, values)` in order.
@@ -334,6 +337,13 @@ impl<'a> IdentitiesRef<'a> {
     }
 }
 
+/// Name equality for the short lists of identities and traits: length and
+/// first byte settle most mismatches without a call to `memcmp` (a byte loop
+/// in a WebAssembly guest).
+fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.as_bytes().first() == b.as_bytes().first() && a == b
+}
+
 /// Traits by name, borrowed: a list of `(name, value)` in the order the host
 /// sent them. A name sent twice keeps its first position and its last value,
 /// as a map would.
@@ -343,7 +353,7 @@ pub struct TraitsRef<'a>(Vec<(Cow<'a, str>, TraitValue<'a>)>);
 impl<'a> TraitsRef<'a> {
     /// The value of one trait, if the record has it (possibly JSON `null`).
     pub fn get(&self, name: &str) -> Option<&TraitValue<'a>> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        self.0.iter().find(|(k, _)| same_name(k, name)).map(|(_, v)| v)
     }
 
     /// `(name, value)` in order.
