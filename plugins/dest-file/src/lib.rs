@@ -311,8 +311,7 @@ impl FileWriter {
     /// Normalises the identifiers of every record of `batch` into cells
     /// (`scratch.ids`, `cells`, `spans`), hashing them all in one go if
     /// configured; values that do not normalise are dropped with a warning.
-    /// Answers, per record, whether any identifier is left.
-    fn identifiers(cfg: &Config, batch: &[DestinationRecordRef<'_>], scratch: &mut Scratch) -> Vec<bool> {
+    fn identifiers(cfg: &Config, batch: &[DestinationRecordRef<'_>], scratch: &mut Scratch) {
         let Scratch {
             normalised,
             ids,
@@ -326,9 +325,7 @@ impl FileWriter {
         cells.clear();
         spans.clear();
         hashes.clear();
-        let mut usable = Vec::with_capacity(batch.len());
         for record in batch {
-            let mut any = false;
             for kind in &cfg.identities {
                 let first = cells.len();
                 for raw in record.identities.get(kind).unwrap_or_default() {
@@ -353,11 +350,9 @@ impl FileWriter {
                         ids.push_str(normalised);
                         cells.push(start..ids.len());
                     }
-                    any = true;
                 }
                 spans.push(first..cells.len());
             }
-            usable.push(any);
         }
         if cfg.hash_identifiers {
             // Cells and digests are in the same order.
@@ -368,7 +363,6 @@ impl FileWriter {
                 *cell = start..ids.len();
             }
         }
-        usable
     }
 
     /// The CSV rows of one record: one per value of its most-valued
@@ -477,7 +471,7 @@ impl DestinationWriter for FileWriter {
 
     fn write_ref(&mut self, batch: Vec<DestinationRecordRef<'_>>) -> Result<WriteAck, ConnectorError> {
         let cfg = &self.cfg;
-        let usable = Self::identifiers(cfg, &batch, &mut self.scratch);
+        Self::identifiers(cfg, &batch, &mut self.scratch);
         let Scratch {
             out,
             ids,
@@ -499,8 +493,13 @@ impl DestinationWriter for FileWriter {
         };
         let types = cfg.identities.len();
         let mut rejected = Vec::new();
-        for (i, (record, usable)) in batch.iter().zip(usable).enumerate() {
-            if !usable {
+        for (i, record) in batch.iter().enumerate() {
+            let record_ids = Ids {
+                text: ids,
+                cells,
+                spans: spans.get(i * types..(i + 1) * types).unwrap_or_default(),
+            };
+            if record_ids.spans.iter().all(Range::is_empty) {
                 rejected.push(Rejection::new(
                     i,
                     ConnectorError::data(
@@ -514,11 +513,6 @@ impl DestinationWriter for FileWriter {
                 ));
                 continue;
             }
-            let record_ids = Ids {
-                text: ids,
-                cells,
-                spans: spans.get(i * types..(i + 1) * types).unwrap_or_default(),
-            };
             match &mut sink {
                 Sink::Csv(w) => Self::render_csv(cfg, record, &record_ids, cell, w)?,
                 Sink::Jsonl(v) => Self::render_jsonl(cfg, record, &record_ids, v)?,

@@ -58,23 +58,12 @@ where
     T: serde::Deserialize<'a>,
     F: FnOnce(Vec<T>) -> Result<WriteAck, ConnectorError>,
 {
-    // As `decode_json_lines`, but rows and their line indexes straight into
-    // two lists.
     let mut rows = Vec::new();
     let mut positions = Vec::new();
-    let mut rejected = Vec::new();
-    for (index, line) in crate::records::json_lines(ndjson).enumerate() {
-        match serde_json::from_str::<T>(line) {
-            Ok(row) => {
-                rows.push(row);
-                positions.push(u32::try_from(index).unwrap_or(u32::MAX));
-            }
-            Err(e) => rejected.push(Rejection::new(
-                index,
-                ConnectorError::data("record_invalid", format!("record {index} does not decode: {e}")),
-            )),
-        }
-    }
+    let mut rejected = crate::records::decode_each(ndjson, |index, row| {
+        rows.push(row);
+        positions.push(index);
+    });
     if rows.is_empty() {
         return Ok(WriteAck { accepted: 0, rejected });
     }

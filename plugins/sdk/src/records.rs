@@ -454,7 +454,7 @@ fn optional_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>
 /// Replaces the value of `key` in place or appends it: a map's `insert`
 /// over a short list.
 fn insert<'a, T>(list: &mut Vec<(Cow<'a, str>, T)>, key: Cow<'a, str>, value: T) {
-    match list.iter_mut().find(|(k, _)| *k == key) {
+    match list.iter_mut().find(|(k, _)| same_name(k, &key)) {
         Some(slot) => slot.1 = value,
         None => list.push((key, value)),
     }
@@ -486,45 +486,42 @@ impl<'de: 'a, 'a> Deserialize<'de> for Values<'a> {
     }
 }
 
+/// A JSON object as a short list of `(name, value)` in arrival order, a name
+/// sent twice keeping its first place and its last value. `capacity` is
+/// reserved up front (JSON gives no size hint).
+fn named_list<'de, D, T>(d: D, capacity: usize) -> Result<Vec<(Cow<'de, str>, T)>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(usize, std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+        type Value = Vec<(Cow<'de, str>, T)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(map.size_hint().unwrap_or(self.0).min(64));
+            while let Some((CowStr(k), v)) = map.next_entry::<CowStr<'de>, T>()? {
+                insert(&mut out, k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V(capacity, std::marker::PhantomData))
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for IdentitiesRef<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = IdentitiesRef<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-                while let Some((CowStr(k), v)) = map.next_entry::<CowStr<'de>, Values<'de>>()? {
-                    insert(&mut out, k, v);
-                }
-                Ok(IdentitiesRef(out))
-            }
-        }
-        d.deserialize_map(V)
+        // Records carry one or two identity types.
+        named_list(d, 0).map(IdentitiesRef)
     }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for TraitsRef<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TraitsRef<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                // JSON gives no size hint: room for a typical profile's
-                // traits up front instead of growing through 4 and 8.
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
-                while let Some((CowStr(k), v)) = map.next_entry()? {
-                    insert(&mut out, k, v);
-                }
-                Ok(TraitsRef(out))
-            }
-        }
-        d.deserialize_map(V)
+        // Room for a typical profile's traits instead of growing through 4 and 8.
+        named_list(d, 8).map(TraitsRef)
     }
 }
 
@@ -714,17 +711,24 @@ impl WriteAck {
 /// data ([`DestinationRecord`], any `DeserializeOwned` type).
 pub fn decode_json_lines<'a, T: Deserialize<'a>>(ndjson: &'a str) -> (Vec<(u32, T)>, Vec<Rejection>) {
     let mut rows = Vec::new();
+    let rejected = decode_each(ndjson, |index, row| rows.push((index, row)));
+    (rows, rejected)
+}
+
+/// Decodes each non-blank line of `ndjson`, handing `row` every line that
+/// decodes with its index; answers the rejections of those that do not.
+pub(crate) fn decode_each<'a, T: Deserialize<'a>>(ndjson: &'a str, mut row: impl FnMut(u32, T)) -> Vec<Rejection> {
     let mut rejected = Vec::new();
     for (index, line) in json_lines(ndjson).enumerate() {
         match serde_json::from_str::<T>(line) {
-            Ok(row) => rows.push((u32::try_from(index).unwrap_or(u32::MAX), row)),
+            Ok(r) => row(u32::try_from(index).unwrap_or(u32::MAX), r),
             Err(e) => rejected.push(Rejection::new(
                 index,
                 ConnectorError::data("record_invalid", format!("record {index} does not decode: {e}")),
             )),
         }
     }
-    (rows, rejected)
+    rejected
 }
 
 /// The non-blank lines of `text`, without their `\n` or `\r\n` ends, as
