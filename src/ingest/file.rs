@@ -14,27 +14,101 @@ pub type Line = (u64, Result<Value, String>);
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Formats by file extension: `.csv` is CSV, everything else JSON Lines.
+/// Only regular files are read: a directory, a device (`/dev/zero`), a FIFO
+/// or a socket is refused before it is opened (opening a FIFO blocks, and a
+/// device never ends).
 pub fn open(path: &Path) -> std::io::Result<Box<dyn Iterator<Item = Line> + Send>> {
+    regular(path)?;
     let file = File::open(path)?;
     let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     Ok(if is_csv { Box::new(csv_lines(file)) } else { Box::new(json_lines(BufReader::with_capacity(1 << 20, file))) })
 }
 
-/// JSON Lines; blank lines are skipped.
+/// Refuses anything but a regular file, saying what it is.
+fn regular(path: &Path) -> std::io::Result<()> {
+    let t = std::fs::metadata(path)?.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let what = if t.is_dir() { "a directory" } else { special_kind(&t) };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file; give a JSON Lines or CSV file"),
+    ))
+}
+
+#[cfg(unix)]
+fn special_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: &std::fs::FileType) -> &'static str {
+    "a special file"
+}
+
+/// Reads one line (without its newline) into `buf`, keeping at most
+/// `MAX_LINE_BYTES + 1` bytes: the rest of a longer line is skipped as it
+/// is read, never buffered. Returns the line's full length, `None` at the
+/// end of input.
+fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+    let mut len = 0usize;
+    loop {
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok((len > 0).then_some(len));
+        }
+        let (piece, newline) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (&chunk[..i], true),
+            None => (chunk, false),
+        };
+        let room = (MAX_LINE_BYTES + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&piece[..piece.len().min(room)]);
+        len += piece.len();
+        let used = piece.len() + usize::from(newline);
+        r.consume(used);
+        if newline {
+            return Ok(Some(len));
+        }
+    }
+}
+
+/// JSON Lines; blank lines are skipped. A read error ends the input after
+/// it is reported.
 pub fn json_lines(mut r: impl BufRead + Send) -> impl Iterator<Item = Line> + Send {
     let mut n = 0u64;
     let mut buf = Vec::with_capacity(4096);
+    let mut failed = false;
     std::iter::from_fn(move || {
         loop {
+            if failed {
+                return None;
+            }
             buf.clear();
             n += 1;
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) => return Some((n, Err(format!("read error: {e}")))),
-            }
-            if buf.len() > MAX_LINE_BYTES {
-                return Some((n, Err(format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", buf.len()))));
+            let len = match read_line(&mut r, &mut buf) {
+                Ok(None) => return None,
+                Ok(Some(len)) => len,
+                Err(e) => {
+                    failed = true;
+                    return Some((n, Err(format!("read error: {e}"))));
+                }
+            };
+            if len > MAX_LINE_BYTES {
+                return Some((n, Err(format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"))));
             }
             let text = match std::str::from_utf8(&buf) {
                 Ok(t) => t.trim(),
@@ -48,21 +122,76 @@ pub fn json_lines(mut r: impl BufRead + Send) -> impl Iterator<Item = Line> + Se
     })
 }
 
-/// CSV with a header row; empty cells are left out of the record.
+/// A reader that fails once a physical line passes [`MAX_LINE_BYTES`], so
+/// the CSV parser never buffers more than that of one line.
+struct LineCap<R> {
+    inner: R,
+    /// Bytes since the last newline, at most `MAX_LINE_BYTES`.
+    run: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for LineCap<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // Never hand out more than the rest of the allowance of this line:
+        // a newline within it renews the allowance.
+        let room = MAX_LINE_BYTES - self.run;
+        if room == 0 {
+            let mut one = [0u8; 1];
+            return match self.inner.read(&mut one)? {
+                0 => Ok(0),
+                _ if one[0] == b'\n' && !out.is_empty() => {
+                    self.run = 0;
+                    out[0] = b'\n';
+                    Ok(1)
+                }
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "a line is longer than the limit of {MAX_LINE_BYTES} bytes; the rest of the file is not read"
+                    ),
+                )),
+            };
+        }
+        let len = out.len().min(room);
+        let n = self.inner.read(&mut out[..len])?;
+        match out[..n].iter().rposition(|b| *b == b'\n') {
+            Some(i) => self.run = n - i - 1,
+            None => self.run += n,
+        }
+        Ok(n)
+    }
+}
+
+/// CSV with a header row; empty cells are left out of the record. A line
+/// over [`MAX_LINE_BYTES`] or a read error ends the input after it is
+/// reported.
 pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + Send {
+    let r = LineCap { inner: r, run: 0 };
     let mut reader = csv::ReaderBuilder::new().flexible(false).has_headers(true).from_reader(r);
     let headers: Result<Vec<String>, String> = reader
         .headers()
         .map(|h| h.iter().map(|s| s.trim_start_matches('\u{feff}').trim().to_owned()).collect())
-        .map_err(|e| format!("cannot read the CSV header: {e}"));
+        .map_err(|e| format!("cannot read the CSV header: {e}"))
+        .and_then(unique_headers);
     let mut records = reader.into_records();
     let mut header_error = headers.as_ref().err().cloned();
+    let mut readable = header_error.is_none();
     let headers = headers.unwrap_or_default();
     std::iter::from_fn(move || {
         if let Some(e) = header_error.take() {
             return Some((1, Err(e)));
         }
+        if !readable {
+            return None;
+        }
         let rec = records.next()?;
+        if let Err(e) = &rec
+            && let csv::ErrorKind::Io(io) = e.kind()
+        {
+            readable = false;
+            let line = e.position().map_or(0, |p| p.line());
+            return Some((line, Err(format!("read error: {io}"))));
+        }
         Some(match rec {
             Ok(row) => {
                 let line = row.position().map_or(0, |p| p.line());
@@ -80,6 +209,22 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
             }
         })
     })
+}
+
+/// Refuses a header row naming a column twice: which of the two values a
+/// record meant would be a guess.
+fn unique_headers(headers: Vec<String>) -> Result<Vec<String>, String> {
+    let mut seen = std::collections::HashMap::with_capacity(headers.len());
+    for (i, h) in headers.iter().enumerate() {
+        if let Some(first) = seen.insert(h.as_str(), i) {
+            return Err(format!(
+                "the CSV header names column `{h}` twice (columns {} and {}); rename or remove one",
+                first + 1,
+                i + 1
+            ));
+        }
+    }
+    Ok(headers)
 }
 
 #[cfg(test)]
@@ -106,5 +251,37 @@ mod tests {
         assert_eq!(lines[1].0, 3);
         assert!(lines[2].1.is_err());
         assert_eq!(lines[2].0, 4);
+    }
+
+    #[test]
+    fn a_long_line_is_skipped_without_being_buffered() {
+        let mut input = vec![b'x'; MAX_LINE_BYTES * 3];
+        input.extend_from_slice(b"\n{\"a\":1}\n");
+        let lines: Vec<Line> = json_lines(std::io::BufReader::with_capacity(4096, &input[..])).collect();
+        assert_eq!(lines.len(), 2);
+        let e = lines[0].1.as_ref().unwrap_err();
+        assert_eq!(e, &format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", MAX_LINE_BYTES * 3));
+        assert_eq!((lines[1].0, lines[1].1.as_ref().unwrap()["a"].as_i64()), (2, Some(1)));
+    }
+
+    #[test]
+    fn a_long_csv_line_ends_the_input() {
+        let mut input = b"id,email\n1,a@x.org\n2,".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES * 2));
+        input.extend_from_slice(b"\n3,c@x.org\n");
+        let lines: Vec<Line> = csv_lines(&input[..]).collect();
+        assert_eq!(lines.len(), 2, "{:?}", lines.iter().map(|l| l.0).collect::<Vec<_>>());
+        assert!(lines[0].1.is_ok());
+        let e = lines[1].1.as_ref().unwrap_err();
+        assert!(e.contains(&format!("longer than the limit of {MAX_LINE_BYTES} bytes")), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_csv_header_is_refused() {
+        let lines: Vec<Line> = csv_lines("id,email,Email,email\n1,a,b,c\n".as_bytes()).collect();
+        assert_eq!(lines.len(), 1);
+        let e = lines[0].1.as_ref().unwrap_err();
+        assert!(e.contains("column `email` twice (columns 2 and 4)"), "{e}");
+        assert_eq!(lines[0].0, 1);
     }
 }
