@@ -202,7 +202,8 @@ fn non_regular_files_are_refused_before_reading() {
     assert!(text(&out).contains("it is a directory, not a regular file"), "{}", text(&out));
     let out = cdp(dir.path(), &["ingest", "crm", "-i", "/dev/zero"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot open /dev/zero: it is a device, not a regular file"), "{}", text(&out));
+    assert!(text(&out).contains("cannot open /dev/zero"), "{}", text(&out));
+    assert!(text(&out).contains("it is a device, not a regular file"), "{}", text(&out));
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     assert!(!dir.path().join("bench.db").exists(), "refused before the store was touched");
 }
@@ -230,7 +231,7 @@ fn many_identifiers_in_one_record_are_rejected_quickly() {
     let dir = workspace();
     let emails: Vec<String> = (0..40_000).map(|i| format!("p{i}@example.org")).collect();
     let line = serde_json::json!({"id": "1", "crm_id": "C1", "email": emails});
-    let same = serde_json::json!({"id": "2", "crm_id": "C2", "email": vec!["a@example.org"; 100_000]});
+    let same = serde_json::json!({"id": "2", "crm_id": "C2", "email": vec!["a@b.se"; 100_000]});
     std::fs::write(dir.path().join("in.jsonl"), format!("{line}\n{same}\n")).unwrap();
     let started = std::time::Instant::now();
     let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.jsonl", "--rejects", "rejects.jsonl"]);
