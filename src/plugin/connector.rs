@@ -489,3 +489,31 @@ impl DestinationInstance {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_just_past_4_gib_is_a_stack_overflow() {
+        let fault = |addr: u64| {
+            wasmtime::Error::from(wasmtime::Trap::MemoryOutOfBounds)
+                .context(format!("memory fault at wasm address 0x{addr:x} in linear memory of size 0x110000"))
+        };
+        assert!(stack_overflow(&fault(0x1_0000_01e0)));
+        assert!(stack_overflow(&fault(0xFFFF_FF00)));
+        assert!(!stack_overflow(&fault(0x11_0008)), "just past the end of memory is an ordinary fault");
+        assert!(stack_overflow(&wasmtime::Error::from(wasmtime::Trap::StackOverflow)));
+        assert!(!stack_overflow(&wasmtime::Error::from(wasmtime::Trap::UnreachableCodeReached)));
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_saying_how_long_they_were() {
+        let mut s = "é".repeat(3000);
+        cut_to(&mut s, MAX_ERROR_MESSAGE);
+        assert!(s.ends_with("… (cut at 4096 of 6000 bytes)"), "{}", &s[4000..]);
+        let mut short = "fine".to_owned();
+        cut_to(&mut short, MAX_ERROR_MESSAGE);
+        assert_eq!(short, "fine");
+    }
+}

@@ -513,6 +513,24 @@ mod tests {
     }
 
     #[test]
+    fn output_past_the_budget_is_dropped_counted_and_renewed_per_call() {
+        let recent = Recent::default();
+        let mut w =
+            LineWriter { entry: "t".into(), stream: "stdout", recent: recent.clone(), buf: Vec::new(), cut: false };
+        let flood = "line\n".repeat(MAX_LOG_LINES as usize + 10);
+        w.write_lines(flood.as_bytes());
+        let mut long = vec![b'x'; 3 * MAX_LINE];
+        long.push(b'\n');
+        w.write_lines(&long);
+        assert_eq!(recent.end_call(), Dropped { lines: 11, bytes: 10 * 4 + MAX_LINE as u64 });
+        assert_eq!(recent.dropped_total(), 11);
+        w.write_lines(&long);
+        let last = recent.take().pop().unwrap();
+        assert_eq!(last.message.len(), MAX_LINE + '…'.len_utf8(), "an over-long line is cut, not split");
+        assert_eq!(recent.end_call(), Dropped::default());
+    }
+
+    #[test]
     fn long_lines_are_cut_on_a_char_boundary() {
         let s = "é".repeat(MAX_LINE);
         let c = cut(s);
