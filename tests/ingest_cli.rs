@@ -224,6 +224,17 @@ fn an_overlong_line_is_rejected_and_the_next_one_goes_in() {
     assert_eq!(r["line"], 1);
     let limit = cdp::ingest::file::MAX_LINE_BYTES;
     assert_eq!(r["reason"], format!("line is {} bytes; the limit is {limit}", input.find('\n').unwrap()));
+
+    // CSV: the row is rejected as it is read and the next one goes in.
+    let csv = format!("id,crm_id,first_name\n3,C3,{}\n4,C4,Ok\n", "x".repeat(20 << 20));
+    std::fs::write(dir.path().join("in.csv"), &csv).unwrap();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.csv", "--rejects", "csv-rejects.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("accepted        1"), "{}", text(&out));
+    let rejects = std::fs::read_to_string(dir.path().join("csv-rejects.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(rejects.lines().next().unwrap()).unwrap();
+    assert_eq!(r["line"], 2);
+    assert_eq!(r["reason"], format!("line is {} bytes; the limit is {limit}", (20 << 20) + 5));
 }
 
 #[test]

@@ -122,51 +122,77 @@ pub fn json_lines(mut r: impl BufRead + Send) -> impl Iterator<Item = Line> + Se
     })
 }
 
-/// A reader that fails once a physical line passes [`MAX_LINE_BYTES`], so
-/// the CSV parser never buffers more than that of one line.
+/// The CSV parser's input: a physical line past [`MAX_LINE_BYTES`] is cut
+/// there (the rest is skipped as it is read, never buffered) and noted, so
+/// the record holding it is rejected and the file goes on.
 struct LineCap<R> {
     inner: R,
-    /// Bytes since the last newline, at most `MAX_LINE_BYTES`.
+    /// Bytes of the current physical line so far.
     run: usize,
+    /// The current physical line, from 1.
+    line: u64,
+    /// Whether the rest of the current line is being skipped.
+    skipping: bool,
+    /// Lines cut, with their full length, in order.
+    cut: Vec<(u64, usize)>,
 }
 
-impl<R: std::io::Read> std::io::Read for LineCap<R> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        // Never hand out more than the rest of the allowance of this line:
-        // a newline within it renews the allowance.
-        let room = MAX_LINE_BYTES - self.run;
-        if room == 0 {
-            let mut one = [0u8; 1];
-            return match self.inner.read(&mut one)? {
-                0 => Ok(0),
-                _ if one[0] == b'\n' && !out.is_empty() => {
-                    self.run = 0;
-                    out[0] = b'\n';
-                    Ok(1)
-                }
-                _ => Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "a line is longer than the limit of {MAX_LINE_BYTES} bytes; the rest of the file is not read"
-                    ),
-                )),
+impl<R: BufRead> LineCap<R> {
+    fn new(inner: R) -> Self {
+        LineCap { inner, run: 0, line: 1, skipping: false, cut: Vec::new() }
+    }
+
+    /// Skips the rest of an over-long line, up to (not including) its newline.
+    fn skip(&mut self) -> std::io::Result<()> {
+        while self.skipping {
+            let chunk = self.inner.fill_buf()?;
+            let (n, end) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (i, true),
+                None => (chunk.len(), chunk.is_empty()),
             };
+            self.run += n;
+            self.inner.consume(n);
+            if end {
+                self.skipping = false;
+                self.cut.push((self.line, self.run));
+            }
         }
-        let len = out.len().min(room);
-        let n = self.inner.read(&mut out[..len])?;
-        match out[..n].iter().rposition(|b| *b == b'\n') {
-            Some(i) => self.run = n - i - 1,
-            None => self.run += n,
-        }
-        Ok(n)
+        Ok(())
     }
 }
 
-/// CSV with a header row; empty cells are left out of the record. A line
-/// over [`MAX_LINE_BYTES`] or a read error ends the input after it is
-/// reported.
+impl<R: BufRead> std::io::Read for LineCap<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            self.skip()?;
+            let chunk = self.inner.fill_buf()?;
+            let mut n = 0;
+            while n < chunk.len().min(out.len()) {
+                if chunk[n] == b'\n' {
+                    (self.run, self.line) = (0, self.line + 1);
+                } else if self.run == MAX_LINE_BYTES {
+                    break;
+                } else {
+                    self.run += 1;
+                }
+                n += 1;
+            }
+            out[..n].copy_from_slice(&chunk[..n]);
+            let done = n > 0 || chunk.is_empty() || out.is_empty();
+            self.inner.consume(n);
+            if done {
+                return Ok(n);
+            }
+            self.skipping = true;
+        }
+    }
+}
+
+/// CSV with a header row; empty cells are left out of the record. A row
+/// with a line over [`MAX_LINE_BYTES`] is rejected; a read error ends the
+/// input after it is reported.
 pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + Send {
-    let r = LineCap { inner: r, run: 0 };
+    let r = LineCap::new(BufReader::with_capacity(64 << 10, r));
     let mut reader = csv::ReaderBuilder::new().flexible(false).has_headers(true).from_reader(r);
     let headers: Result<Vec<String>, String> = reader
         .headers()
@@ -177,6 +203,8 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
     let mut header_error = headers.as_ref().err().cloned();
     let mut readable = header_error.is_none();
     let headers = headers.unwrap_or_default();
+    // Lines cut before this index belong to rows already returned.
+    let mut cut_seen = 0;
     std::iter::from_fn(move || {
         if let Some(e) = header_error.take() {
             return Some((1, Err(e)));
@@ -185,28 +213,37 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
             return None;
         }
         let rec = records.next()?;
+        let start = match &rec {
+            Ok(row) => row.position(),
+            Err(e) => e.position(),
+        }
+        .map_or(0, |p| p.line());
+        // The parser reads at most a buffer ahead, and a line is noted only
+        // once it is longer than that buffer: a noted line at or after the
+        // row's start is within the row.
+        let cut = records.reader().get_ref().cut.get(cut_seen..).unwrap_or_default();
+        cut_seen += cut.iter().take_while(|(l, _)| *l < start).count();
+        if let Some(&(line, len)) = records.reader().get_ref().cut.get(cut_seen) {
+            cut_seen += 1;
+            return Some((line, Err(format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"))));
+        }
         if let Err(e) = &rec
             && let csv::ErrorKind::Io(io) = e.kind()
         {
             readable = false;
-            let line = e.position().map_or(0, |p| p.line());
-            return Some((line, Err(format!("read error: {io}"))));
+            return Some((start, Err(format!("read error: {io}"))));
         }
         Some(match rec {
             Ok(row) => {
-                let line = row.position().map_or(0, |p| p.line());
                 let mut obj = Map::new();
                 for (h, v) in headers.iter().zip(row.iter()) {
                     if !v.is_empty() {
                         obj.insert(h.clone(), Value::String(v.to_owned()));
                     }
                 }
-                (line, Ok(Value::Object(obj)))
+                (start, Ok(Value::Object(obj)))
             }
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                (line, Err(format!("malformed CSV row: {e}")))
-            }
+            Err(e) => (start, Err(format!("malformed CSV row: {e}"))),
         })
     })
 }
@@ -265,15 +302,19 @@ mod tests {
     }
 
     #[test]
-    fn a_long_csv_line_ends_the_input() {
+    fn a_long_csv_line_is_rejected_and_the_file_goes_on() {
         let mut input = b"id,email\n1,a@x.org\n2,".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES * 2));
-        input.extend_from_slice(b"\n3,c@x.org\n");
+        input.extend_from_slice(b"\n3,c@x.org\n4,");
+        input.extend(std::iter::repeat_n(b'y', MAX_LINE_BYTES + 1));
         let lines: Vec<Line> = csv_lines(&input[..]).collect();
-        assert_eq!(lines.len(), 2, "{:?}", lines.iter().map(|l| l.0).collect::<Vec<_>>());
-        assert!(lines[0].1.is_ok());
+        let numbers: Vec<u64> = lines.iter().map(|l| l.0).collect();
+        assert_eq!(numbers, [2, 3, 4, 5]);
+        assert_eq!(lines[0].1.as_ref().unwrap()["email"], "a@x.org");
         let e = lines[1].1.as_ref().unwrap_err();
-        assert!(e.contains(&format!("longer than the limit of {MAX_LINE_BYTES} bytes")), "{e}");
+        assert_eq!(e, &format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", MAX_LINE_BYTES * 2 + 2));
+        assert_eq!(lines[2].1.as_ref().unwrap()["email"], "c@x.org");
+        assert!(lines[3].1.as_ref().unwrap_err().contains(&format!("{} bytes", MAX_LINE_BYTES + 3)));
     }
 
     #[test]

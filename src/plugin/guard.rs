@@ -5,6 +5,8 @@
 //! the host thread is inside the system call. So the kind of the target is
 //! looked up first (`stat-at` never blocks) and anything else is refused
 //! with `access`, and a warning in the instance's log naming the file.
+//! WASI cannot create such files, so only a host process could swap one in
+//! between the look-up and the open.
 
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::filesystem::WasiFilesystemView;
