@@ -261,7 +261,7 @@ fn section<T: DeserializeOwned + Default>(v: Option<&Value>, name: &'static str,
         None | Some(Value::Null) => T::default(),
         Some(v) => match salvage(v) {
             Ok((t, dropped)) => {
-                g.dropped.extend(dropped.into_iter().map(|(k, e)| (yaml::push_segment(&pointer, &k), e)));
+                g.dropped.extend(dropped.into_iter().map(|(k, e)| (format!("{pointer}{k}"), e)));
                 t
             }
             Err(e) => {
@@ -283,33 +283,63 @@ fn salvage<T: DeserializeOwned>(v: &Value) -> Result<(T, Vec<(String, String)>),
         Ok(t) => return Ok((t, Vec::new())),
         Err(e) => e.to_string(),
     };
-    let Value::Object(map) = v else { return Err(first) };
-    let mut map = map.clone();
+    if !v.is_object() {
+        return Err(first);
+    }
+    let mut doc = v.clone();
     let mut error = first.clone();
     let mut dropped = Vec::new();
-    for _ in 0..map.len() {
-        let culprit = unknown_field(&error).filter(|k| map.contains_key(*k)).map(str::to_owned).or_else(|| {
-            // The first key whose removal clears this error without making a required key missing.
-            map.keys()
-                .find(|k| {
-                    let mut without = map.clone();
-                    without.remove(*k);
-                    T::deserialize(&Value::Object(without)).map_or_else(
-                        |e| e.to_string() != error && !e.to_string().starts_with("missing field"),
-                        |_| true,
-                    )
-                })
-                .cloned()
-        });
-        let Some(culprit) = culprit else { return Err(first) };
-        map.remove(&culprit);
+    for _ in 0..64 {
+        let Some(culprit) = culprit::<T>(&doc, &error) else { return Err(first) };
+        remove(&mut doc, &culprit);
         dropped.push((culprit, error));
-        match T::deserialize(&Value::Object(map.clone())) {
+        match T::deserialize(&doc) {
             Ok(t) => return Ok((t, dropped)),
             Err(e) => error = e.to_string(),
         }
     }
     Err(first)
+}
+
+/// The value to drop for `error`: the unknown key serde names, else the
+/// first value whose removal clears the error without making a required key
+/// missing. Keys inside a mapping value come before the mapping itself, so
+/// `collector: {write_keys: 1}` loses `write_keys`, not the whole collector.
+fn culprit<T: DeserializeOwned>(doc: &Value, error: &str) -> Option<String> {
+    let mut candidates = Vec::new();
+    for (k, v) in doc.as_object()? {
+        let at = yaml::push_segment("", k);
+        if let Value::Object(inner) = v {
+            candidates.extend(inner.keys().map(|c| yaml::push_segment(&at, c)));
+        }
+        candidates.push(at);
+    }
+    if let Some(name) = unknown_field(error) {
+        let named = candidates.iter().find(|c| c.rsplit('/').next() == Some(&yaml::push_segment("", name)[1..]));
+        if let Some(c) = named {
+            return Some(c.clone());
+        }
+    }
+    candidates.into_iter().find(|c| {
+        let mut without = doc.clone();
+        remove(&mut without, c);
+        T::deserialize(&without).map_or_else(
+            |e| {
+                let e = e.to_string();
+                e != error && !e.starts_with("missing field")
+            },
+            |_| true,
+        )
+    })
+}
+
+/// Removes the value at a JSON pointer one or two levels deep.
+fn remove(doc: &mut Value, pointer: &str) {
+    let Some((parent, key)) = pointer.rsplit_once('/') else { return };
+    let key = key.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(map)) = doc.pointer_mut(parent) {
+        map.remove(&key);
+    }
 }
 
 /// Where a section named in [`Ghosts`] sits in the document.
@@ -335,6 +365,12 @@ fn unreported(g: &Ghosts, diags: &[Diagnostic], spans: &yaml::SpanIndex) -> Vec<
         });
         if !covered {
             let reason = reason.split(", expected").next().unwrap_or(reason);
+            // A number past u64 arrives as a float: say what is wrong with it.
+            let reason = if reason.starts_with("invalid type: floating point") {
+                format!("{} is not a whole number in range", reason.trim_start_matches("invalid type: floating point "))
+            } else {
+                reason.to_owned()
+            };
             out.push(
                 Diagnostic::error(diag::OUT_OF_RANGE, &path, format!("`{path}` cannot be read: {reason}"))
                     .at(spans.value(pointer))
@@ -364,7 +400,7 @@ fn entries<T: DeserializeOwned>(
                 match salvage(e) {
                     Ok((t, dropped)) => {
                         out.insert(k.clone(), t);
-                        g.dropped.extend(dropped.into_iter().map(|(d, e)| (yaml::push_segment(&pointer, &d), e)));
+                        g.dropped.extend(dropped.into_iter().map(|(d, e)| (format!("{pointer}{d}"), e)));
                     }
                     Err(e) => {
                         g.names.insert((name, k.clone()));

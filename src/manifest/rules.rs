@@ -364,7 +364,7 @@ impl<'a> Ctx<'a> {
                         format!("mount source `{host}` is not a directory here"),
                     )
                     .at(self.spans.key(&p))
-                    .hint("create it before `cdp run`; validation does not need it"),
+                    .hint("create it before a plugin uses it; validation does not need it"),
                 );
             }
         }

@@ -99,7 +99,7 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
                 .filter(|desc| desc.contains("e.g."));
             if let Some(desc) = described.filter(|_| expected.contains("string") && instance.is_number()) {
                 // `rate_limit: 20` or `max_wait: 5`: quoting alone would not make it valid.
-                d = d.hint(first_sentence(&desc));
+                d = d.hint(format!("write {}", example(&desc)));
             } else if expected.contains("string") && !instance.is_object() && !instance.is_array() {
                 d = d.hint("quote the value");
             } else if expected.contains("mapping") {
@@ -235,6 +235,14 @@ fn describe(v: &Value) -> String {
         Value::Array(_) => "a list".into(),
         Value::Object(_) => "a mapping".into(),
     }
+}
+
+/// The examples a field description gives: "e.g. `20/s`, `1000/m`".
+fn example(desc: &str) -> String {
+    let from = desc.find("e.g.").unwrap_or(0);
+    let rest = &desc[from..];
+    let end = rest[4.min(rest.len())..].find(". ").map_or(rest.len(), |i| i + 4);
+    rest[..end].trim_end_matches('.').replace('\n', " ")
 }
 
 fn first_sentence(s: &str) -> String {

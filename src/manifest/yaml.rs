@@ -608,7 +608,8 @@ mod tests {
 
     #[test]
     fn unclosed_flow_is_reported_where_it_opened() {
-        let doc = parse("version: 1\nname: x\nidentity:\n  priority: [email, phone\n  keys:\n    email: {}\nmodel: {}\n");
+        let doc =
+            parse("version: 1\nname: x\nidentity:\n  priority: [email, phone\n  keys:\n    email: {}\nmodel: {}\n");
         let d = &doc.diagnostics[0];
         assert_eq!((d.code, d.line, d.column), (diag::SYNTAX, 4, 13), "{d:?}");
         assert!(d.message.contains("never closed"), "{d:?}");
