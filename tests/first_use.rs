@@ -226,3 +226,180 @@ fn stores_beside_example_manifests_are_ignored_by_git() {
         assert!(o.status.success(), "{path} is not ignored");
     }
 }
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; r=sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone(); print(r[0] if r else '')")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("python3 sqlite3");
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+#[test]
+fn explain_tells_a_probabilistic_link_the_same_way_in_both_formats() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cdp.yaml"), cdp::bench::people::MANIFEST).expect("manifest");
+    let ppl = cdp::bench::people::people(3, 300);
+    for source in ["crm", "pos"] {
+        let lines: Vec<String> = cdp::bench::people::records(3, &ppl, 10)
+            .into_iter()
+            .filter(|r| r.source == source)
+            .map(|r| r.record.to_string())
+            .collect();
+        std::fs::write(dir.path().join("in.jsonl"), lines.join("\n") + "\n").expect("write");
+        let o = cdp(dir.path(), &["ingest", source, "-i", "in.jsonl"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let db = dir.path().join("bench.db");
+    let link = sqlite(&db, "SELECT message_id FROM records WHERE source = 'match' ORDER BY message_id LIMIT 1");
+    let (first, _) = link.split_once('~').unwrap_or_else(|| panic!("no probabilistic link among 300 people: `{link}`"));
+    let o = cdp(dir.path(), &["profile", "explain", first, "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let record = format!("match/{link}");
+    let merges: Vec<&serde_json::Value> =
+        v["ledger"].as_array().into_iter().flatten().filter(|e| e["record"] == record.as_str()).collect();
+    assert!(!merges.is_empty(), "{v:#}");
+    for e in merges {
+        assert_eq!(e["rule"], "probabilistic (Fellegi-Sunter)", "{e}");
+        assert!(e["probability"].as_f64().is_some_and(|p| p >= 0.95), "{e}");
+    }
+    let o = cdp(dir.path(), &["profile", "explain", first]);
+    let human = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = human.lines().filter(|l| l.contains(&record)).collect();
+    assert!(!lines.is_empty(), "{human}");
+    for l in lines {
+        assert!(l.contains("probabilistic (Fellegi-Sunter), probability "), "{l}");
+        assert!(l.contains("weights: "), "{l}");
+        assert!(!l.contains("deterministic"), "{l}");
+    }
+}
+
+#[test]
+fn plain_text_secrets_in_plugin_configs_are_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hook = root().join("plugins/dist/dest_webhook.wasm");
+    let http = root().join("plugins/dist/source_http.wasm");
+    let manifest = format!(
+        r#"version: 1
+name: secrets
+plugins:
+  hook: {{ path: {hook} }}
+  http: {{ path: {http} }}
+identity:
+  keys:
+    email: {{ normalize: email }}
+consent:
+  purposes: [email_marketing]
+sources:
+  api:
+    plugin: http
+    schedule: "0 0 * * * *"
+    allow_hosts: [api.example.com]
+    config: {{ url: "https://api.example.com/people", auth: {{ bearer: "sk_live_123" }} }}
+    map:
+      identities: {{ email: email }}
+destinations:
+  hook:
+    plugin: hook
+    purpose: email_marketing
+    allow_hosts: [hooks.example.com]
+    config:
+      url: "https://hooks.example.com/x"
+      signing_secret: "hunter2"
+      headers: {{ Authorization: "Bearer abc", X-Tenant: "${{env:TENANT}}" }}
+"#,
+        hook = hook.display(),
+        http = http.display()
+    );
+    std::fs::write(dir.path().join("cdp.yaml"), manifest).expect("write");
+    let o = cdp(dir.path(), &["validate", "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let mut secret_paths: Vec<&str> = v["diagnostics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["code"] == "CDP061")
+        .filter_map(|d| d["path"].as_str())
+        .collect();
+    secret_paths.sort_unstable();
+    assert_eq!(
+        secret_paths,
+        [
+            "destinations.hook.config.headers.Authorization",
+            "destinations.hook.config.signing_secret",
+            "sources.api.config.auth.bearer"
+        ],
+        "{v:#}"
+    );
+    let o = cdp(dir.path(), &["plugin", "inspect", hook.to_str().expect("path"), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["secrets"], serde_json::json!(["config.headers.*", "config.signing_secret"]), "{v:#}");
+    let o = cdp(dir.path(), &["plugin", "inspect", http.to_str().expect("path")]);
+    assert!(text(&o).contains("config.auth.bearer, config.auth.value"), "{}", text(&o));
+}
+
+#[test]
+fn the_pin_line_of_plugin_build_pastes_into_a_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = cdp(dir.path(), &["plugin", "new", "my-dest", "--kind", "destination"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let hints = text(&o);
+    assert!(!hints.contains("cd my-dest && cdp") && hints.contains("cdp plugin build my-dest"), "{hints}");
+    let o = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .current_dir(dir.path())
+        .env("CDP_CACHE_DIR", dir.path().join(".cache"))
+        .env("CARGO_TARGET_DIR", dir.path().join("my-dest/target"))
+        .args(["plugin", "build", "my-dest"])
+        .output()
+        .expect("run cdp");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let pin = out.lines().find(|l| l.contains("sha256: \"")).unwrap_or_else(|| panic!("{out}"));
+    assert!(pin.trim_start().starts_with("my_dest: { path: my-dest/target/"), "{pin}");
+    std::fs::write(dir.path().join("cdp.yaml"), format!("version: 1\nname: partner\nplugins:\n{pin}\n"))
+        .expect("write");
+    let o = cdp(dir.path(), &["validate", "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn input_spellings_are_accepted_as_documented() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = MANIFEST
+        .replace(
+            "      traits: { tier: tier }",
+            "      traits: { tier: tier, name: name }\n      consent: { email_marketing: optin }",
+        )
+        .replace(
+            "    tier: { type: string, enum: [gold, silver] }",
+            "    tier: { type: string, enum: [gold, silver] }\n    name: { type: string }",
+        )
+        .replace("model:", "consent:\n  purposes: [email_marketing]\nmodel:");
+    std::fs::write(dir.path().join("cdp.yaml"), manifest).expect("manifest");
+    let rows = [
+        r#"{"id": "1", "member": "3001", "name": 123, "optin": "yes"}"#,
+        r#"{"id": "2", "member": "3002", "optin": "Y"}"#,
+        r#"{"id": "3", "member": "3003", "optin": "granted"}"#,
+        r#"{"id": "4", "member": "3004", "optin": 1}"#,
+        r#"{"id": "5", "member": "3005", "optin": "opt-out"}"#,
+        r#"{"id": "6", "member": "3006", "optin": "maybe"}"#,
+    ];
+    std::fs::write(dir.path().join("in.jsonl"), rows.join("\n") + "\n").expect("write");
+    let o = cdp(dir.path(), &["ingest", "loyalty", "-i", "in.jsonl"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("in.jsonl:6: rejected"), "{}", text(&o));
+    assert!(text(&o).contains("rejected        1"), "{}", text(&o));
+    let o = cdp(dir.path(), &["profile", "get", "loyalty_id=3001", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["traits"]["name"]["value"], "123");
+    for (member, granted) in [("3001", true), ("3002", true), ("3003", true), ("3004", true), ("3005", false)] {
+        let o = cdp(dir.path(), &["profile", "get", &format!("loyalty_id={member}"), "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(v["consent"]["email_marketing"]["granted"], granted, "{member}: {v:#}");
+    }
+}
