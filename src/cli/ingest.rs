@@ -193,7 +193,7 @@ fn print_summary(source: &str, s: &Summary) {
     println!("  duplicates      {} (already stored, skipped by message id)", r.duplicates);
     println!("  rejected        {}", s.rejected);
     if s.skipped > 0 {
-        println!("  resumed after   {} records", s.skipped);
+        println!("  resumed after   {} lines", s.skipped);
     }
     println!("  new profiles    {}", r.new_profiles);
     println!("  merges          {}", r.merges);

@@ -189,7 +189,16 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
     diagnostics.extend(schema::check(&value, &spans));
     let (manifest, ghosts) = lenient(&value);
     diagnostics.extend(unreported(&ghosts, &diagnostics, &spans));
-    diagnostics.extend(rules::check(&manifest, &ghosts, &spans, &opts.base_dir));
+    // A rule about a value that salvage changed (it dropped a key inside it)
+    // would judge something other than what was written: the schema's
+    // diagnostic about the dropped key says what is wrong.
+    let changed: Vec<String> = ghosts.dropped.iter().map(|(p, _)| yaml::display_path(p)).collect();
+    let judged_as_written = |d: &Diagnostic| {
+        !changed
+            .iter()
+            .any(|c| c == &d.path || c.strip_prefix(d.path.as_str()).is_some_and(|r| r.starts_with(['.', '['])))
+    };
+    diagnostics.extend(rules::check(&manifest, &ghosts, &spans, &opts.base_dir).into_iter().filter(judged_as_written));
     diagnostics.sort_by(|a, b| (a.line, a.column, a.code).cmp(&(b.line, b.column, b.code)));
     diagnostics.dedup();
     let ok = !diagnostics.iter().any(Diagnostic::is_error);
