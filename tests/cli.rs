@@ -126,3 +126,89 @@ fn readme_tables_are_generated_from_the_code() {
     }
     assert!(want == readme, "README tables are stale: run `CDP_BLESS=1 cargo test --test cli`");
 }
+
+/// Eight deliberate errors, each in a part whose inputs are intact, are all
+/// reported by one run, although two destinations carry unknown keys and
+/// other parts of the manifest are wrong too (plugin configs included).
+#[test]
+fn one_run_reports_all_eight_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wasm = root().join("plugins/dist/dest_webhook.wasm");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&wasm).expect("plugins/dist/dest_webhook.wasm")))
+    };
+    let manifest = format!(
+        r#"version: 1
+name: eight
+plugins:
+  hook: {{ path: {wasm}, sha256: "{sha}" }}
+identity:
+  keys:
+    email: {{ normalize: email }}
+model:
+  traits:
+    tier: {{ type: string, enum: [gold, silver] }}
+consent:
+  purposes: [email_marketing, advertising]
+  policies:
+    - {{ deny_labels: [pii], for: [advertising] }}
+audiences:
+  vip: {{ where: 'tier == "platnum"' }}
+  nightly: {{ where: 'tier == "gold"', refresh: "0 61 * * * *" }}
+destinations:
+  vip_hook:
+    plugin: hook
+    audience: vip
+    purpose: advertising
+    shedule: "0 0 * * * *"
+    fields: [email]
+    rate_limit: 20
+    config: {{ url: "https://hooks.example.com/x", format: xls }}
+  ads:
+    plugin: hook
+    purpose: advertsing
+    batch: {{ max_wiat: 5s }}
+    config: {{ url: "https://ads.example.com/in" }}
+"#,
+        wasm = wasm.display()
+    );
+    let file = dir.path().join("cdp.yaml");
+    std::fs::write(&file, manifest).expect("write");
+    let (v, out) = validate_json(&file);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: Vec<(String, String)> = v["diagnostics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["severity"] == "error")
+        .map(|d| (d["code"].as_str().unwrap_or("").to_owned(), d["path"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    let expected = [
+        ("CDP023", "audiences.vip.where"),
+        ("CDP043", "audiences.nightly.refresh"),
+        ("CDP020", "destinations.vip_hook.shedule"),
+        ("CDP048", "destinations.vip_hook.fields[0]"),
+        ("CDP021", "destinations.vip_hook.rate_limit"),
+        ("CDP071", "destinations.vip_hook.config.format"),
+        ("CDP034", "destinations.ads.purpose"),
+        ("CDP020", "destinations.ads.batch.max_wiat"),
+    ];
+    for (code, path) in expected {
+        assert!(found.iter().any(|(c, p)| c == code && p == path), "{code} at {path} missing from {found:#?}");
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
+/// Docs are interface: nothing describes a command or an enforcement that the
+/// binary does not have yet.
+#[test]
+fn docs_claim_only_what_is_built() {
+    let schema = cdp(&["schema"], &root()).stdout;
+    let schema = String::from_utf8_lossy(&schema);
+    for claim in ["cdp run", "every delivery", "are never sent"] {
+        assert!(!schema.contains(claim), "the schema says `{claim}`");
+    }
+    let guide = std::fs::read_to_string(root().join("plugins/README.md")).expect("plugins/README.md");
+    assert!(!guide.contains("`cdp run` uses"), "plugins/README.md describes `cdp run` as existing");
+}

@@ -98,3 +98,22 @@ fn missing_file_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn missing_file_is_cdp001_in_the_machine_formats() {
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cdp"))
+            .args(["validate", "--format", format, "-f", "/nonexistent/cdp.yaml"])
+            .output()
+            .expect("run cdp")
+    };
+    let out = run("json");
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["diagnostics"][0]["code"], "CDP001");
+    let out = run("github");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("::error file=/nonexistent/cdp.yaml,line=1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CDP001"));
+}

@@ -33,6 +33,7 @@ pub struct Args<'a> {
 /// What an ingest did, for the summary and for benchmarks.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
+    /// Records read (a CSV header is none), skipped ones not counted.
     pub lines: u64,
     pub rejected: u64,
     pub skipped: u64,
@@ -72,8 +73,8 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     };
 
     // The reader thread maps records and prepares batches; this task writes them.
-    // (records, rejections, last line, lines skipped, identifiers dropped)
-    type Chunk = (Batch, Vec<(u64, String)>, u64, u64, u64);
+    // (records, rejections, last line, lines skipped, identifiers dropped, records read)
+    type Chunk = (Batch, Vec<(u64, String)>, u64, u64, u64, u64);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(1);
     let manifest = m.clone();
     let source = a.source.to_owned();
@@ -85,12 +86,14 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         let (mut recs, mut rejs) = (Vec::with_capacity(batch_size), Vec::new());
         let mut last_line = 0u64;
         let mut skipped = 0u64;
+        let mut read = 0u64;
         for (line, rec) in lines {
             last_line = line;
             if line <= start_after {
                 skipped += 1;
                 continue;
             }
+            read += 1;
             match rec.map_err(crate::ingest::Rejection).and_then(|v| mapper.map(&v, now)) {
                 Ok(r) => recs.push(r),
                 Err(e) => rejs.push((line, e.0)),
@@ -99,31 +102,32 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
                 let prepared =
                     Batch::prepare(std::mem::replace(&mut recs, Vec::with_capacity(batch_size)), &reader_cfg);
-                let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped);
-                skipped = 0;
+                let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped, read);
+                (skipped, read) = (0, 0);
                 if tx.blocking_send(batch).is_err() {
                     return Ok(());
                 }
             }
         }
         let dropped = std::mem::take(&mut mapper.dropped_ids);
-        let _ = tx.blocking_send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped));
+        let _ = tx.blocking_send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped, read));
         Ok(())
     });
 
     let started = Instant::now();
     let mut s = Summary::default();
     let mut shown = 0;
-    while let Some((recs, rejs, last_line, skipped, dropped)) = rx.recv().await {
+    while let Some((recs, rejs, last_line, skipped, dropped, read)) = rx.recv().await {
         s.skipped += skipped;
         s.dropped_ids += dropped;
-        s.lines = s.lines.max(last_line);
+        s.lines += read;
         s.rejected += rejs.len() as u64;
         for (line, reason) in &rejs {
             if let Some(out) = rejects_out.as_mut() {
                 writeln!(out, "{}", serde_json::json!({"line": line, "reason": reason}))?;
             }
-            if shown < 20 && !a.quiet {
+            // Shown under --quiet too: it silences progress, not failures.
+            if shown < 20 {
                 progress.suspend(|| eprintln!("{}:{line}: rejected: {reason}", a.file.display()));
                 shown += 1;
             }
@@ -148,15 +152,17 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             println!("  matching took {:.2}s", started.elapsed().as_secs_f64());
         }
     }
+    if s.rejected > 20 {
+        eprintln!(
+            "… {} more rejections{}",
+            s.rejected - 20,
+            if a.rejects.is_some() { " in the rejects file" } else { "; pass --rejects FILE for all" }
+        );
+    }
     if !a.quiet {
-        if s.rejected > 20 {
-            eprintln!(
-                "… {} more rejections{}",
-                s.rejected - 20,
-                if a.rejects.is_some() { " in the rejects file" } else { "; pass --rejects FILE for all" }
-            );
-        }
         print_summary(a.source, &s);
+    } else if s.rejected > 0 {
+        eprintln!("{} of {} records rejected", s.rejected, s.lines);
     }
     Ok(s)
 }
@@ -178,8 +184,9 @@ pub(crate) fn print_match(r: &crate::store::matching::MatchReport) {
 fn print_summary(source: &str, s: &Summary) {
     let r = &s.report;
     println!(
-        "ingested {} lines into `{source}` in {:.2}s ({:.0} records/s)",
+        "ingested {} record{} into `{source}` in {:.2}s ({:.0} records/s)",
         s.lines,
+        if s.lines == 1 { "" } else { "s" },
         s.seconds,
         r.accepted as f64 / s.seconds.max(1e-9)
     );

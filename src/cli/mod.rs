@@ -2,6 +2,23 @@
 //! lives in its own file; `run` maps results to the exit codes of the CLI
 //! contract (see README) and prints error chains.
 
+/// `println!` that returns the write error instead of panicking, so a reader
+/// that goes away (`cdp … | head`) ends the command quietly (see [`run`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// `print!` counterpart of [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 mod ingest;
 mod plugin;
 mod profile;
@@ -103,8 +120,8 @@ pub enum PluginCmd {
     /// Show a component's spec, capabilities, imports and config schema.
     Inspect {
         file: PathBuf,
-        #[arg(long, value_enum, default_value_t = Format::Human)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
         /// Deadline of the call into the plugin (`spec`), e.g. `5s` (default 30s).
         #[arg(long)]
         timeout: Option<String>,
@@ -127,8 +144,8 @@ pub enum PluginCmd {
         /// Deadline of each call, e.g. `5s` (default 30s).
         #[arg(long)]
         timeout: Option<String>,
-        #[arg(long, value_enum, default_value_t = Format::Human)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
     },
 }
 
@@ -145,8 +162,8 @@ pub enum ProfileCmd {
     Get {
         /// An identifier of the person, e.g. `email=ada@example.org`.
         key_value: String,
-        #[arg(long, value_enum, default_value_t = Format::Human)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
         /// How many recent events to show.
         #[arg(long, default_value_t = 20)]
         events: usize,
@@ -154,8 +171,8 @@ pub enum ProfileCmd {
     /// Why these identifiers were joined: the records and rules behind each.
     Explain {
         key_value: String,
-        #[arg(long, value_enum, default_value_t = Format::Human)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
     },
     /// Split one identifier off its profile for good (recorded in the ledger).
     Unmerge { key_value: String },
@@ -207,14 +224,23 @@ pub enum Bench {
     },
 }
 
-/// Output formats.
+/// Output formats of commands that report (everything but `validate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// For people.
+    Human,
+    /// Stable JSON (see README).
+    Json,
+}
+
+/// Output formats of `validate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     /// For people.
     Human,
     /// Stable JSON (see README).
     Json,
-    /// GitHub Actions annotations (`validate` only).
+    /// GitHub Actions annotations.
     Github,
 }
 
@@ -225,14 +251,14 @@ pub fn run() -> ExitCode {
     let file = cli.file;
     let result = match cli.command {
         Command::Validate { format } => return validate::run(&file, format),
-        Command::Schema { markdown } => {
+        Command::Schema { markdown } => (|| {
             if markdown {
-                print!("{}", crate::manifest::schema::reference_markdown());
+                out!("{}", crate::manifest::schema::reference_markdown());
             } else {
-                print!("{}", crate::manifest::schema::schema_text());
+                out!("{}", crate::manifest::schema::schema_text());
             }
             Ok(ExitCode::SUCCESS)
-        }
+        })(),
         Command::Bench(Bench::Validate { lines, runs }) => {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
@@ -249,7 +275,7 @@ pub fn run() -> ExitCode {
                 };
                 plugin::new(&name, kind, dir.as_deref(), sdk.as_deref())
             }
-            PluginCmd::Build { dir, debug, timeout } => plugin::build(&dir, debug, timeout.as_deref()),
+            PluginCmd::Build { dir, debug, timeout } => plugin::build(&dir, debug, &file, timeout.as_deref()),
             PluginCmd::Inspect { file, format, timeout } => plugin::inspect(&file, format, timeout.as_deref()),
             PluginCmd::Test { file, config, fixtures, mounts, allow_hosts, timeout, format } => {
                 plugin::test(plugin::TestArgs {
@@ -309,6 +335,8 @@ pub fn run() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of standard output went away (`| head`): nothing is left to say.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
@@ -319,9 +347,16 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_LOG").unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour only on a terminal: logs piped to a file or CI stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {

@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::Format;
+use super::ReportFormat as Format;
 use crate::plugin::{self, Grants, Host, Kind, Mount, conformance};
 
 /// Template files of `cdp plugin new`, by kind: (path in the crate, text).
@@ -59,11 +59,12 @@ pub fn new(name: &str, kind: Kind, dir: Option<&Path>, sdk: Option<&Path>) -> Re
             .replace("{{sdk_path}}", &sdk.display().to_string());
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    println!("created {kind} plugin `{name}` in {}", dir.display());
-    println!("next:");
-    println!("  cd {} && cargo test          # native unit tests", dir.display());
-    println!("  cdp plugin build {}           # the component, and its manifest pin", dir.display());
-    println!("  cdp plugin test FILE --config '{{…}}'   # the conformance suite in the sandbox");
+    outln!("created {kind} plugin `{name}` in {}", dir.display());
+    let wasm = dir.join("target").join(TARGET).join("release").join(format!("{}.wasm", name.replace('-', "_")));
+    outln!("next, from here:");
+    outln!("  (cd {} && cargo test)          # native unit tests", dir.display());
+    outln!("  cdp plugin build {}           # the component, and its manifest pin", dir.display());
+    outln!("  cdp plugin test {} --config '{{…}}'   # the conformance suite in the sandbox", wasm.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -86,7 +87,7 @@ fn sdk_path(explicit: Option<&Path>) -> Result<PathBuf> {
 /// `cdp plugin build [DIR] [--debug]`: cargo for wasm32-wasip2, then the
 /// component is loaded in the host (so it is known to be a connector) and its
 /// manifest pin printed.
-pub fn build(dir: &Path, debug: bool, timeout: Option<&str>) -> Result<ExitCode> {
+pub fn build(dir: &Path, debug: bool, manifest: &Path, timeout: Option<&str>) -> Result<ExitCode> {
     let timeout = call_timeout(timeout)?;
     if !dir.join("Cargo.toml").exists() {
         bail!("{} has no Cargo.toml; pass the plugin crate's directory", dir.display());
@@ -137,15 +138,44 @@ pub fn build(dir: &Path, debug: bool, timeout: Option<&str>) -> Result<ExitCode>
             return Ok(ExitCode::from(1));
         }
     };
-    println!("built {} ({} {} {}, {} KiB)", wasm.display(), p.kind(), spec.name, spec.version, p.size().div_ceil(1024));
-    println!("pin it in the manifest:");
-    println!("  plugins:");
-    println!("    {}: {{ path: {}, sha256: \"{}\" }}", short_name(&spec.name), wasm.display(), p.sha256());
+    outln!("built {} ({} {} {}, {} KiB)", wasm.display(), p.kind(), spec.name, spec.version, p.size().div_ceil(1024));
+    let manifest_dir = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    outln!("pin it in {} (the path is relative to it):", manifest.display());
+    outln!("  plugins:");
+    outln!(
+        "    {}: {{ path: {}, sha256: \"{}\" }}",
+        entry_name(&spec.name),
+        relative_to(&wasm, manifest_dir).display(),
+        p.sha256()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn short_name(name: &str) -> &str {
-    name.strip_prefix("source-").or_else(|| name.strip_prefix("dest-")).unwrap_or(name)
+/// A manifest name for a plugin crate: `dest-crm` → `crm`, `my-dest` → `my_dest`.
+fn entry_name(name: &str) -> String {
+    let short = name.strip_prefix("source-").or_else(|| name.strip_prefix("dest-")).unwrap_or(name);
+    let mut out: String =
+        short.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    if !out.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') {
+        out.insert(0, '_');
+    }
+    out.truncate(64);
+    out
+}
+
+/// `path` relative to `dir` (both resolved), for a manifest that moves with
+/// its repository; `path` as given when they share no root.
+fn relative_to(path: &Path, dir: &Path) -> PathBuf {
+    let (Ok(path), Ok(dir)) = (path.canonicalize(), dir.canonicalize()) else { return path.to_path_buf() };
+    let common = path.components().zip(dir.components()).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in dir.components().skip(common) {
+        out.push("..");
+    }
+    for c in path.components().skip(common) {
+        out.push(c);
+    }
+    out
 }
 
 /// `--timeout` of `build`, `inspect` and `test`: the deadline of each call
@@ -180,6 +210,8 @@ pub fn inspect(file: &Path, format: Format, timeout: Option<&str>) -> Result<Exi
             return Ok(ExitCode::from(1));
         }
     };
+    let secrets: Vec<String> =
+        crate::manifest::secrets::secret_fields(&spec.config_schema).iter().map(|f| format!("config.{f}")).collect();
     if format == Format::Json {
         let out = json!({
             "file": file.display().to_string(),
@@ -189,17 +221,18 @@ pub fn inspect(file: &Path, format: Format, timeout: Option<&str>) -> Result<Exi
             "protocol": p.protocol(),
             "spec": spec,
             "imports": p.imports(),
+            "secrets": secrets,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("file          {}", file.display());
-    println!("sha256        {}", p.sha256());
-    println!("size          {} KiB", p.size().div_ceil(1024));
-    println!("kind          {} (cdp:connector@{})", p.kind(), p.protocol());
-    println!("name          {} {}", spec.name, spec.version);
+    outln!("file          {}", file.display());
+    outln!("sha256        {}", p.sha256());
+    outln!("size          {} KiB", p.size().div_ceil(1024));
+    outln!("kind          {} (cdp:connector@{})", p.kind(), p.protocol());
+    outln!("name          {} {}", spec.name, spec.version);
     if !spec.description.is_empty() {
-        println!("description   {}", spec.description);
+        outln!("description   {}", spec.description);
     }
     let caps: Vec<String> = spec
         .capabilities
@@ -209,29 +242,14 @@ pub fn inspect(file: &Path, format: Format, timeout: Option<&str>) -> Result<Exi
             None => format!("{c} (unknown to this cdp)"),
         })
         .collect();
-    println!("capabilities  {}", if caps.is_empty() { "none".into() } else { caps.join("\n              ") });
-    println!("imports       {}", p.imports().join("\n              "));
-    let secrets = secret_fields(&spec.config_schema, "config");
+    outln!("capabilities  {}", if caps.is_empty() { "none".into() } else { caps.join("\n              ") });
+    outln!("imports       {}", p.imports().join("\n              "));
     if !secrets.is_empty() {
-        println!("secrets       {} (use ${{env:…}} in the manifest)", secrets.join(", "));
+        outln!("secrets       {} (use ${{env:…}} in the manifest)", secrets.join(", "));
     }
-    println!("config schema\n{}", serde_json::to_string_pretty(&spec.config_schema)?);
-    println!("pin           {{ path: {}, sha256: \"{}\" }}", file.display(), p.sha256());
+    outln!("config schema\n{}", serde_json::to_string_pretty(&spec.config_schema)?);
+    outln!("pin           {{ path: {}, sha256: \"{}\" }}", file.display(), p.sha256());
     Ok(ExitCode::SUCCESS)
-}
-
-/// Config fields marked `"x-secret": true`, as dotted paths.
-fn secret_fields(schema: &Value, at: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    if schema.get("x-secret").and_then(Value::as_bool) == Some(true) {
-        out.push(at.to_owned());
-    }
-    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
-        for (k, v) in props {
-            out.extend(secret_fields(v, &format!("{at}.{k}")));
-        }
-    }
-    out
 }
 
 /// Arguments of `cdp plugin test`.
@@ -278,9 +296,9 @@ pub fn test(a: TestArgs<'_>) -> Result<ExitCode> {
     let report = block(conformance::run(&p, "test", &opts))?;
     match a.format {
         Format::Json => {
-            println!("{}", serde_json::to_string_pretty(&json!({"passed": report.passed(), "report": report}))?)
+            outln!("{}", serde_json::to_string_pretty(&json!({"passed": report.passed(), "report": report}))?)
         }
-        _ => print!("{}", report.render(a.file)),
+        _ => out!("{}", report.render(a.file)),
     }
     Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -92,7 +92,7 @@ codes! {
     TOO_MANY_NODES = "CDP007": "too many values (alias expansion or size)";
     DUPLICATE_KEY = "CDP008": "the same key appears twice in one mapping";
     MULTI_DOC = "CDP009": "more than one YAML document in the file";
-    UNSUPPORTED_YAML = "CDP010": "unsupported YAML feature (tag, complex key, merge key)";
+    UNSUPPORTED_YAML = "CDP010": "unsupported YAML feature (tag, complex key, merge key of the wrong shape)";
     NOT_A_MAPPING = "CDP011": "the document is not a mapping";
     UNKNOWN_KEY = "CDP020": "unknown key";
     WRONG_TYPE = "CDP021": "value has the wrong type";
@@ -143,6 +143,8 @@ codes! {
     PLUGIN_KIND = "CDP070": "plugin used as the wrong kind of connector";
     PLUGIN_CONFIG = "CDP071": "config does not match the plugin's config schema";
     PLUGIN_CHECK = "CDP072": "the plugin refused its config";
+    YAML11_BOOLEAN = "CDP073": "an unquoted word YAML 1.1 reads as a boolean (`yes`, `no`, `on`, `off`, …)";
+    NOT_COMPUTED = "CDP074": "a rule reads a predicted trait, which is not computed yet";
 }
 
 /// Looks up the title of a code.

@@ -50,10 +50,15 @@ fn walk(
                         Diagnostic::warning(
                             diag::ENV_MISSING,
                             display_path(&pointer),
-                            format!("environment variable `{name}` is not set here; `cdp run` will need it"),
+                            format!(
+                                "environment variable `{name}` is not set here; cdp needs it where it uses this value"
+                            ),
                         )
                     };
-                    diags.push(d.at(spans.value(&pointer)).hint(format!("export {name}=… before `cdp run`")));
+                    diags
+                        .push(d.at(spans.value(&pointer)).hint(format!(
+                            "export {name}=… in the environment of the commands that use this manifest"
+                        )));
                 }
                 if let Some(out) = out {
                     *s = out;

@@ -11,8 +11,10 @@
 
 pub mod diag;
 pub mod env;
+pub mod lint;
 pub mod rules;
 pub mod schema;
+pub mod secrets;
 pub mod types;
 pub mod units;
 pub mod yaml;
@@ -39,6 +41,10 @@ pub struct Loaded {
     /// Where every key and value sits, for checks that run after loading
     /// (plugin configs against the plugins' own schemas).
     pub spans: Option<yaml::SpanIndex>,
+    /// The manifest as far as it typed, also when it has errors: entries that
+    /// failed are left out. For checks that run after loading, each on the
+    /// parts whose inputs are intact.
+    pub partial: Option<Manifest>,
 }
 
 impl Loaded {
@@ -107,6 +113,7 @@ fn too_large(len: u64) -> Loaded {
         ],
         source: None,
         spans: None,
+        partial: None,
     }
 }
 
@@ -139,6 +146,7 @@ pub fn load_bytes(bytes: &[u8], opts: &Options<'_>) -> Loaded {
                 ],
                 source: None,
                 spans: None,
+                partial: None,
             };
         }
     };
@@ -154,7 +162,7 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
     let mut diagnostics = doc.diagnostics;
     let spans = doc.spans;
     let Some(mut value) = doc.value else {
-        return Loaded { manifest: None, diagnostics, source: None, spans: None };
+        return Loaded { manifest: None, diagnostics, source: None, spans: None, partial: None };
     };
     if !value.is_object() {
         let found = match &value {
@@ -171,7 +179,7 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
             .at(spans.value(""))
             .hint("start with `version: 1` and `name: …` at the top level, no leading `-`"),
         );
-        return Loaded { manifest: None, diagnostics, source: None, spans: None };
+        return Loaded { manifest: None, diagnostics, source: None, spans: None, partial: None };
     }
     // Top-level `x-…` keys are extension fields, ignored: a place to define anchors.
     if let Value::Object(map) = &mut value {
@@ -180,11 +188,22 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
     diagnostics.extend(env::interpolate(&mut value, &spans, opts.env, opts.env_mode));
     diagnostics.extend(schema::check(&value, &spans));
     let (manifest, ghosts) = lenient(&value);
-    diagnostics.extend(rules::check(&manifest, &ghosts, &spans, &opts.base_dir));
+    diagnostics.extend(unreported(&ghosts, &diagnostics, &spans));
+    // A rule about a value that salvage changed (it dropped a key inside it)
+    // would judge something other than what was written: the schema's
+    // diagnostic about the dropped key says what is wrong.
+    let changed: Vec<String> = ghosts.dropped.iter().map(|(p, _)| yaml::display_path(p)).collect();
+    let judged_as_written = |d: &Diagnostic| {
+        !changed
+            .iter()
+            .any(|c| c == &d.path || c.strip_prefix(d.path.as_str()).is_some_and(|r| r.starts_with(['.', '['])))
+    };
+    diagnostics.extend(rules::check(&manifest, &ghosts, &spans, &opts.base_dir).into_iter().filter(judged_as_written));
     diagnostics.sort_by(|a, b| (a.line, a.column, a.code).cmp(&(b.line, b.column, b.code)));
     diagnostics.dedup();
     let ok = !diagnostics.iter().any(Diagnostic::is_error);
-    Loaded { manifest: ok.then_some(manifest), diagnostics, source: None, spans: Some(spans) }
+    let (manifest, partial) = if ok { (Some(manifest), None) } else { (None, Some(manifest)) };
+    Loaded { manifest, diagnostics, source: None, spans: Some(spans), partial }
 }
 
 /// Names that exist in the file but whose entries failed to type-check. The
@@ -193,6 +212,9 @@ pub fn load_str(text: &str, opts: &Options<'_>) -> Loaded {
 pub struct Ghosts {
     names: HashSet<(&'static str, String)>,
     sections: HashSet<&'static str>,
+    /// Values that did not type (a whole entry, or a key salvage dropped), by
+    /// pointer, with serde's reason: reported when the schema said nothing.
+    dropped: Vec<(String, String)>,
 }
 
 impl Ghosts {
@@ -243,13 +265,134 @@ fn lenient(v: &Value) -> (Manifest, Ghosts) {
 }
 
 fn section<T: DeserializeOwned + Default>(v: Option<&Value>, name: &'static str, g: &mut Ghosts) -> T {
+    let pointer = section_pointer(name);
     match v {
         None | Some(Value::Null) => T::default(),
-        Some(v) => T::deserialize(v).unwrap_or_else(|_| {
-            g.sections.insert(name);
-            T::default()
-        }),
+        Some(v) => match salvage(v) {
+            Ok((t, dropped)) => {
+                g.dropped.extend(dropped.into_iter().map(|(k, e)| (format!("{pointer}{k}"), e)));
+                t
+            }
+            Err(e) => {
+                g.sections.insert(name);
+                g.dropped.push((pointer, e));
+                T::default()
+            }
+        },
     }
+}
+
+/// Types an entry, or failing that the entry without the keys that keep it
+/// from typing (an unknown key, an optional value of the wrong type; the
+/// schema reported them), so one misspelt key does not hide every other
+/// problem of the entry from the semantic rules. `None` when even that fails
+/// (a required key is missing or wrong).
+fn salvage<T: DeserializeOwned>(v: &Value) -> Result<(T, Vec<(String, String)>), String> {
+    let first = match T::deserialize(v) {
+        Ok(t) => return Ok((t, Vec::new())),
+        Err(e) => e.to_string(),
+    };
+    if !v.is_object() {
+        return Err(first);
+    }
+    let mut doc = v.clone();
+    let mut error = first.clone();
+    let mut dropped = Vec::new();
+    for _ in 0..64 {
+        let Some(culprit) = culprit::<T>(&doc, &error) else { return Err(first) };
+        remove(&mut doc, &culprit);
+        dropped.push((culprit, error));
+        match T::deserialize(&doc) {
+            Ok(t) => return Ok((t, dropped)),
+            Err(e) => error = e.to_string(),
+        }
+    }
+    Err(first)
+}
+
+/// The value to drop for `error`: the unknown key serde names, else the
+/// first value whose removal clears the error without making a required key
+/// missing. Keys inside a mapping value come before the mapping itself, so
+/// `collector: {write_keys: 1}` loses `write_keys`, not the whole collector.
+fn culprit<T: DeserializeOwned>(doc: &Value, error: &str) -> Option<String> {
+    let mut candidates = Vec::new();
+    for (k, v) in doc.as_object()? {
+        let at = yaml::push_segment("", k);
+        if let Value::Object(inner) = v {
+            candidates.extend(inner.keys().map(|c| yaml::push_segment(&at, c)));
+        }
+        candidates.push(at);
+    }
+    if let Some(name) = unknown_field(error) {
+        let named = candidates.iter().find(|c| c.rsplit('/').next() == Some(&yaml::push_segment("", name)[1..]));
+        if let Some(c) = named {
+            return Some(c.clone());
+        }
+    }
+    candidates.into_iter().find(|c| {
+        let mut without = doc.clone();
+        remove(&mut without, c);
+        T::deserialize(&without).map_or_else(
+            |e| {
+                let e = e.to_string();
+                e != error && !e.starts_with("missing field")
+            },
+            |_| true,
+        )
+    })
+}
+
+/// Removes the value at a JSON pointer one or two levels deep.
+fn remove(doc: &mut Value, pointer: &str) {
+    let Some((parent, key)) = pointer.rsplit_once('/') else { return };
+    let key = key.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(map)) = doc.pointer_mut(parent) {
+        map.remove(&key);
+    }
+}
+
+/// Where a section named in [`Ghosts`] sits in the document.
+fn section_pointer(name: &str) -> String {
+    match name {
+        "traits" | "events" | "entities" | "computed" | "predicted" => format!("/model/{name}"),
+        _ => format!("/{}", name.replace('.', "/")),
+    }
+}
+
+/// Values that did not type although the schema found nothing wrong with
+/// them (an integer past its type's range, such as `limit: 99999999999999999999`):
+/// errors, so nothing is dropped without a word.
+fn unreported(g: &Ghosts, diags: &[Diagnostic], spans: &yaml::SpanIndex) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for (pointer, reason) in &g.dropped {
+        let path = yaml::display_path(pointer);
+        let covered = diags.iter().any(|d| {
+            d.is_error()
+                && (d.path == path
+                    || d.path.strip_prefix(path.as_str()).is_some_and(|r| r.starts_with(['.', '[']))
+                    || path.strip_prefix(d.path.as_str()).is_some_and(|r| r.starts_with(['.', '['])))
+        });
+        if !covered {
+            let reason = reason.split(", expected").next().unwrap_or(reason);
+            // A number past u64 arrives as a float: say what is wrong with it.
+            let reason = if reason.starts_with("invalid type: floating point") {
+                format!("{} is not a whole number in range", reason.trim_start_matches("invalid type: floating point "))
+            } else {
+                reason.to_owned()
+            };
+            out.push(
+                Diagnostic::error(diag::OUT_OF_RANGE, &path, format!("`{path}` cannot be read: {reason}"))
+                    .at(spans.value(pointer))
+                    .hint("see the field reference in the README for what this value takes"),
+            );
+        }
+    }
+    out
+}
+
+/// The key of serde's "unknown field `x`, expected …".
+fn unknown_field(error: &str) -> Option<&str> {
+    error.strip_prefix("unknown field `")?.split('`').next()
 }
 
 fn entries<T: DeserializeOwned>(
@@ -260,13 +403,17 @@ fn entries<T: DeserializeOwned>(
     let mut out = indexmap::IndexMap::new();
     match v {
         Some(Value::Object(map)) => {
+            let section = section_pointer(name);
             for (k, e) in map {
-                match T::deserialize(e) {
-                    Ok(t) => {
+                let pointer = yaml::push_segment(&section, k);
+                match salvage(e) {
+                    Ok((t, dropped)) => {
                         out.insert(k.clone(), t);
+                        g.dropped.extend(dropped.into_iter().map(|(d, e)| (format!("{pointer}{d}"), e)));
                     }
-                    Err(_) => {
+                    Err(e) => {
                         g.names.insert((name, k.clone()));
+                        g.dropped.push((pointer, e));
                     }
                 }
             }

@@ -117,6 +117,11 @@ impl<'a> Ctx<'a> {
     }
 
     fn cron(&mut self, pointer: &str, value: &str) {
+        if let Some(msg) = cron_range(value) {
+            self.err(diag::BAD_CRON, pointer, format!("`{value}` is not a valid cron schedule: {msg}"));
+            self.hint("six fields: `SEC MIN HOUR DOM MON DOW`, e.g. `0 */15 * * * *` every 15 minutes");
+            return;
+        }
         if let Err(e) = cron::Schedule::from_str(value) {
             let fields = value.split_whitespace().count();
             // The parser's message echoes the input with a caret; keep its explanation only.
@@ -137,6 +142,9 @@ impl<'a> Ctx<'a> {
             } else {
                 self.hint("six fields: `SEC MIN HOUR DOM MON DOW`, e.g. `0 */15 * * * *` every 15 minutes");
             }
+        } else if super::lint::never_fires(value) {
+            self.err(diag::BAD_CRON, pointer, format!("`{value}` never fires: no date matches it"));
+            self.hint("check the day of month against the month (`31 2` is February 31st)");
         }
     }
 
@@ -149,7 +157,7 @@ impl<'a> Ctx<'a> {
                 name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
             self.key_err(diag::BAD_NAME, pointer, format!("`{name}` is not a valid {what} name"));
             self.hint(format!(
-                "names are lowercase letters, digits and `_`, starting with a letter, at most 64 long: `{fixed}`"
+                "names are lowercase letters, digits and `_`, starting with a letter or `_`, at most 64 long: `{fixed}`"
             ));
         }
     }
@@ -356,7 +364,7 @@ impl<'a> Ctx<'a> {
                         format!("mount source `{host}` is not a directory here"),
                     )
                     .at(self.spans.key(&p))
-                    .hint("create it before `cdp run`; validation does not need it"),
+                    .hint("create it before a plugin uses it; validation does not need it"),
                 );
             }
         }
@@ -599,6 +607,13 @@ impl<'a> Ctx<'a> {
                         format!("`{r}` is not an ISO 3166 alpha-2 region"),
                     );
                     self.hint("two capital letters, e.g. `SE`, `GB`, `US`");
+                } else if unknown_region(r) {
+                    self.err(
+                        diag::OUT_OF_RANGE,
+                        &format!("{base}/default_region"),
+                        format!("`{r}` is not a region cdp knows phone numbers of"),
+                    );
+                    self.hint("an ISO 3166 alpha-2 code such as `SE`, `GB`, `US`");
                 }
             }
             if let Some(p) = &k.pattern
@@ -963,12 +978,53 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// An audience rule that type-checks but cannot mean what it says: a
+    /// string no `enum` trait can hold; a predicted trait (not computed yet,
+    /// so the rule never sees a value).
+    fn rule_lints(&mut self, pointer: &str, rule: &str) {
+        let Ok(ast) = audience::expr::parse(rule) else { return };
+        let m = self.m;
+        let allowed = |n: &str| m.model.traits.get(n).map(|t| t.allowed.as_slice());
+        for miss in super::lint::enum_misses(&ast, &allowed) {
+            let loc = self.spans.inside(pointer, miss.offset);
+            let allowed = allowed(&miss.name).unwrap_or_default().join(", ");
+            self.at(
+                diag::NOT_ALLOWED,
+                pointer,
+                loc,
+                format!(
+                    "`{}` is not one of the values of `{}`, so this comparison is never true",
+                    miss.value, miss.name
+                ),
+            );
+            match suggest(&miss.value, allowed.split(", ")) {
+                Some(s) => self.hint(format!("did you mean `{s}`? allowed: {allowed}")),
+                None => self.hint(format!("allowed: {allowed}")),
+            }
+        }
+        for (offset, name) in super::lint::names(&ast) {
+            if m.model.predicted.contains_key(name) {
+                let loc = self.spans.inside(pointer, offset);
+                self.out.push(
+                    Diagnostic::warning(
+                        diag::NOT_COMPUTED,
+                        display_path(pointer),
+                        format!("predicted trait `{name}` is not computed yet, so it is always null here"),
+                    )
+                    .at(loc)
+                    .hint("until predictions are computed, the rule is false for everyone through this trait"),
+                );
+            }
+        }
+    }
+
     fn audiences(&mut self) {
         let m = self.m;
         let scope = self.profile_scope();
         for (name, a) in &m.audiences {
             let base = ptr(&["audiences", name]);
             self.expression(&format!("{base}/where"), &a.rule, &scope);
+            self.rule_lints(&format!("{base}/where"), &a.rule);
             if let Some(r) = &a.refresh {
                 self.cron(&format!("{base}/refresh"), r);
             }
@@ -1253,6 +1309,36 @@ fn find_cycle<'s>(start: &'s str, deps: &IndexMap<&'s str, Vec<&'s str>>) -> Opt
     let mut path = vec![start];
     let mut seen = HashSet::new();
     dfs(start, start, deps, &mut path, &mut seen).then_some(path)
+}
+
+/// Whether phone normalisation refuses `region` (asked of the normaliser
+/// itself, so validation accepts exactly the regions ingest can use).
+fn unknown_region(region: &str) -> bool {
+    use crate::identity::normalize::{NormalizeError, Options, normalize};
+    let opts = Options { default_region: Some(region) };
+    matches!(normalize(Normalizer::E164, "23456789", &opts), Err(NormalizeError::Region(_)))
+}
+
+/// A number outside its cron field's range, named with the range (the cron
+/// parser's own messages are off by one: "must be less than 59").
+fn cron_range(value: &str) -> Option<String> {
+    const FIELDS: &[(&str, u32, u32)] =
+        &[("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12)];
+    let fields: Vec<&str> = value.split_whitespace().collect();
+    if fields.len() != 6 && fields.len() != 7 {
+        return None;
+    }
+    for ((name, lo, hi), field) in FIELDS.iter().zip(&fields) {
+        for part in field.split(',') {
+            let range = part.split('/').next().unwrap_or(part);
+            for n in range.split('-').filter_map(|x| x.parse::<u32>().ok()) {
+                if n < *lo || n > *hi {
+                    return Some(format!("the {name} field has {n}; it runs from {lo} to {hi}"));
+                }
+            }
+        }
+    }
+    None
 }
 
 fn valid_listen(s: &str) -> bool {

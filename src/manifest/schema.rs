@@ -93,7 +93,14 @@ fn translate(e: &jsonschema::ValidationError<'_>, doc: &Value, spans: &SpanIndex
             let found = describe(instance);
             let mut d =
                 Diagnostic::error(diag::WRONG_TYPE, &path, format!("{here} must be {expected}, found {found}")).at(at);
-            if expected.contains("string") && !instance.is_object() && !instance.is_array() {
+            let described = pointer
+                .rsplit_once('/')
+                .and_then(|(parent, key)| field_description(parent, &key.replace("~1", "/").replace("~0", "~")))
+                .filter(|desc| desc.contains("e.g."));
+            if let Some(desc) = described.filter(|_| expected.contains("string") && instance.is_number()) {
+                // `rate_limit: 20` or `max_wait: 5`: quoting alone would not make it valid.
+                d = d.hint(format!("write {}", example(&desc)));
+            } else if expected.contains("string") && !instance.is_object() && !instance.is_array() {
                 d = d.hint("quote the value");
             } else if expected.contains("mapping") {
                 d = d.hint("write a mapping of `key: value` lines, indented under this key");
@@ -228,6 +235,14 @@ fn describe(v: &Value) -> String {
         Value::Array(_) => "a list".into(),
         Value::Object(_) => "a mapping".into(),
     }
+}
+
+/// The examples a field description gives: "e.g. `20/s`, `1000/m`".
+fn example(desc: &str) -> String {
+    let from = desc.find("e.g.").unwrap_or(0);
+    let rest = &desc[from..];
+    let end = rest[4.min(rest.len())..].find(". ").map_or(rest.len(), |i| i + 4);
+    rest[..end].trim_end_matches('.').replace('\n', " ")
 }
 
 fn first_sentence(s: &str) -> String {

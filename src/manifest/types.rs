@@ -40,7 +40,7 @@ pub struct Manifest {
     /// The traits, events, entities, computed and predicted traits of a profile.
     #[serde(default)]
     pub model: Model,
-    /// Purposes a person can consent to, and the policies enforced at activation.
+    /// Purposes a person can consent to, and label policies over what destinations send for them.
     #[serde(default)]
     pub consent: Consent,
     /// Rule-based segments of profiles, by audience name.
@@ -581,7 +581,9 @@ pub struct Consent {
     /// A granted consent lapses after this long unless renewed, e.g. `395d`.
     #[serde(default)]
     pub expiry: Option<String>,
-    /// Label policies, enforced at validation and at every delivery.
+    /// Label policies. `cdp validate` refuses a destination whose `fields` include a
+    /// field a policy denies for its purpose; activation, which will apply them to
+    /// each delivery, is not built yet.
     #[serde(default)]
     pub policies: Vec<Policy>,
 }
@@ -643,7 +645,8 @@ pub struct Destination {
     /// The audience whose members are sent. Without it, every profile is.
     #[serde(default)]
     pub audience: Option<String>,
-    /// The consent purpose of this activation; people who have not granted it are never sent.
+    /// The consent purpose of this activation: label policies are checked against it.
+    /// Activation (not built yet) is to send only people who granted it.
     pub purpose: String,
     /// What is sent: `membership` (enter/exit events), `upsert` (profile changes)
     /// or `mirror` (membership plus deletes on exit). Default: `membership` with

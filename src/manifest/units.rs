@@ -22,19 +22,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             return Err(format!("`{s}` is not a duration: expected a number at `{rest}`"));
         }
         let n: u64 = rest[..digits].parse().map_err(|_| format!("`{s}` is too large"))?;
-        rest = &rest[digits..];
+        // `5 s` reads as `5s`; the space is what people write, not a second value.
+        rest = rest[digits..].trim_start();
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let unit = &rest[..unit_len];
         if unit.is_empty() {
             return Err(format!("`{s}` has a number without a unit (ms, s, m, h, d, w)"));
         }
         let Some((_, ms)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
-            return Err(format!("`{unit}` is not a duration unit (ms, s, m, h, d, w)"));
+            let example = spelled_out(unit).map_or_else(String::new, |u| format!("; write `{n}{u}`"));
+            return Err(format!("`{unit}` is not a duration unit (ms, s, m, h, d, w){example}"));
         };
         total = n.checked_mul(*ms).and_then(|v| total.checked_add(v)).ok_or_else(|| format!("`{s}` is too large"))?;
-        rest = &rest[unit_len..];
+        rest = rest[unit_len..].trim_start();
     }
     Ok(Duration::from_millis(total))
+}
+
+/// The unit meant by a spelled-out one (`seconds` → `s`).
+fn spelled_out(unit: &str) -> Option<&'static str> {
+    let u = unit.to_ascii_lowercase();
+    Some(match u.strip_suffix('s').unwrap_or(&u) {
+        "millisecond" | "msec" | "milli" => "ms",
+        "sec" | "second" => "s",
+        "min" | "minute" => "m",
+        "hr" | "hour" => "h",
+        "day" => "d",
+        "wk" | "week" => "w",
+        _ => return None,
+    })
 }
 
 /// A rate: at most `count` per `per`.
@@ -99,7 +115,10 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("30").unwrap_err().contains("without a unit"));
-        assert!(parse_duration("5 days").is_err());
+        assert!(parse_duration("5 days").unwrap_err().contains("write `5d`"));
+        assert!(parse_duration("5 seconds").unwrap_err().contains("write `5s`"));
+        assert_eq!(parse_duration("5 s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5_400));
         assert!(parse_duration("3y").unwrap_err().contains("not a duration unit"));
         assert!(parse_duration("99999999999999999999d").is_err());
     }

@@ -5,8 +5,8 @@
 //! The builder is where hostile input is stopped: nesting depth, the number of
 //! values (aliases included, so an alias bomb is cut off early), duplicate keys
 //! (reported with both lines; the first value is kept), tags, complex keys and
-//! extra documents. Scalars resolve by the YAML 1.2 core schema, so `no`, `on` and
-//! `yes` are strings, not booleans.
+//! extra documents. Merge keys (`<<: *defaults`) are applied. Scalars resolve
+//! by the YAML 1.2 core schema, so `no`, `on` and `yes` are strings, not booleans.
 
 use super::diag::{self, Diagnostic, Loc};
 use saphyr_parser::{Event, Marker, Parser, ScalarStyle};
@@ -17,6 +17,8 @@ use std::collections::HashMap;
 pub const MAX_DEPTH: usize = 64;
 /// Most values (scalars, mappings, sequences, counting alias copies) accepted.
 pub const MAX_NODES: usize = 250_000;
+/// The merge key: `<<: *defaults` copies the keys of an anchored mapping.
+const MERGE_KEY: &str = "<<";
 
 /// Where each key and value of the document sits, by JSON pointer.
 #[derive(Debug, Default)]
@@ -122,8 +124,20 @@ fn loc(m: &Marker) -> Loc {
 }
 
 enum Frame {
-    Seq { items: Vec<Value>, pointer: String, anchor: usize },
-    Map { map: Map<String, Value>, pointer: String, anchor: usize, key: Option<Key>, seen: HashMap<String, Loc> },
+    Seq {
+        items: Vec<Value>,
+        pointer: String,
+        anchor: usize,
+    },
+    Map {
+        map: Map<String, Value>,
+        pointer: String,
+        anchor: usize,
+        key: Option<Key>,
+        seen: HashMap<String, Loc>,
+        // Values of merge keys (`<<: *defaults`), applied when the mapping ends.
+        merges: Vec<(Value, Loc)>,
+    },
 }
 
 struct Key {
@@ -140,6 +154,8 @@ struct Builder {
     diagnostics: Vec<Diagnostic>,
     nodes: usize,
     root: Option<Value>,
+    /// Where each open mapping and sequence began (parallel to `stack`).
+    opened: Vec<Loc>,
 }
 
 /// Parses `source` into a document. Never panics; every problem is a diagnostic.
@@ -151,6 +167,7 @@ pub fn parse(source: &str) -> Document {
         diagnostics: Vec::new(),
         nodes: 0,
         root: None,
+        opened: Vec::new(),
     };
     let mut parser = Parser::new_from_str(source);
     let mut documents = 0;
@@ -172,11 +189,23 @@ pub fn parse(source: &str) -> Document {
                     );
                     return b.finish(false);
                 }
-                b.diagnostics.push(
-                    Diagnostic::error(diag::SYNTAX, "", format!("YAML syntax error: {}", e.info()))
+                let d = match unclosed_flow(source, &b.opened, at) {
+                    Some((bracket, open)) => Diagnostic::error(
+                        diag::SYNTAX,
+                        "",
+                        format!(
+                            "YAML syntax error: this `{bracket}` is never closed (the parser stopped at line {}: {})",
+                            at.line,
+                            e.info()
+                        ),
+                    )
+                    .at(open)
+                    .hint(format!("close it with `{}`", if bracket == '[' { ']' } else { '}' })),
+                    None => Diagnostic::error(diag::SYNTAX, "", format!("YAML syntax error: {}", e.info()))
                         .at(at)
                         .hint("check indentation, quoting and that every `key:` is followed by a space"),
-                );
+                };
+                b.diagnostics.push(d);
                 return b.finish(false);
             }
         };
@@ -243,6 +272,9 @@ pub fn parse(source: &str) -> Document {
                         b.spans.inner.insert(pointer, Loc { line: at.line, column: at.column + quote });
                     }
                 }
+                if style == ScalarStyle::Plain && !forced_string && super::lint::YAML11_BOOLEANS.contains(&&*text) {
+                    b.yaml11_boolean(&text, at);
+                }
                 let value = if forced_string || style != ScalarStyle::Plain {
                     Value::String(text.into_owned())
                 } else {
@@ -283,17 +315,22 @@ pub fn parse(source: &str) -> Document {
                 }
                 let pointer = b.child_pointer();
                 b.spans.values.insert(pointer.clone(), at);
+                b.opened.push(at);
                 b.stack.push(if matches!(event, Event::SequenceStart(..)) {
                     Frame::Seq { items: Vec::new(), pointer, anchor }
                 } else {
-                    Frame::Map { map: Map::new(), pointer, anchor, key: None, seen: HashMap::new() }
+                    Frame::Map { map: Map::new(), pointer, anchor, key: None, seen: HashMap::new(), merges: Vec::new() }
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let Some(frame) = b.stack.pop() else { continue };
+                b.opened.pop();
                 let (value, anchor, pointer) = match frame {
                     Frame::Seq { items, pointer, anchor } => (Value::Array(items), anchor, pointer),
-                    Frame::Map { map, pointer, anchor, .. } => (Value::Object(map), anchor, pointer),
+                    Frame::Map { mut map, pointer, anchor, merges, .. } => {
+                        b.merge(&mut map, &pointer, merges);
+                        (Value::Object(map), anchor, pointer)
+                    }
                 };
                 if anchor > 0 {
                     let size = count_nodes(&value);
@@ -319,6 +356,23 @@ impl Builder {
             )
             .at(at)
             .hint("aliases (`*name`) copy their anchor's whole value; an alias bomb is refused"),
+        );
+    }
+
+    /// `NO` is the string "NO" here (YAML 1.2) but `false` to YAML 1.1 tools
+    /// that may read the same file: a warning, as yamllint's `truthy` rule.
+    fn yaml11_boolean(&mut self, text: &str, at: Loc) {
+        let path = display_path(&self.child_pointer());
+        self.diagnostics.push(
+            Diagnostic::warning(
+                diag::YAML11_BOOLEAN,
+                path,
+                format!(
+                    "`{text}` is the string \"{text}\" to cdp, but a boolean to YAML 1.1 tools (PyYAML and others)"
+                ),
+            )
+            .at(at)
+            .hint(format!("quote it: \"{text}\"")),
         );
     }
 
@@ -351,17 +405,6 @@ impl Builder {
         } else {
             seen.insert(name.clone(), at);
             self.spans.keys.insert(child, at);
-            if name == "<<" {
-                self.diagnostics.push(
-                    Diagnostic::error(
-                        diag::UNSUPPORTED_YAML,
-                        display_path(pointer),
-                        "YAML merge keys (`<<`) are not supported",
-                    )
-                    .at(at)
-                    .hint("write the keys out, or use an alias (`*name`) for a whole value"),
-                );
-            }
             false
         };
         *key = Some(Key { name, loc: at, discard });
@@ -379,16 +422,54 @@ impl Builder {
                 self.root = Some(value);
             }
             Some(Frame::Seq { items, .. }) => items.push(value),
-            Some(Frame::Map { map, key, .. }) => {
+            Some(Frame::Map { map, key, merges, .. }) => {
                 if let Some(k) = key.take()
                     && !k.discard
                 {
-                    let _ = k.loc;
-                    map.insert(k.name, value);
+                    if k.name == MERGE_KEY {
+                        merges.push((value, k.loc));
+                    } else {
+                        map.insert(k.name, value);
+                    }
                 }
             }
         }
         true
+    }
+
+    /// Applies a mapping's merge keys (YAML 1.1 `<<`, as YAML tools commonly
+    /// support it): keys written in the mapping win, then earlier merged
+    /// mappings over later ones. Merged keys are located at their `<<`.
+    fn merge(&mut self, map: &mut Map<String, Value>, pointer: &str, merges: Vec<(Value, Loc)>) {
+        for (value, at) in merges {
+            let sources = match value {
+                Value::Array(items) if items.iter().all(Value::is_object) => items,
+                v @ Value::Object(_) => vec![v],
+                _ => {
+                    self.diagnostics.push(
+                        Diagnostic::error(
+                            diag::UNSUPPORTED_YAML,
+                            display_path(&push_segment(pointer, MERGE_KEY)),
+                            "a merge key (`<<`) takes a mapping or a list of mappings",
+                        )
+                        .at(at)
+                        .hint("merge an anchored mapping: `<<: *defaults`"),
+                    );
+                    continue;
+                }
+            };
+            for source in sources {
+                let Value::Object(source) = source else { continue };
+                for (k, v) in source {
+                    if !map.contains_key(&k) {
+                        let child = push_segment(pointer, &k);
+                        self.spans.values.insert(child.clone(), at);
+                        self.spans.keys.insert(child, at);
+                        map.insert(k, v);
+                    }
+                }
+            }
+        }
     }
 
     fn finish(mut self, complete: bool) -> Document {
@@ -402,6 +483,16 @@ impl Builder {
         }
         Document { value, spans: self.spans, diagnostics: self.diagnostics }
     }
+}
+
+/// The innermost flow collection (`[` or `{`) still open when the parser
+/// failed on a later line: the likely cause, reported where it began rather
+/// than where the parser gave up.
+fn unclosed_flow(source: &str, opened: &[Loc], failed_at: Loc) -> Option<(char, Loc)> {
+    opened.iter().rev().filter(|o| o.line < failed_at.line).find_map(|o| {
+        let c = source.lines().nth(o.line.checked_sub(1)?)?.chars().nth(o.column.checked_sub(1)?)?;
+        matches!(c, '[' | '{').then_some((c, *o))
+    })
 }
 
 fn count_nodes(v: &Value) -> usize {
@@ -493,11 +584,35 @@ mod tests {
     #[test]
     fn resolves_core_schema_scalars() {
         let doc = parse("a: 1\nb: 1.5\nc: true\nd: no\ne: ~\nf: '1'\ng: 0x1f\nh: on\ni: 1e3\nj: 1.2.3\n");
-        assert!(doc.diagnostics.is_empty(), "{:?}", doc.diagnostics);
+        // `no` and `on` are strings, with a warning for YAML 1.1 readers of the file.
+        let codes: Vec<(&str, usize)> = doc.diagnostics.iter().map(|d| (d.code, d.line)).collect();
+        assert_eq!(codes, [(diag::YAML11_BOOLEAN, 4), (diag::YAML11_BOOLEAN, 8)]);
+        assert!(doc.diagnostics.iter().all(|d| !d.is_error()));
         assert_eq!(
             doc.value.unwrap(),
             json!({"a": 1, "b": 1.5, "c": true, "d": "no", "e": null, "f": "1", "g": 31, "h": "on", "i": 1000.0, "j": "1.2.3"})
         );
+    }
+
+    #[test]
+    fn merge_keys_copy_what_the_mapping_does_not_say() {
+        let doc = parse("x: &d { a: 1, b: 2 }\ny:\n  <<: *d\n  b: 3\nz:\n  <<: [{ c: 1 }, { c: 2, e: 5 }]\n");
+        assert!(doc.diagnostics.is_empty(), "{:?}", doc.diagnostics);
+        let v = doc.value.unwrap();
+        assert_eq!(v["y"], json!({"a": 1, "b": 3}));
+        assert_eq!(v["z"], json!({"c": 1, "e": 5}));
+        assert_eq!(doc.spans.value("/y/a"), Loc { line: 3, column: 3 });
+        let bad = parse("y:\n  <<: 1\n");
+        assert_eq!(bad.diagnostics[0].code, diag::UNSUPPORTED_YAML);
+    }
+
+    #[test]
+    fn unclosed_flow_is_reported_where_it_opened() {
+        let doc =
+            parse("version: 1\nname: x\nidentity:\n  priority: [email, phone\n  keys:\n    email: {}\nmodel: {}\n");
+        let d = &doc.diagnostics[0];
+        assert_eq!((d.code, d.line, d.column), (diag::SYNTAX, 4, 13), "{d:?}");
+        assert!(d.message.contains("never closed"), "{d:?}");
     }
 
     #[test]

@@ -18,10 +18,12 @@ use sqlx::Row;
 pub enum LookupError {
     #[error("`{0}` is not an identity key in the manifest; keys: {1}")]
     UnknownKey(String, String),
-    #[error("`{0}` cannot be normalised as {1}: {2}")]
+    #[error("`{0}` is not a valid {1}: {2}")]
     Invalid(String, String, String),
     #[error("no profile has {0} `{1}`")]
     NotFound(String, String),
+    #[error("{0} `{1}` is already split off, alone in profile {2}")]
+    AlreadyIsolated(String, String, i64),
     #[error(transparent)]
     Store(#[from] super::StoreError),
 }
@@ -103,9 +105,32 @@ pub struct ExplainedIdentity {
     pub isolated: bool,
 }
 
+/// The rule of a link made by probabilistic matching.
+const PROBABILISTIC: &str = "probabilistic (Fellegi-Sunter)";
+
 fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// The value a lookup of `key = value` compares: the key's own rules applied
+/// as ingest applies them (its `pattern`, first group kept, then its
+/// normaliser), so `loyalty_id=L-2002` finds what ingest stored as `2002`.
+pub fn lookup_value(m: &Manifest, key: &str, value: &str) -> Result<String, LookupError> {
+    let Some(spec) = m.identity.keys.get(key) else {
+        let keys: Vec<&str> = m.identity.keys.keys().map(String::as_str).collect();
+        return Err(LookupError::UnknownKey(key.to_owned(), keys.join(", ")));
+    };
+    let invalid = |why: String| LookupError::Invalid(value.to_owned(), key.to_owned(), why);
+    let mut raw = value;
+    if let Some(p) = &spec.pattern {
+        // Validation compiled the pattern already; an error here is reported, not unwrapped.
+        let re = regex::Regex::new(p).map_err(|e| invalid(e.to_string()))?;
+        let caps = re.captures(value).ok_or_else(|| invalid(format!("it does not match the key's pattern `{p}`")))?;
+        raw = caps.get(1).or_else(|| caps.get(0)).map_or(value, |g| g.as_str());
+    }
+    let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+    normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), raw, &opts).map_err(|e| invalid(e.to_string()))
 }
 
 /// A trait's folded observations from one source.
@@ -117,14 +142,7 @@ struct Obs {
 impl Store {
     /// Finds the profile holding `key = value` (normalised as the key says).
     pub async fn find_profile(&self, m: &Manifest, key: &str, value: &str) -> Result<i64, LookupError> {
-        let Some(spec) = m.identity.keys.get(key) else {
-            let keys: Vec<&str> = m.identity.keys.keys().map(String::as_str).collect();
-            return Err(LookupError::UnknownKey(key.to_owned(), keys.join(", ")));
-        };
-        let opts = normalize::Options { default_region: spec.default_region.as_deref() };
-        let kind = spec.normalize.unwrap_or(Normalizer::Trim);
-        let n = normalize::normalize(kind, value, &opts)
-            .map_err(|e| LookupError::Invalid(value.to_owned(), format!("{kind:?}").to_lowercase(), e.to_string()))?;
+        let n = lookup_value(m, key, value)?;
         let row = sqlx::query(&self.sql("SELECT profile_id FROM identities WHERE key = ? AND value = ?"))
             .bind(key)
             .bind(&n)
@@ -328,16 +346,15 @@ impl Store {
                 .iter()
                 .filter(|l| l.0.contains(&i.id) && l.0.iter().any(|o| *o != i.id && by_id.contains_key(o)))
                 .map(|l| {
-                    let with: Vec<String> = l
-                        .0
-                        .iter()
-                        .filter(|o| **o != i.id)
-                        .filter_map(|o| by_id.get(o))
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
+                    let with: Vec<String> =
+                        l.0.iter()
+                            .filter(|o| **o != i.id)
+                            .filter_map(|o| by_id.get(o))
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
                     match scores.get(&l.3) {
                         Some(score) => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
-                            "rule": "probabilistic (Fellegi-Sunter)", "probability": score["probability"], "fields": score["fields"]}),
+                            "rule": PROBABILISTIC, "probability": score["probability"], "fields": score["fields"]}),
                         None => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
                             "rule": "deterministic: identifiers in one record"}),
                     }
@@ -364,14 +381,33 @@ impl Store {
         for r in rows {
             let src: Option<String> = r.try_get(4)?;
             let msg: Option<String> = r.try_get(5)?;
-            ledger.push(json!({
+            let mut entry = json!({
                 "at": iso(r.try_get(0)?),
                 "kind": r.try_get::<String, _>(1)?,
                 "profile_id": r.try_get::<i64, _>(2)?.to_string(),
                 "other_profile_id": r.try_get::<Option<i64>, _>(3)?.map(|x| x.to_string()),
-                "record": src.zip(msg).map(|(s, m)| format!("{s}/{m}")),
+                "record": src.as_ref().zip(msg.as_ref()).map(|(s, m)| format!("{s}/{m}")),
                 "rule": r.try_get::<String, _>(6)?,
-            }));
+            });
+            // A merge made by a probabilistic link says so, with its score, as
+            // the identifiers' `linked_by` does: one account of each link.
+            if let (Some("match"), Some(msg)) = (src.as_deref(), &msg) {
+                if !scores.contains_key(msg)
+                    && let Some(row) =
+                        sqlx::query(&self.sql("SELECT payload FROM records WHERE source = 'match' AND message_id = ?"))
+                            .bind(msg)
+                            .fetch_optional(&self.pool)
+                            .await?
+                {
+                    scores.insert(msg.clone(), parse_json(&row.try_get::<String, _>(0)?));
+                }
+                if let Some(score) = scores.get(msg) {
+                    entry["rule"] = json!(PROBABILISTIC);
+                    entry["probability"] = score["probability"].clone();
+                    entry["fields"] = score["fields"].clone();
+                }
+            }
+            ledger.push(entry);
         }
         Ok(Explanation { profile_id: profile.to_string(), identities: out, ledger })
     }
@@ -381,17 +417,19 @@ impl Store {
     /// anchored on it move with it. Recorded in the ledger.
     pub async fn unmerge(&self, m: &Manifest, key: &str, value: &str) -> Result<(i64, i64), LookupError> {
         let from = self.find_profile(m, key, value).await?;
-        let spec = &m.identity.keys[key];
-        let opts = normalize::Options { default_region: spec.default_region.as_deref() };
-        let n = normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), value, &opts)
-            .map_err(|e| LookupError::Invalid(value.to_owned(), key.to_owned(), e.to_string()))?;
+        let n = lookup_value(m, key, value)?;
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(&self.sql("SELECT id FROM identities WHERE key = ? AND value = ?"))
+        let row = sqlx::query(&self.sql("SELECT id, isolated FROM identities WHERE key = ? AND value = ?"))
             .bind(key)
             .bind(&n)
             .fetch_one(&mut *tx)
             .await?;
         let id: i64 = row.try_get(0)?;
+        // Isolated identifiers are alone in their profile for good: splitting
+        // one again would only make yet another profile.
+        if row.try_get::<i64, _>(1)? != 0 {
+            return Err(LookupError::AlreadyIsolated(key.to_owned(), n, from));
+        }
         let to = self.next_id();
         let now = now_ms();
         sqlx::query(&self.sql("INSERT INTO profiles (id, created_at) VALUES (?, ?)"))
@@ -462,13 +500,7 @@ fn merge_trait(kind: TraitType, policy: Option<&MergePolicy>, rows: &[Obs]) -> O
     };
     let all: Vec<&Obs> = rows.iter().collect();
     let numeric = matches!(kind, TraitType::Number | TraitType::Integer);
-    let num = |x: f64| {
-        if kind == TraitType::Integer {
-            Value::from(x.round() as i64)
-        } else {
-            serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
-        }
-    };
+    let num = |x: f64| if kind == TraitType::Integer { Value::from(x.round() as i64) } else { number(x, false) };
     match policy {
         None | Some(MergePolicy::Simple(SimpleMerge::Latest)) => latest(&all),
         Some(MergePolicy::Simple(SimpleMerge::First)) => {
@@ -538,6 +570,16 @@ fn merge_trait(kind: TraitType, policy: Option<&MergePolicy>, rows: &[Obs]) -> O
             })
         }
     }
+}
+
+/// A number as shown and sent: a whole value of an integer field as an
+/// integer (`6`, not `6.0`), and never negative zero (an empty sum is `0`).
+fn number(x: f64, integer: bool) -> Value {
+    let x = x + 0.0; // -0.0 + 0.0 is +0.0
+    if integer && x.fract() == 0.0 && x.abs() < 9.0e15 {
+        return Value::from(x as i64);
+    }
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
 fn to_val(v: &Value, kind: Option<FieldType>) -> Val {
@@ -610,14 +652,16 @@ pub fn computed_traits(m: &Manifest, events: &[EventView], now: i64) -> IndexMap
             "last_seen" => matching.map(|e| Value::String(e.at.clone())).next().unwrap_or(Value::Null),
             "sum" | "avg" | "min" | "max" => {
                 let nums: Vec<f64> = values(&mut matching.into_iter()).iter().filter_map(Value::as_f64).collect();
+                let total = nums.iter().fold(0.0, |a, b| a + b);
                 let r = match agg {
-                    "sum" => Some(nums.iter().sum()),
-                    "avg" if !nums.is_empty() => Some(nums.iter().sum::<f64>() / nums.len() as f64),
+                    "sum" => Some(total),
+                    "avg" if !nums.is_empty() => Some(total / nums.len() as f64),
                     "min" => nums.iter().copied().reduce(f64::min),
                     "max" => nums.iter().copied().reduce(f64::max),
                     _ => None,
                 };
-                r.and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+                let integer = agg != "avg" && prop.and_then(|p| et.properties.get(p)) == Some(&FieldType::Integer);
+                r.map_or(Value::Null, |x| number(x, integer))
             }
             "first" => values(&mut matching.into_iter()).pop().unwrap_or(Value::Null),
             "last" => values(&mut matching.into_iter()).into_iter().next().unwrap_or(Value::Null),

@@ -29,13 +29,17 @@
 //!   like an identity or fixed column is written as `trait.<name>`. A
 //!   profile with several values of an identity type gives one row per
 //!   value (row *i* has the *i*-th email and the *i*-th phone). RFC 4180
-//!   quoting, CRLF line ends.
+//!   quoting, CRLF line ends. A text cell starting with `=`, `+`, `-`, `@`,
+//!   a tab or a carriage return (other than a plain number) gets a leading
+//!   `'`, so a spreadsheet shows it instead of running it (CSV injection).
 //! * `jsonl`: one line per record: `{"key", "op", "audience", "identities":
 //!   {"email": [...], ...}, "traits": {<fields>}}`.
 //! * Only the identity types in `identities` are written; `email` and
 //!   `phone` are normalised first (see [`normalize`] for the exact rules,
 //!   which follow Meta's: emails trimmed and lower-cased with Gmail dots
-//!   kept; phones as E.164 digits without `+`), other types trimmed. With
+//!   kept; phones as E.164 digits without `+`, or with it under
+//!   `phone_format: e164`, as Google Customer Match wants), other types
+//!   trimmed. With
 //!   `hash_identifiers` every written identifier is the lower-case hex
 //!   SHA-256 of its normalised value. Values that do not normalise are
 //!   dropped with a warning; a record left with no identifier is rejected
@@ -97,6 +101,35 @@ pub struct Config {
     /// without one.
     #[serde(default)]
     pub default_country_code: Option<String>,
+    /// How a phone number is written before hashing: `digits` (default,
+    /// `46701234567`: Meta's format) or `e164` (`+46701234567`: Google
+    /// Customer Match's format).
+    #[serde(default)]
+    pub phone_format: PhoneFormat,
+}
+
+/// The text a phone number is hashed (or written) as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhoneFormat {
+    /// E.164 digits without `+` (Meta Custom Audiences).
+    #[default]
+    Digits,
+    /// E.164 with its `+` (Google Customer Match).
+    E164,
+}
+
+/// A text cell a spreadsheet shows rather than runs: a leading `=`, `+`,
+/// `-`, `@`, tab or carriage return gets a `'` in front (OWASP's advice
+/// against CSV injection), unless the cell is a plain number such as an
+/// E.164 phone (`+46701234567`), which no spreadsheet runs.
+fn text_cell(s: &str) -> std::borrow::Cow<'_, str> {
+    let number = s.len() > 1 && s.starts_with(['+', '-']) && s[1..].bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && !number {
+        std::borrow::Cow::Owned(format!("'{s}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 fn default_true() -> bool {
@@ -176,7 +209,9 @@ pub fn config_schema() -> Value {
             "hash_identifiers": {"type": "boolean", "default": true},
             "identities": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "default": ["email", "phone"]},
             "fields": {"type": "array", "items": {"type": "string", "minLength": 1}, "default": []},
-            "default_country_code": {"type": "string", "pattern": "^[1-9][0-9]{0,2}$"}
+            "default_country_code": {"type": "string", "pattern": "^[1-9][0-9]{0,2}$"},
+            "phone_format": {"enum": ["digits", "e164"], "default": "digits",
+                "description": "Phone text before hashing: digits (Meta) or e164 with + (Google Customer Match)"}
         }
     })
 }
@@ -332,7 +367,13 @@ impl FileWriter {
                     normalised.clear();
                     let ok = match kind.as_str() {
                         "email" => normalize_email_into(raw, normalised),
-                        "phone" => normalize_phone_into(raw, cfg.default_country_code.as_deref(), normalised),
+                        "phone" => {
+                            let ok = normalize_phone_into(raw, cfg.default_country_code.as_deref(), normalised);
+                            if ok && cfg.phone_format == PhoneFormat::E164 {
+                                normalised.insert(0, '+');
+                            }
+                            ok
+                        }
                         _ => {
                             normalised.push_str(raw.trim());
                             !normalised.is_empty()
@@ -378,16 +419,17 @@ impl FileWriter {
         let audience = record.audience.as_deref().unwrap_or_default();
         let rows = ids.spans.iter().map(ExactSizeIterator::len).max().unwrap_or(0);
         for i in 0..rows {
-            w.write_field(record.key.as_bytes()).map_err(err)?;
+            w.write_field(text_cell(&record.key).as_bytes()).map_err(err)?;
             w.write_field(record.op.as_str()).map_err(err)?;
-            w.write_field(audience).map_err(err)?;
+            w.write_field(text_cell(audience).as_bytes()).map_err(err)?;
             for span in ids.spans {
-                w.write_field(ids.get(span, i).unwrap_or_default()).map_err(err)?;
+                w.write_field(text_cell(ids.get(span, i).unwrap_or_default()).as_bytes())
+                    .map_err(err)?;
             }
             for f in &cfg.fields {
                 match record.traits.get(f) {
                     None => w.write_field("").map_err(err)?,
-                    Some(TraitValue::String(s)) => w.write_field(s.as_bytes()).map_err(err)?,
+                    Some(TraitValue::String(s)) => w.write_field(text_cell(s).as_bytes()).map_err(err)?,
                     Some(TraitValue::Other(v)) if v.is_null() => w.write_field("").map_err(err)?,
                     Some(TraitValue::Other(v)) => {
                         cell.clear();

@@ -185,3 +185,22 @@ fn config_validation_and_spec() {
     assert_eq!(spec.name, "dest-file");
     assert_eq!(spec.capabilities, ["mount"]);
 }
+
+#[test]
+fn phone_format_and_formula_cells() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("out.csv");
+    let mut w = open(json!({"path": path, "hash_identifiers": false, "phone_format": "e164", "fields": ["note"]}));
+    let batch = line(
+        "=cmd|' /C calc'!A0",
+        "upsert",
+        json!({"phone": ["+46 70-123 45 67"]}),
+        json!({"note": "@SUM(A1)"}),
+    );
+    testing::write(&mut w, &batch).unwrap();
+    drop(w);
+    let out = std::fs::read_to_string(&path).unwrap();
+    assert!(out.contains(",+46701234567,"), "{out}");
+    assert!(out.contains("'=cmd"), "{out}");
+    assert!(out.contains("'@SUM(A1)"), "{out}");
+}

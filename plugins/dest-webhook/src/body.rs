@@ -210,8 +210,20 @@ pub const MULTI_VALUE_SEPARATOR: &str = ";";
 fn cell(value: &Value) -> String {
     match value {
         Value::Null => String::new(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => text_cell(s),
         other => other.to_string(),
+    }
+}
+
+/// Text as a CSV cell a spreadsheet shows rather than runs: a leading `=`,
+/// `+`, `-`, `@`, tab or carriage return gets a `'` in front (OWASP's advice
+/// against CSV injection). Numbers are written as numbers, not through here.
+pub fn text_cell(s: &str) -> String {
+    let number = s.len() > 1 && s.starts_with(['+', '-']) && s[1..].bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && !number {
+        format!("'{s}")
+    } else {
+        s.to_owned()
     }
 }
 
@@ -262,16 +274,16 @@ pub fn render_csv(records: &[DestinationRecord], fields: Option<&[String]>) -> R
     w.write_record(&header).map_err(err)?;
     for r in records {
         let mut row: Vec<String> = vec![
-            r.key.clone(),
+            text_cell(&r.key),
             r.op.as_str().to_string(),
-            r.profile_id.clone(),
-            r.audience.clone().unwrap_or_default(),
+            text_cell(&r.profile_id),
+            text_cell(r.audience.as_deref().unwrap_or_default()),
         ];
         for col in &identity_cols {
             row.push(
                 r.identities
                     .get(*col)
-                    .map(|v| v.join(MULTI_VALUE_SEPARATOR))
+                    .map(|v| text_cell(&v.join(MULTI_VALUE_SEPARATOR)))
                     .unwrap_or_default(),
             );
         }

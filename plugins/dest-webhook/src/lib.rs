@@ -41,7 +41,14 @@
 //! * `Idempotency-Key`: the SHA-256 hex of the request's record keys joined
 //!   by `\n`, so a retried request carries the same key.
 //! * With `signing_secret`: `X-Cdp-Timestamp: <unix seconds>` and
-//!   `X-Cdp-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`.
+//!   `X-Cdp-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
+//!   (the scheme of Stripe's webhooks). To verify: take `t` and `v1` from the
+//!   header, compute HMAC-SHA256 with the secret over the bytes of `t`, a
+//!   `.` and the exact body, compare with `v1` in constant time, and refuse
+//!   a `t` more than a few minutes from your clock (replays).
+//! * `csv` cells that start with `=`, `+`, `-`, `@`, a tab or a carriage
+//!   return get a leading `'`, so a spreadsheet shows them as text instead of
+//!   running them as formulas (OWASP, CSV injection).
 //!
 //! ## Responses
 //!
@@ -193,11 +200,22 @@ pub fn config_schema() -> Value {
     })
 }
 
-/// `sha256=<hex HMAC-SHA256 of body keyed with secret>`.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
+/// Hex HMAC-SHA256 of `message` keyed with `secret`.
+pub fn hmac_hex(secret: &[u8], message: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac.update(message);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// `X-Cdp-Signature`: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+/// The timestamp is signed with the body, so a receiver that rejects old
+/// timestamps is safe from replays (a body signed alone could be resent).
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut message = Vec::with_capacity(body.len() + 21);
+    message.extend_from_slice(timestamp.to_string().as_bytes());
+    message.push(b'.');
+    message.extend_from_slice(body);
+    format!("t={timestamp},v1={}", hmac_hex(secret, &message))
 }
 
 /// SHA-256 hex of the keys joined by `\n`.
@@ -328,7 +346,7 @@ impl WebhookWriter {
                 .unwrap_or(0);
             req = req
                 .header("X-Cdp-Timestamp", ts.to_string())
-                .header("X-Cdp-Signature", signature(secret.as_bytes(), &body));
+                .header("X-Cdp-Signature", signature(secret.as_bytes(), ts, &body));
         }
         req.body(body)
     }

@@ -43,14 +43,40 @@ fn sample() -> Vec<DestinationRecord> {
 fn hmac_sha256_matches_rfc_4231() {
     // Test case 2.
     assert_eq!(
-        signature(b"Jefe", b"what do ya want for nothing?"),
-        "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        hmac_hex(b"Jefe", b"what do ya want for nothing?"),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     );
     // Test case 1.
     assert_eq!(
-        signature(&[0x0b; 20], b"Hi There"),
-        "sha256=b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        hmac_hex(&[0x0b; 20], b"Hi There"),
+        "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
     );
+}
+
+#[test]
+fn the_signature_covers_the_timestamp() {
+    let s = signature(b"topsecret", 1_700_000_000, b"{}");
+    assert_eq!(
+        s,
+        format!("t=1700000000,v1={}", hmac_hex(b"topsecret", b"1700000000.{}"))
+    );
+    assert_ne!(
+        s,
+        signature(b"topsecret", 1_700_000_001, b"{}").replace("t=1700000001", "t=1700000000")
+    );
+}
+
+#[test]
+fn csv_cells_that_spreadsheets_would_run_are_neutralised() {
+    let mut r = sample().remove(0);
+    r.traits
+        .insert("note".into(), json!("=HYPERLINK(\"http://evil.example\",\"x\")"));
+    r.traits.insert("city".into(), json!("@SUM(1)"));
+    r.traits.insert("delta".into(), json!(-5));
+    let out = String::from_utf8(render_csv(&[r], None).unwrap()).unwrap();
+    assert!(out.contains("\"'=HYPERLINK("), "{out}");
+    assert!(out.contains("'@SUM(1)"), "{out}");
+    assert!(out.contains(",-5,"), "numbers stay numbers: {out}");
 }
 
 #[test]
@@ -220,12 +246,12 @@ fn batches_are_chunked_signed_and_keyed() {
         );
         let body = req.body.as_deref().unwrap();
         assert_eq!(body.iter().filter(|b| **b == b'\n').count(), keys.len());
-        assert_eq!(
-            req.header_value("x-cdp-signature").unwrap(),
-            signature(b"topsecret", body)
-        );
         let ts: u64 = req.header_value("x-cdp-timestamp").unwrap().parse().unwrap();
         assert!(ts > 1_700_000_000);
+        assert_eq!(
+            req.header_value("x-cdp-signature").unwrap(),
+            signature(b"topsecret", ts, body)
+        );
     }
 }
 
