@@ -121,7 +121,7 @@ impl Store {
             let keys: Vec<&str> = m.identity.keys.keys().map(String::as_str).collect();
             return Err(LookupError::UnknownKey(key.to_owned(), keys.join(", ")));
         };
-        let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+        let opts = normalize::Options::for_key(spec);
         let kind = spec.normalize.unwrap_or(Normalizer::Trim);
         let n = normalize::normalize(kind, value, &opts)
             .map_err(|e| LookupError::Invalid(value.to_owned(), format!("{kind:?}").to_lowercase(), e.to_string()))?;
@@ -382,7 +382,7 @@ impl Store {
     pub async fn unmerge(&self, m: &Manifest, key: &str, value: &str) -> Result<(i64, i64), LookupError> {
         let from = self.find_profile(m, key, value).await?;
         let spec = &m.identity.keys[key];
-        let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+        let opts = normalize::Options::for_key(spec);
         let n = normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), value, &opts)
             .map_err(|e| LookupError::Invalid(value.to_owned(), key.to_owned(), e.to_string()))?;
         let mut tx = self.begin_write().await?;
