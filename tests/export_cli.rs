@@ -240,3 +240,57 @@ fn phones_emails_and_traits_are_normalised_before_matching() {
     assert!(t.contains("`XX` is not an ISO 3166 alpha-2 region"), "{t}");
     assert!(t.contains("`provider_rules` only applies to `normalize: email`"), "{t}");
 }
+
+/// A value from the SQLite store of a workspace (python3's sqlite3 reads it while cdp writes).
+fn sqlite_text(db: &Path, sql: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute({sql:?}).fetchone(); print(r[0] if r else '')"
+        ))
+        .arg(db)
+        .output()
+        .expect("python3 sqlite3");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn sigkill_during_matching_is_finished_by_resume_as_a_clean_run_would() {
+    // CRM contacts first, unmatched; matching after the store receipts links them.
+    let (clean, _) = bench_workspace(1_500);
+    ok(clean.path(), &["ingest", "crm", "-i", "crm.jsonl", "--quiet", "--no-match"]);
+    ok(clean.path(), &["ingest", "pos", "-i", "pos.jsonl", "--quiet"]);
+    let want = partition(&exported_records(clean.path()));
+
+    let (dir, _) = bench_workspace(1_500);
+    let d = dir.path();
+    ok(d, &["ingest", "crm", "-i", "crm.jsonl", "--quiet", "--no-match"]);
+    let lines = std::fs::read_to_string(d.join("pos.jsonl")).unwrap().lines().count();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cdp"))
+        .current_dir(d)
+        .args(["ingest", "pos", "-i", "pos.jsonl", "--quiet"])
+        .spawn()
+        .expect("spawn");
+    // Every batch is committed once the file's cursor is at its last line;
+    // matching runs after that. Kill it there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let db = d.join("bench.db");
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        if db.exists()
+            && sqlite_text(&db, "SELECT position FROM cursors WHERE stream LIKE 'file:%'") == lines.to_string()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the ingest never committed its last batch");
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    if sqlite_text(&db, "SELECT position FROM cursors WHERE stream = 'identity:matched'").is_empty() {
+        // Killed before matching completed: the store is split until the next run.
+        assert!(partition(&exported_records(d)) != want, "matching merges something in this data");
+    }
+    let out = ok(d, &["ingest", "pos", "-i", "pos.jsonl", "--resume"]);
+    assert!(text(&out).contains("resumed after"), "{}", text(&out));
+    assert!(partition(&exported_records(d)) == want, "the store differs from a clean run's");
+}
