@@ -1,8 +1,10 @@
 //! A generator of realistic people data with ground truth, from a fixed seed:
 //! CRM contacts, web sessions and store receipts of the same people, with
 //! typos, nicknames, swapped first and last names, missing values, moved
-//! addresses, shared family emails and recycled phone numbers. Used by the
-//! ingest speed benchmark and the identity accuracy benchmark.
+//! addresses, shared family emails and recycled phone numbers; and, in
+//! [`traps`], loyalty members, CRM duplicates under new ids, phones written
+//! with trunk prefixes and shared store tablets. Used by the ingest speed
+//! benchmark and the identity accuracy benchmark.
 
 use serde_json::{Value, json};
 
@@ -206,6 +208,88 @@ pub fn records(seed: u64, ppl: &[Person], per_person: usize) -> Vec<Labeled> {
     out
 }
 
+/// Records that trip naive resolution, about the same people, drawn from
+/// their own random stream so [`records`] stays as it was:
+/// - a loyalty membership for most people, its phone written nationally with
+///   the trunk prefix (`070-123 45 67`) or as `+46 (0)70 123 45 67`, a
+///   nickname now and then, the email in another case;
+/// - CRM duplicates: the same person entered again under a new CRM id, with
+///   another spelling of the phone and sometimes no email;
+/// - shared devices: a store tablet's anonymous id in web sessions of many
+///   people, each signing in with their own email.
+pub fn traps(seed: u64, ppl: &[Person]) -> Vec<Labeled> {
+    let mut rng = Rng::new(seed ^ 0x0010_7A17);
+    let mut out = Vec::with_capacity(ppl.len());
+    for p in ppl {
+        // Disjoint from the message ids of `records` (person id × 1024 + a small counter).
+        let mut msg = p.id * 1024 + 512;
+        let mut next = || {
+            msg += 1;
+            format!("{:016x}", msg.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        };
+        let day = 10 + rng.below(300);
+        let at = |d: u64| format!("2026-{:02}-{:02}T{:02}:30:00Z", 1 + (d / 28) % 12, 1 + d % 28, d % 24);
+        if rng.chance(0.6) {
+            let mut first = p.first.clone();
+            if let Some((_, nick)) = NICK.iter().find(|(n, _)| *n == first)
+                && rng.chance(0.3)
+            {
+                first = (*nick).to_owned();
+            }
+            let email = p.email.as_ref().filter(|_| rng.chance(0.7)).map(|e| capitalised(e));
+            let phone = p.phone.as_deref().map(|ph| written_phone(&mut rng, ph));
+            out.push(Labeled {
+                source: "loyalty",
+                person: p.id,
+                record: json!({"id": next(), "at": at(day), "member_no": format!("L{:07}", p.id), "email": email,
+                    "phone": phone, "first_name": first, "last_name": p.last, "birth_date": p.birth,
+                    "postcode": p.postcode}),
+            });
+        }
+        if rng.chance(0.04) {
+            let last = if rng.chance(0.1) { typo(&mut rng, &p.last) } else { p.last.clone() };
+            let email = p.email.clone().filter(|_| rng.chance(0.5));
+            let phone = p.phone.as_deref().map(|ph| written_phone(&mut rng, ph));
+            out.push(Labeled {
+                source: "crm",
+                person: p.id,
+                record: json!({"id": next(), "at": at(day + 20), "crm_id": format!("CRM{:08}", p.id + 50_000_000),
+                    "email": email, "phone": phone, "first_name": p.first, "last_name": last, "birth_date": p.birth,
+                    "postcode": p.postcode, "city": p.city}),
+            });
+        }
+        if let Some(email) = &p.email
+            && rng.chance(0.01)
+        {
+            out.push(Labeled {
+                source: "web",
+                person: p.id,
+                record: json!({"id": next(), "at": at(day + 5), "anonymousId": format!("tablet-{}", rng.below(20)),
+                    "email": email, "event": "product_viewed", "sku": format!("SKU-{}", rng.below(500))}),
+            });
+        }
+    }
+    out
+}
+
+/// `ada.l@x` → `Ada.L@x`: the same address as another system stores it.
+fn capitalised(email: &str) -> String {
+    let mut c = email.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
+/// A `+467XXXXXXXX` number as people write it: national with the trunk
+/// prefix, international with the trunk prefix in brackets, or as stored.
+fn written_phone(rng: &mut Rng, e164: &str) -> String {
+    let Some(d) = e164.strip_prefix("+46").filter(|d| d.len() == 9 && d.is_ascii()) else { return e164.to_owned() };
+    let groups = format!("{} {} {}", &d[2..5], &d[5..7], &d[7..9]);
+    match rng.below(3) {
+        0 => format!("0{}-{groups}", &d[0..2]),
+        1 => format!("+46 (0){} {groups}", &d[0..2]),
+        _ => e164.to_owned(),
+    }
+}
+
 /// The manifest the generated records fit.
 pub const MANIFEST: &str = r#"
 version: 1
@@ -233,17 +317,25 @@ sources:
       timestamp: at
       identities: { receipt: receipt }
       traits: { first_name: first_name, last_name: last_name, birth_date: birth_date, postcode: postcode }
+  loyalty:
+    collector: {}
+    map:
+      message_id: id
+      timestamp: at
+      identities: { loyalty_id: member_no, email: email, phone: phone }
+      traits: { first_name: first_name, last_name: last_name, birth_date: birth_date, postcode: postcode }
 identity:
   keys:
     crm_id: { limit: 1 }
+    loyalty_id: { limit: 1 }
     email: { normalize: email, limit: 3 }
     phone: { normalize: e164, default_region: SE, limit: 2 }
     anonymous_id: { limit: 100 }
     receipt: { limit: 50 }
-  priority: [crm_id, email, phone, anonymous_id, receipt]
+  priority: [crm_id, loyalty_id, email, phone, anonymous_id, receipt]
   match:
     compare:
-      first_name: jaro_winkler
+      first_name: { method: jaro_winkler, nicknames: true, swap_with: last_name }
       last_name: jaro_winkler
       birth_date: { method: date, tolerance: 1d }
       postcode: exact
@@ -274,9 +366,11 @@ mod tests {
         let l = crate::manifest::load_str(MANIFEST, &crate::manifest::Options::validate("."));
         assert!(!l.has_errors(), "{:?}", l.diagnostics);
         let m = l.manifest.expect("manifest");
-        for src in ["crm", "web", "pos"] {
+        let t = traps(7, &people(7, 300));
+        assert!(t.iter().any(|r| r.source == "loyalty") && t.iter().any(|r| r.source == "crm"));
+        for src in ["crm", "web", "pos", "loyalty"] {
             let mut mapper = crate::ingest::Mapper::new(&m, src).expect("mapper");
-            for r in a.iter().filter(|r| r.source == src) {
+            for r in a.iter().chain(&t).filter(|r| r.source == src) {
                 mapper.map(&r.record, 0).unwrap_or_else(|e| panic!("{}: {e}", r.record));
             }
         }

@@ -30,6 +30,73 @@ pub struct Args<'a> {
     pub run_match: bool,
 }
 
+/// How many rejected lines an ingest tolerates (`--max-rejects N` or `P%`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RejectLimit {
+    Lines(u64),
+    /// Percent of the lines read in this run.
+    Percent(f64),
+}
+
+impl std::str::FromStr for RejectLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || format!("`{s}` is neither a number of lines (`100`) nor a percentage (`2.5%`)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(RejectLimit::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => s.parse().map(RejectLimit::Lines).map_err(|_| bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for RejectLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectLimit::Lines(n) => write!(f, "{n} lines"),
+            RejectLimit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl RejectLimit {
+    /// Whether `rejected` of `read` lines is more than the limit allows.
+    pub fn exceeded(&self, rejected: u64, read: u64) -> bool {
+        match *self {
+            RejectLimit::Lines(n) => rejected > n,
+            RejectLimit::Percent(p) => read > 0 && rejected as f64 * 100.0 > p * read as f64,
+        }
+    }
+}
+
+/// Exit code of an ingest that ran to the end but rejected more lines than `--max-rejects` allows.
+pub const EXIT_TOO_MANY_REJECTS: u8 = 3;
+
+impl Summary {
+    /// Lines this run read (not those a `--resume` skipped).
+    pub fn read(&self) -> u64 {
+        self.lines.saturating_sub(self.skipped)
+    }
+
+    /// `Some(message)` when the rejections exceed `limit`.
+    pub fn over_limit(&self, limit: Option<RejectLimit>) -> Option<String> {
+        let limit = limit?;
+        limit.exceeded(self.rejected, self.read()).then(|| {
+            let pct = self.rejected as f64 * 100.0 / self.read().max(1) as f64;
+            format!(
+                "{} of {} lines rejected ({pct:.1}%), more than --max-rejects {limit} allows; \
+                 the accepted records are stored",
+                self.rejected,
+                self.read()
+            )
+        })
+    }
+}
+
 /// What an ingest did, for the summary and for benchmarks.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
@@ -144,9 +211,10 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         out.flush()?;
     }
     s.seconds = started.elapsed().as_secs_f64();
-    if a.run_match && m.identity.matching.is_some() && s.report.accepted > 0 {
+    // New records, or a matching run a crash interrupted, leave matching pending.
+    if a.run_match && m.identity.matching.is_some() && store.matching_pending().await? {
         let started = Instant::now();
-        let r = store.match_profiles(&m).await?;
+        let r = store.match_pending(&m).await?;
         if !a.quiet {
             print_match(&r);
             println!("  matching took {:.2}s", started.elapsed().as_secs_f64());
@@ -168,12 +236,17 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
 }
 
 pub(crate) fn print_match(r: &crate::store::matching::MatchReport) {
+    // λ is the prior that two random profiles match: tiny (about one in the
+    // number of profiles), so it is shown with its exponent and as the number
+    // of matches it implies.
+    let pairs = r.profiles as f64 * (r.profiles as f64 - 1.0) / 2.0;
     println!(
-        "probabilistic matching: {} profiles compared, {} candidate pairs{}, λ = {:.4}",
+        "probabilistic matching: {} profiles compared, {} candidate pairs{}, λ = {:.3e} (≈{:.0} matching pairs expected)",
         r.profiles,
         r.candidates,
         if r.skipped_blocks > 0 { format!(" ({} oversize blocks skipped)", r.skipped_blocks) } else { String::new() },
-        r.lambda
+        r.lambda,
+        r.lambda * pairs.max(0.0)
     );
     println!(
         "  {} pairs above the threshold: {} merges, {} limit conflicts, {} already linked",

@@ -19,6 +19,7 @@ macro_rules! out {
     }};
 }
 
+mod export;
 mod ingest;
 mod plugin;
 mod profile;
@@ -76,9 +77,15 @@ pub enum Command {
         /// Skip probabilistic matching after the ingest.
         #[arg(long)]
         no_match: bool,
+        /// Exit 3 when more lines than this are rejected: a count (`100`) or a percentage of the lines read (`2%`).
+        #[arg(long, value_name = "N|P%")]
+        max_rejects: Option<ingest::RejectLimit>,
     },
     /// Probabilistic matching over all profiles (`identity.match`); links above the threshold.
     Match,
+    /// Stream golden records or ingested records out in bulk (JSON Lines or CSV).
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Golden records: look up, explain and split profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
@@ -176,6 +183,26 @@ pub enum ProfileCmd {
     },
     /// Split one identifier off its profile for good (recorded in the ledger).
     Unmerge { key_value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Golden records: identities, traits, computed traits, consent, audiences, entities.
+    Profiles(ExportArgs),
+    /// Every ingested record: source, message id, observed time, kind, profile id, anchor identifier.
+    Records(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, default_value_t = export::ExportFormat::Jsonl)]
+    format: export::ExportFormat,
+    /// Write here (replaced only when the export completes) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress bar or summary.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,8 +328,8 @@ pub fn run() -> ExitCode {
             print!("{}", crate::bench::ingest::run(records, batch.max(1), &dir, postgres.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Ingest { source, input, batch, resume, rejects, quiet, no_match } => block_on(async {
-            ingest::run(ingest::Args {
+        Command::Ingest { source, input, batch, resume, rejects, quiet, no_match, max_rejects } => block_on(async {
+            let s = ingest::run(ingest::Args {
                 manifest: &file,
                 source: &source,
                 file: &input,
@@ -312,8 +339,14 @@ pub fn run() -> ExitCode {
                 quiet,
                 run_match: !no_match,
             })
-            .await
-            .map(|_| ExitCode::SUCCESS)
+            .await?;
+            Ok(match s.over_limit(max_rejects) {
+                Some(msg) => {
+                    eprintln!("error: {msg}");
+                    ExitCode::from(ingest::EXIT_TOO_MANY_REJECTS)
+                }
+                None => ExitCode::SUCCESS,
+            })
         }),
         Command::Match => block_on(async {
             let (m, base) = load_manifest(&file)?;
@@ -324,6 +357,14 @@ pub fn run() -> ExitCode {
             let r = store.match_profiles(&m).await?;
             ingest::print_match(&r);
             Ok(ExitCode::SUCCESS)
+        }),
+        Command::Export(cmd) => block_on(async {
+            let (what, a) = match cmd {
+                ExportCmd::Profiles(a) => (export::What::Profiles, a),
+                ExportCmd::Records(a) => (export::What::Records, a),
+            };
+            let args = export::Args { manifest: &file, what, format: a.format, out: a.out.as_deref(), quiet: a.quiet };
+            export::run(args).await.map(|_| ExitCode::SUCCESS)
         }),
         Command::Profile(cmd) => block_on(async {
             match cmd {

@@ -29,14 +29,40 @@ pub struct FieldSpec {
     pub tolerance: f64,
     /// Fixed agreement probabilities from the manifest: (m, u).
     pub fixed: Option<(f64, f64)>,
+    /// Weigh agreement by the agreed value's frequency.
+    pub term_frequency: bool,
+    /// Nicknames of one name count as close.
+    pub nicknames: bool,
+    /// The field whose value may be written in this one's place (index into the specs).
+    pub swap: Option<usize>,
+}
+
+/// The field specs of `identity.match.compare`, in order, with `swap_with` resolved.
+pub fn specs(compare: &indexmap::IndexMap<String, Comparison>) -> Vec<FieldSpec> {
+    compare
+        .iter()
+        .map(|(n, c)| {
+            let mut spec = FieldSpec::from_manifest(n, c);
+            if let Comparison::Detailed(o) = c {
+                spec.swap = o.swap_with.as_ref().and_then(|w| compare.get_index_of(w));
+            }
+            spec
+        })
+        .collect()
 }
 
 impl FieldSpec {
     pub fn from_manifest(name: &str, c: &Comparison) -> Self {
         match c {
-            Comparison::Method(method) => {
-                FieldSpec { name: name.into(), method: *method, tolerance: default_tol(*method), fixed: None }
-            }
+            Comparison::Method(method) => FieldSpec {
+                name: name.into(),
+                method: *method,
+                tolerance: default_tol(*method),
+                fixed: None,
+                term_frequency: false,
+                nicknames: false,
+                swap: None,
+            },
             Comparison::Detailed(o) => {
                 let tolerance = match (&o.tolerance, o.method) {
                     (Some(serde_json::Value::String(s)), CompareMethod::Date) => {
@@ -47,7 +73,15 @@ impl FieldSpec {
                     (Some(v), _) => v.as_f64().unwrap_or(default_tol(o.method)),
                     (None, m) => default_tol(m),
                 };
-                FieldSpec { name: name.into(), method: o.method, tolerance, fixed: o.m.zip(o.u) }
+                FieldSpec {
+                    name: name.into(),
+                    method: o.method,
+                    tolerance,
+                    fixed: o.m.zip(o.u),
+                    term_frequency: o.term_frequency,
+                    nicknames: o.nicknames,
+                    swap: None,
+                }
             }
         }
     }
@@ -101,11 +135,57 @@ fn days(s: &str) -> Option<(i32, u32, u32)> {
     Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?, p.next()?.parse().ok()?))
 }
 
+/// Common nicknames and the names they stand for (lower case): Scandinavian
+/// and English. A pair is looked up both ways.
+pub const NICKNAMES: &[(&str, &str)] = &[
+    ("alex", "alexander"),
+    ("andy", "anders"),
+    ("andy", "andrew"),
+    ("bill", "william"),
+    ("bob", "robert"),
+    ("chris", "christoffer"),
+    ("chris", "christopher"),
+    ("dan", "daniel"),
+    ("fredde", "fredrik"),
+    ("greta", "margareta"),
+    ("henke", "henrik"),
+    ("jim", "james"),
+    ("joe", "joseph"),
+    ("jojo", "johan"),
+    ("kalle", "karl"),
+    ("kattis", "katarina"),
+    ("kate", "katherine"),
+    ("lasse", "lars"),
+    ("liz", "elizabeth"),
+    ("lisa", "elisabeth"),
+    ("mange", "magnus"),
+    ("maggie", "margaret"),
+    ("mike", "michael"),
+    ("nisse", "nils"),
+    ("olle", "olof"),
+    ("pelle", "per"),
+    ("peggy", "margaret"),
+    ("rob", "robert"),
+    ("sue", "susan"),
+    ("tom", "thomas"),
+    ("tompa", "tomas"),
+];
+
+/// Whether one name is a nickname of the other.
+pub fn nickname_of(a: &str, b: &str) -> bool {
+    NICKNAMES.iter().any(|(n, full)| (*n == a && *full == b) || (*n == b && *full == a))
+}
+
 /// The comparison level of two present values.
 pub fn level(spec: &FieldSpec, a: &str, b: &str) -> usize {
     if a == b {
         return 2;
     }
+    let l = method_level(spec, a, b);
+    if l == 0 && spec.nicknames && nickname_of(a, b) { 1 } else { l }
+}
+
+fn method_level(spec: &FieldSpec, a: &str, b: &str) -> usize {
     match spec.method {
         CompareMethod::Exact => 0,
         CompareMethod::JaroWinkler => {
@@ -158,6 +238,14 @@ pub struct Item {
 
 /// Candidate pairs from blocking rules (indexes into the field list).
 pub fn candidates(items: &[Item], rules: &[Vec<usize>]) -> (Vec<(u32, u32)>, usize) {
+    candidates_touching(items, rules, None)
+}
+
+/// Candidate pairs with at least one member in `focus` (every pair when
+/// `None`): after a batch only new or changed profiles need comparing, each
+/// against the whole of its blocks.
+pub fn candidates_touching(items: &[Item], rules: &[Vec<usize>], focus: Option<&[bool]>) -> (Vec<(u32, u32)>, usize) {
+    let focused = |i: u32| focus.is_none_or(|f| f.get(i as usize).copied().unwrap_or(false));
     let mut seen: FxHashSet<(u32, u32)> = FxHashSet::default();
     let mut out = Vec::new();
     let mut skipped = 0;
@@ -172,13 +260,16 @@ pub fn candidates(items: &[Item], rules: &[Vec<usize>]) -> (Vec<(u32, u32)>, usi
         let mut keys: Vec<_> = blocks.into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         for (_, members) in keys {
+            if focus.is_some() && !members.iter().any(|m| focused(*m)) {
+                continue;
+            }
             if members.len() > MAX_BLOCK {
                 skipped += 1;
                 continue;
             }
             for (x, a) in members.iter().enumerate() {
                 for b in &members[x + 1..] {
-                    if seen.insert((*a, *b)) {
+                    if (focused(*a) || focused(*b)) && seen.insert((*a, *b)) {
                         out.push((*a, *b));
                     }
                 }
@@ -194,6 +285,33 @@ pub struct Model {
     pub m: Vec<[f64; LEVELS]>,
     pub u: Vec<[f64; LEVELS]>,
     pub lambda: f64,
+    /// Per field with `term_frequency`: each value's share of the profiles.
+    pub tf: Vec<Option<FxHashMap<String, f64>>>,
+}
+
+/// Each value's share of the items, per field that asks for it.
+fn term_frequencies(specs: &[FieldSpec], items: &[Item]) -> Vec<Option<FxHashMap<String, f64>>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(f, spec)| {
+            if !spec.term_frequency {
+                return None;
+            }
+            let mut counts: FxHashMap<String, f64> = FxHashMap::default();
+            let mut n = 0.0;
+            for it in items {
+                if let Some(v) = value(it, f) {
+                    *counts.entry(v.to_owned()).or_default() += 1.0;
+                    n += 1.0;
+                }
+            }
+            for c in counts.values_mut() {
+                *c /= n;
+            }
+            Some(counts)
+        })
+        .collect()
 }
 
 /// A scored pair and why.
@@ -207,21 +325,45 @@ pub struct Scored {
     pub contributions: Vec<(usize, usize, f64)>,
 }
 
+fn value(item: &Item, f: usize) -> Option<&str> {
+    item.values.get(f).and_then(|v| v.as_deref()).filter(|v| !v.is_empty())
+}
+
 fn levels_of(specs: &[FieldSpec], a: &Item, b: &Item) -> Vec<Option<usize>> {
-    specs
-        .iter()
-        .enumerate()
-        .map(|(f, spec)| {
-            match (a.values.get(f).and_then(|v| v.as_deref()), b.values.get(f).and_then(|v| v.as_deref())) {
-                (Some(x), Some(y)) if !x.is_empty() && !y.is_empty() => {
-                    let l = level(spec, x, y);
-                    // Fixed parameters are two-level: agree (1 or 2) or not.
-                    Some(if spec.fixed.is_some() && l > 0 { 2 } else { l })
-                }
-                _ => None,
+    let mut levels: Vec<Option<usize>> =
+        specs.iter().enumerate().map(|(f, spec)| Some(level(spec, value(a, f)?, value(b, f)?))).collect();
+    // Crossed fields (first and last name the other way round) are close, both of them.
+    for (f, spec) in specs.iter().enumerate() {
+        if let Some(g) = spec.swap
+            && levels[f] == Some(0)
+            && swapped(specs, spec, f, a, b)
+        {
+            levels[f] = Some(1);
+            if levels.get(g) == Some(&Some(0)) {
+                levels[g] = Some(1);
             }
-        })
-        .collect()
+        }
+    }
+    // Fixed parameters are two-level: agree (1 or 2) or not.
+    for (l, spec) in levels.iter_mut().zip(specs) {
+        if spec.fixed.is_some()
+            && let Some(x) = l
+            && *x > 0
+        {
+            *x = 2;
+        }
+    }
+    levels
+}
+
+/// Whether field `f` and its `swap` partner are crossed between `a` and `b`
+/// (first and last name written the other way round).
+fn swapped(specs: &[FieldSpec], spec: &FieldSpec, f: usize, a: &Item, b: &Item) -> bool {
+    let Some(g) = spec.swap else { return false };
+    let (Some(af), Some(ag), Some(bf), Some(bg)) = (value(a, f), value(a, g), value(b, f), value(b, g)) else {
+        return false;
+    };
+    level(spec, af, bg) > 0 && specs.get(g).is_some_and(|sg| level(sg, ag, bf) > 0)
 }
 
 const FLOOR: f64 = 1e-4;
@@ -303,8 +445,8 @@ pub fn estimate(specs: &[FieldSpec], items: &[Item], rules: &[Vec<usize>], seed:
         }
     }
     let all_pairs = (n as f64) * (n as f64 - 1.0) / 2.0;
-    let lambda = if all_pairs > 0.0 { (expected_matches / all_pairs).clamp(1e-9, 0.5) } else { 0.5 };
-    Model { m, u, lambda }
+    let lambda = if all_pairs > 0.0 { (expected_matches / all_pairs).clamp(1e-12, 0.5) } else { 0.5 };
+    Model { m, u, lambda, tf: term_frequencies(specs, items) }
 }
 
 /// One EM session: returns `m` (only `free` fields change) and the share of
@@ -366,9 +508,17 @@ fn em(
 pub fn score(model: &Model, specs: &[FieldSpec], items: &[Item], a: u32, b: u32) -> Scored {
     let mut weight = (model.lambda / (1.0 - model.lambda)).log2();
     let mut contributions = Vec::new();
-    for (f, l) in levels_of(specs, &items[a as usize], &items[b as usize]).into_iter().enumerate() {
+    let (x, y) = (&items[a as usize], &items[b as usize]);
+    for (f, l) in levels_of(specs, x, y).into_iter().enumerate() {
         if let Some(l) = l {
-            let w = (model.m[f][l] / model.u[f][l]).log2();
+            // Term frequency: an exact agreement on a value a share `tf` of
+            // profiles hold is as likely by chance as `tf` (splink's adjustment).
+            let tf = model.tf.get(f).and_then(Option::as_ref).filter(|_| l == 2).and_then(|tf| {
+                let (vx, vy) = (value(x, f)?, value(y, f)?);
+                if vx == vy { tf.get(vx).copied() } else { None }
+            });
+            let u = tf.map_or(model.u[f][l], |t| t.max(FLOOR));
+            let w = (model.m[f][l] / u).log2();
             weight += w;
             contributions.push((f, l, w));
         }
@@ -381,7 +531,39 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, method: CompareMethod) -> FieldSpec {
-        FieldSpec { name: name.into(), method, tolerance: 1.0, fixed: None }
+        FieldSpec {
+            name: name.into(),
+            method,
+            tolerance: 1.0,
+            fixed: None,
+            term_frequency: false,
+            nicknames: false,
+            swap: None,
+        }
+    }
+
+    #[test]
+    fn nicknames_swaps_and_common_values() {
+        let mut first = spec("first", CompareMethod::JaroWinkler);
+        assert_eq!(level(&first, "mange", "magnus"), 0);
+        first.nicknames = true;
+        assert_eq!(level(&first, "mange", "magnus"), 1);
+        assert_eq!(level(&first, "bill", "william"), 1);
+        first.swap = Some(1);
+        first.term_frequency = true;
+        let specs = vec![first, spec("last", CompareMethod::JaroWinkler)];
+        let item = |i: i64, f: &str, l: &str| Item { id: i, values: vec![Some(f.into()), Some(l.into())] };
+        let a = item(0, "anna", "lindqvist");
+        let b = item(1, "lindqvist", "anna");
+        assert_eq!(levels_of(&specs, &a, &b), vec![Some(1), Some(1)]);
+        // Term frequency: "lars" agreeing weighs less than "ebbe" agreeing.
+        let mut items: Vec<Item> = (0..50).map(|i| item(i, "lars", &format!("x{i}"))).collect();
+        items.push(item(50, "ebbe", "y"));
+        items.push(item(51, "ebbe", "z"));
+        let model = estimate(&specs, &items, &[vec![0]], 3);
+        let common = score(&model, &specs, &items, 0, 1);
+        let rare = score(&model, &specs, &items, 50, 51);
+        assert!(rare.weight > common.weight + 3.0, "{} vs {}", rare.weight, common.weight);
     }
 
     #[test]
@@ -446,6 +628,20 @@ mod tests {
         // Some non-matches agree on every field by chance (same first name, surname
         // and postcode): no model can tell those apart.
         assert!(fp <= 40, "{fp} false matches");
+    }
+
+    #[test]
+    fn focused_blocking_keeps_only_pairs_touching_the_focus() {
+        let items: Vec<Item> = (0..20).map(|i| Item { id: i, values: vec![Some(format!("{}", i % 4))] }).collect();
+        let (all, _) = candidates(&items, &[vec![0]]);
+        let mut focus = vec![false; 20];
+        focus[1] = true;
+        focus[5] = true;
+        let (some, _) = candidates_touching(&items, &[vec![0]], Some(&focus));
+        let want: Vec<_> = all.iter().filter(|(a, b)| focus[*a as usize] || focus[*b as usize]).copied().collect();
+        assert_eq!(some, want);
+        // Items 1 and 5 share the block {1, 5, 9, 13, 17}: 10 pairs, 3 of them among the others.
+        assert_eq!(some.len(), 7, "{some:?}");
     }
 
     #[test]

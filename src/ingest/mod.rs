@@ -69,7 +69,7 @@ impl<'m> Mapper<'m> {
         let mut blocklists = Vec::new();
         let mut patterns = Vec::new();
         for (key, spec) in &m.identity.keys {
-            let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+            let opts = normalize::Options::for_key(spec);
             let list = spec
                 .blocklist
                 .iter()
@@ -164,8 +164,9 @@ impl<'m> Mapper<'m> {
                 continue;
             }
             let Some(t) = self.m.model.traits.get(name) else { continue };
-            let value =
-                coerce_trait(t.kind, v).map_err(|e| Rejection(format!("trait `{name}` (field `{field}`): {e}")))?;
+            let value = normalize::trait_value(t, v)
+                .and_then(|v| coerce_trait(t.kind, &v))
+                .map_err(|e| Rejection(format!("trait `{name}` (field `{field}`): {e}")))?;
             if !t.allowed.is_empty()
                 && let Value::String(s) = &value
                 && !t.allowed.contains(s)
@@ -200,7 +201,7 @@ impl<'m> Mapper<'m> {
             let caps = re.captures(&raw)?;
             raw = caps.get(1).or_else(|| caps.get(0)).map(|m| m.as_str().to_owned())?;
         }
-        let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+        let opts = normalize::Options::for_key(spec);
         let n = normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), &raw, &opts).ok()?;
         if is_placeholder(&n) || self.blocklists.iter().any(|(k, list)| k == key && list.contains(&n)) {
             return None;

@@ -600,7 +600,10 @@ impl<'a> Ctx<'a> {
                         &format!("{base}/default_region"),
                         "`default_region` only applies to `normalize: e164`".into(),
                     );
-                } else if r.len() != 2 || !r.chars().all(|c| c.is_ascii_uppercase()) {
+                } else if r.len() != 2
+                    || !r.chars().all(|c| c.is_ascii_uppercase())
+                    || r.parse::<phonenumber::country::Id>().is_err()
+                {
                     self.err(
                         diag::OUT_OF_RANGE,
                         &format!("{base}/default_region"),
@@ -616,6 +619,13 @@ impl<'a> Ctx<'a> {
                     self.hint("an ISO 3166 alpha-2 code such as `SE`, `GB`, `US`");
                 }
             }
+            if k.provider_rules && k.normalize != Some(Normalizer::Email) {
+                self.err(
+                    diag::OUT_OF_RANGE,
+                    &format!("{base}/provider_rules"),
+                    "`provider_rules` only applies to `normalize: email`".into(),
+                );
+            }
             if let Some(p) = &k.pattern
                 && let Err(e) = regex::Regex::new(p)
             {
@@ -624,6 +634,7 @@ impl<'a> Ctx<'a> {
                 self.hint("quote patterns with single quotes in YAML so backslashes stay as written");
             }
         }
+        self.trait_formats();
         let mut seen = HashSet::new();
         for (i, k) in m.identity.priority.iter().enumerate() {
             let p = ptr(&["identity", "priority", &i.to_string()]);
@@ -667,6 +678,16 @@ impl<'a> Ctx<'a> {
                     self.key_unknown(diag::UNKNOWN_TRAIT, &p, "trait", f, &known, "model.traits");
                 }
                 if let Comparison::Detailed(o) = cmp {
+                    if let Some(w) = &o.swap_with
+                        && (w == f || !mt.compare.contains_key(w))
+                    {
+                        self.err(
+                            diag::BAD_MATCH,
+                            &format!("{p}/swap_with"),
+                            format!("`swap_with: {w}` must name another trait under `compare`"),
+                        );
+                        self.hint("e.g. `first_name: { method: jaro_winkler, swap_with: last_name }`");
+                    }
                     for (key, v) in [("m", o.m), ("u", o.u)] {
                         if let Some(v) = v
                             && !(v > 0.0 && v < 1.0)
@@ -711,6 +732,37 @@ impl<'a> Ctx<'a> {
             }
             if mt.compare.is_empty() {
                 self.key_err(diag::BAD_MATCH, &format!("{base}/compare"), "`compare` needs at least one trait".into());
+            }
+            // A probabilistic link joins one identifier of each profile; with one
+            // key, unique, two profiles' identifiers never fit one profile.
+            if let [(key, k)] = m.identity.keys.iter().collect::<Vec<_>>()[..]
+                && k.limit == Some(1)
+            {
+                self.warn(
+                    diag::BAD_MATCH,
+                    base,
+                    format!(
+                        "`{key}` is the only identity key and has `limit: 1`, so no probabilistic link can ever merge two profiles"
+                    ),
+                );
+                self.hint("raise the key's `limit`, or add the keys matched records carry (email, phone, …)");
+            }
+        }
+    }
+
+    /// Trait `format`s (read before matching compares dates) must be chrono
+    /// formats on date or timestamp traits.
+    fn trait_formats(&mut self) {
+        for (name, t) in &self.m.model.traits {
+            let Some(f) = &t.format else { continue };
+            let p = format!("{}/format", ptr(&["model", "traits", name]));
+            if !matches!(t.kind, TraitType::Date | TraitType::Timestamp) {
+                self.err(diag::OUT_OF_RANGE, &p, "`format` only applies to `date` and `timestamp` traits".into());
+            } else if f.is_empty()
+                || chrono::format::StrftimeItems::new(f).any(|i| matches!(i, chrono::format::Item::Error))
+            {
+                self.err(diag::OUT_OF_RANGE, &p, format!("`{f}` is not a strftime format"));
+                self.hint("e.g. `%Y%m%d` for 19921119, `%d/%m/%Y` for 19/11/1992");
             }
         }
     }
@@ -1315,7 +1367,7 @@ fn find_cycle<'s>(start: &'s str, deps: &IndexMap<&'s str, Vec<&'s str>>) -> Opt
 /// itself, so validation accepts exactly the regions ingest can use).
 fn unknown_region(region: &str) -> bool {
     use crate::identity::normalize::{NormalizeError, Options, normalize};
-    let opts = Options { default_region: Some(region) };
+    let opts = Options { default_region: Some(region), provider_rules: false };
     matches!(normalize(Normalizer::E164, "23456789", &opts), Err(NormalizeError::Region(_)))
 }
 

@@ -260,6 +260,12 @@ pub struct IdentityKey {
     /// built-in placeholders (`null`, `n/a`, `test@test.com`, …).
     #[serde(default)]
     pub blocklist: Vec<String>,
+    /// `normalize: email` only: apply mailbox providers' own rules, so addresses
+    /// one mailbox receives compare equal (Gmail ignores dots and `+tags` in
+    /// the local part and treats `googlemail.com` as `gmail.com`; Outlook,
+    /// iCloud and Fastmail ignore `+tags`). Default `false`.
+    #[serde(default)]
+    pub provider_rules: bool,
 }
 
 /// Identifier normalisers.
@@ -318,6 +324,20 @@ pub struct ComparisonOptions {
     /// Probability that a non-match agrees on this field (estimated from data when absent).
     #[serde(default)]
     pub u: Option<f64>,
+    /// Weigh an agreement by how common the agreed value is among profiles
+    /// (term-frequency adjustment): `Lars Andersson` agreeing says less than a
+    /// rare name agreeing. Default `false`.
+    #[serde(default)]
+    pub term_frequency: bool,
+    /// Names: a nickname and its full name (`mange`/`magnus`, `bill`/`william`,
+    /// from a built-in table) count as close. Default `false`.
+    #[serde(default)]
+    pub nicknames: bool,
+    /// Another compared trait whose value may have been written in this one's
+    /// place (`first_name` with `swap_with: last_name`): when both are
+    /// crossed, they count as close instead of disagreeing.
+    #[serde(default)]
+    pub swap_with: Option<String>,
 }
 
 /// Field comparison methods.
@@ -372,6 +392,34 @@ pub struct Trait {
     /// What the trait means.
     #[serde(default)]
     pub description: Option<String>,
+    /// Text normalisers applied, in order, to the value before it is typed,
+    /// stored and compared by matching (e.g. `[remove_whitespace, uppercase]`
+    /// for postcodes).
+    #[serde(default)]
+    pub normalize: Vec<TextNormalizer>,
+    /// `date` and `timestamp` traits: the format values arrive in, as chrono
+    /// `strftime` (`"%Y%m%d"` reads `19921119`). Values in the standard format
+    /// are accepted too.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Text normalisers for trait values.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TextNormalizer {
+    /// Remove leading and trailing whitespace.
+    Trim,
+    /// Trim, and turn each run of whitespace into one space.
+    CollapseWhitespace,
+    /// Remove all whitespace (postcodes: `114 55` → `11455`).
+    RemoveWhitespace,
+    /// Lowercase.
+    Lowercase,
+    /// Uppercase.
+    Uppercase,
+    /// Remove diacritics (`Åsa Öberg` → `Asa Oberg`), Unicode NFKD.
+    StripAccents,
 }
 
 /// Trait value types.

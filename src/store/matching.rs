@@ -10,7 +10,7 @@ use super::{Result, Store, now_ms};
 use crate::identity::matching::{self, FieldSpec, Item};
 use crate::ingest::Record;
 use crate::manifest::Manifest;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::json;
 use sqlx::Row;
 
@@ -25,14 +25,60 @@ pub struct MatchReport {
     pub batch: BatchReport,
 }
 
+/// The cursor saying up to which records matching has run: the newest
+/// `received_at` of a non-link record when the last complete run started.
+pub const MATCHED_STREAM: &str = "identity:matched";
+
 impl Store {
-    /// Links profiles whose match probability reaches `identity.match.threshold`.
-    /// A merged profile is compared again with its merged values, so passes
-    /// repeat (at most five) until one merges nothing.
+    /// The newest `received_at` of any record that is not a match link.
+    async fn newest_received(&self) -> Result<Option<i64>> {
+        let row =
+            sqlx::query("SELECT MAX(received_at) FROM records WHERE source <> 'match'").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?)
+    }
+
+    /// The watermark of the last complete matching run, if any.
+    async fn matched_up_to(&self) -> Result<Option<i64>> {
+        Ok(self.cursor(MATCHED_STREAM).await?.and_then(|p| p.parse::<i64>().ok()))
+    }
+
+    /// Whether records arrived that matching has not seen: a batch's records,
+    /// committed with it, are the durable "matching pending" marker, and only
+    /// a complete matching run moves [`MATCHED_STREAM`] past them. A crash
+    /// during matching leaves it pending for the next run.
+    pub async fn matching_pending(&self) -> Result<bool> {
+        let Some(newest) = self.newest_received().await? else { return Ok(false) };
+        Ok(self.matched_up_to().await?.is_none_or(|d| newest > d))
+    }
+
+    /// Links profiles whose match probability reaches `identity.match.threshold`,
+    /// comparing every profile against its blocks (`cdp match`).
     pub async fn match_profiles(&self, m: &Manifest) -> Result<MatchReport> {
+        self.match_run(m, false).await
+    }
+
+    /// Matching after a batch: only the profiles of records that arrived since
+    /// the last complete run (new or changed) are compared, each against the
+    /// whole of its blocks; everything when no run ever completed.
+    pub async fn match_pending(&self, m: &Manifest) -> Result<MatchReport> {
+        self.match_run(m, true).await
+    }
+
+    /// A merged profile is compared again with its merged values, so passes
+    /// repeat (at most five, each comparing only the profiles the previous one
+    /// merged, with the model the first fitted) until one merges nothing. The
+    /// last write records that matching is done up to the records present
+    /// when it started.
+    async fn match_run(&self, m: &Manifest, incremental: bool) -> Result<MatchReport> {
+        let watermark = self.newest_received().await?;
+        let mut focus = match (incremental, self.matched_up_to().await?) {
+            (true, Some(done)) => Some(self.profiles_since(done).await?),
+            _ => None,
+        };
         let mut total = MatchReport::default();
+        let mut model = None;
         for pass in 0..5 {
-            let r = self.match_pass(m).await?;
+            let (r, touched) = self.match_pass(m, focus.as_ref(), &mut model).await?;
             if pass == 0 {
                 total.profiles = r.profiles;
                 total.candidates = r.candidates;
@@ -44,14 +90,40 @@ impl Store {
             if r.batch.merges == 0 {
                 break;
             }
+            focus = Some(touched);
+        }
+        if let Some(w) = watermark {
+            let cfg = IdentityConfig::from_manifest(m);
+            self.apply_batch(&cfg, Vec::<Record>::new(), Some((MATCHED_STREAM, &w.to_string()))).await?;
         }
         Ok(total)
     }
 
-    async fn match_pass(&self, m: &Manifest) -> Result<MatchReport> {
-        let Some(mt) = &m.identity.matching else { return Ok(MatchReport::default()) };
+    /// Profiles holding records received after `done`.
+    async fn profiles_since(&self, done: i64) -> Result<FxHashSet<i64>> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT DISTINCT i.profile_id FROM records r JOIN identities i ON i.id = r.identity_id \
+             WHERE r.received_at > ? AND r.source <> 'match'",
+        ))
+        .bind(done)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// One pass: compares the profiles in `focus` (all when `None`) against
+    /// their blocks, fitting the model unless an earlier pass did, and links
+    /// the pairs above the threshold. Returns what it did and the profiles
+    /// its links touched, as they are after the merges.
+    async fn match_pass(
+        &self,
+        m: &Manifest,
+        focus: Option<&FxHashSet<i64>>,
+        model: &mut Option<matching::Model>,
+    ) -> Result<(MatchReport, FxHashSet<i64>)> {
+        let Some(mt) = &m.identity.matching else { return Ok((MatchReport::default(), FxHashSet::default())) };
         let cfg = IdentityConfig::from_manifest(m);
-        let specs: Vec<FieldSpec> = mt.compare.iter().map(|(n, c)| FieldSpec::from_manifest(n, c)).collect();
+        let specs: Vec<FieldSpec> = matching::specs(&mt.compare);
         let field_index: FxHashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
 
         // Latest value of each compared trait per profile.
@@ -93,8 +165,9 @@ impl Store {
             .iter()
             .map(|r| r.iter().filter_map(|f| field_index.get(f.as_str()).copied()).collect())
             .collect();
-        let (pairs, skipped) = matching::candidates(&items, &rules);
-        let model = matching::estimate(&specs, &items, &rules, 17);
+        let flags: Option<Vec<bool>> = focus.map(|f| items.iter().map(|i| f.contains(&i.id)).collect());
+        let (pairs, skipped) = matching::candidates_touching(&items, &rules, flags.as_deref());
+        let model = &*model.get_or_insert_with(|| matching::estimate(&specs, &items, &rules, 17));
         let mut report = MatchReport {
             profiles: items.len(),
             candidates: pairs.len(),
@@ -104,11 +177,11 @@ impl Store {
         };
         let linked: Vec<matching::Scored> = pairs
             .iter()
-            .map(|(a, b)| matching::score(&model, &specs, &items, *a, *b))
+            .map(|(a, b)| matching::score(model, &specs, &items, *a, *b))
             .filter(|s| s.probability >= mt.threshold)
             .collect();
         if linked.is_empty() {
-            return Ok(report);
+            return Ok((report, FxHashSet::default()));
         }
 
         // Each profile is represented by its strongest identifier.
@@ -119,16 +192,20 @@ impl Store {
             p.dedup();
             p
         };
-        let mut anchor: FxHashMap<i64, (u32, String, String)> = FxHashMap::default();
+        let mut anchor: FxHashMap<i64, (u32, String, String, i64)> = FxHashMap::default();
         let mut conn = self.pool.acquire().await?;
         let rows = self
-            .select_in(&mut conn, "SELECT profile_id, key, value FROM identities WHERE profile_id IN ({})", &profiles)
+            .select_in(
+                &mut conn,
+                "SELECT profile_id, key, value, id FROM identities WHERE profile_id IN ({})",
+                &profiles,
+            )
             .await?;
         // SQLite has one connection: give it back before writing.
         drop(conn);
         for r in rows {
             let (p, k, v): (i64, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-            let cand = (cfg.rank(&k), k, v);
+            let cand = (cfg.rank(&k), k, v, r.try_get::<i64, _>(3)?);
             match anchor.get(&p) {
                 Some(cur) if *cur <= cand => {}
                 _ => {
@@ -173,6 +250,11 @@ impl Store {
             let r = self.apply_batch(&cfg, chunk.to_vec(), None).await?;
             report.batch.add(&r);
         }
-        Ok(report)
+        let anchors: Vec<i64> = anchor.values().map(|a| a.3).collect();
+        let mut conn = self.pool.acquire().await?;
+        let rows =
+            self.select_in(&mut conn, "SELECT DISTINCT profile_id FROM identities WHERE id IN ({})", &anchors).await?;
+        let touched = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, sqlx::Error>>()?;
+        Ok((report, touched))
     }
 }

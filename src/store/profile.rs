@@ -129,7 +129,7 @@ pub fn lookup_value(m: &Manifest, key: &str, value: &str) -> Result<String, Look
         let caps = re.captures(value).ok_or_else(|| invalid(format!("it does not match the key's pattern `{p}`")))?;
         raw = caps.get(1).or_else(|| caps.get(0)).map_or(value, |g| g.as_str());
     }
-    let opts = normalize::Options { default_region: spec.default_region.as_deref() };
+    let opts = normalize::Options::for_key(spec);
     normalize::normalize(spec.normalize.unwrap_or(Normalizer::Trim), raw, &opts).map_err(|e| invalid(e.to_string()))
 }
 
