@@ -708,8 +708,22 @@ impl Store {
     ) -> Result<BatchReport> {
         let mut batch = records.into();
         let started = std::time::Instant::now();
-        let mut tx = self.begin_write().await?;
-        let applied = self.apply_in(&mut tx, cfg, &mut batch).await;
+        let mut attempt = 0u32;
+        let (mut tx, applied) = loop {
+            let mut tx = self.begin_write().await?;
+            match self.apply_in(&mut tx, cfg, &mut batch).await {
+                // Only the locking step reports contention, before the batch
+                // wrote anything or was changed: start over.
+                Err(super::StoreError::Contended(why)) if attempt < 50 => {
+                    drop(tx);
+                    attempt += 1;
+                    tracing::debug!(attempt, %why, "batch contended; retrying");
+                    let pause = 5 + u64::from(attempt) * 7 + u64::from(std::process::id() % 11);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause.min(250))).await;
+                }
+                applied => break (tx, applied),
+            }
+        };
         // Freeing a batch's hundreds of thousands of strings is work the
         // writer need not wait for.
         tokio::task::spawn_blocking(move || drop(batch));
@@ -765,7 +779,7 @@ impl Store {
         if !batch.index.as_ref().is_some_and(|i| i.fits(cfg)) {
             batch.index(cfg);
         }
-        let mut known = self.lookup_identities(conn, batch).await?;
+        let mut known = self.lookup_locked(conn, batch).await?;
         steps.mark("lookup");
         {
             // Duplicates of stored records: the insert itself says which
@@ -1295,7 +1309,7 @@ impl Store {
                 conn,
                 "INSERT INTO entities (entity, key, identity_id, profile_id, source, at, fields)",
                 7,
-                entity_rows.into_values(),
+                sorted_values(entity_rows),
                 "ON CONFLICT (entity, key) DO UPDATE SET identity_id = excluded.identity_id, profile_id = excluded.profile_id, \
                  source = excluded.source, at = excluded.at, fields = excluded.fields WHERE excluded.at >= entities.at",
             )
@@ -1307,7 +1321,7 @@ impl Store {
                 conn,
                 "INSERT INTO consent (identity_id, purpose, granted, at, source, message_id)",
                 6,
-                consent_rows.into_values(),
+                sorted_values(consent_rows),
                 "ON CONFLICT (identity_id, purpose) DO UPDATE SET granted = excluded.granted, at = excluded.at, \
                  source = excluded.source, message_id = excluded.message_id WHERE excluded.at >= consent.at",
             )
@@ -1422,6 +1436,23 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::lookup_identities`], on PostgreSQL under the advisory locks
+    /// of what it found (see `locking.rs`), looked up again until those
+    /// locks protect the result.
+    async fn lookup_locked(&self, conn: &mut AnyConnection, batch: &Batch) -> Result<Vec<Known>> {
+        if self.backend() != super::Backend::Postgres {
+            return self.lookup_identities(conn, batch).await;
+        }
+        let mut round = self.start_rounds(conn).await?;
+        loop {
+            let known = self.lookup_identities(conn, batch).await?;
+            let keys = lock_keys(batch, &known)?;
+            if self.lock_round(conn, &mut round, keys).await? {
+                return Ok(known);
+            }
+        }
+    }
+
     /// What the store holds for each identifier of the batch, by its place
     /// in the batch's index; identifiers it does not hold get fresh ids, in
     /// the order they first appear.
@@ -1522,6 +1553,31 @@ impl Store {
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))
     }
+}
+
+/// Rows by their key, in key order: concurrent batches upserting the same
+/// rows take their row locks in the same order and cannot deadlock.
+fn sorted_values<K: Ord, V>(rows: FxHashMap<K, V>) -> std::vec::IntoIter<V> {
+    let mut rows: Vec<(K, V)> = rows.into_iter().collect();
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows.into_iter().map(|(_, v)| v).collect::<Vec<V>>().into_iter()
+}
+
+/// What a batch locks on PostgreSQL: the components of its stored
+/// identifiers and its new identifiers (see `locking.rs`).
+fn lock_keys(batch: &Batch, known: &[Known]) -> Result<Vec<i64>> {
+    let index = batch.index.as_ref().ok_or_else(unindexed)?;
+    Ok(known
+        .iter()
+        .zip(&index.idents)
+        .map(|(k, &(ri, pos))| match k.stored {
+            Some(s) => s.component,
+            None => {
+                let (key, value) = &batch.records[ri as usize].ids[pos as usize];
+                super::locking::ident_key(key, value)
+            }
+        })
+        .collect())
 }
 
 /// The outbox entry of a batch: each record's profile gets the fields it

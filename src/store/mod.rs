@@ -9,6 +9,7 @@
 
 pub mod ingest;
 pub mod lease;
+mod locking;
 pub mod matching;
 pub mod outbox;
 pub mod profile;
@@ -46,6 +47,9 @@ pub enum StoreError {
     LeaseLost { name: String, token: i64 },
     #[error("{0}")]
     Busy(String),
+    /// Concurrent batches locked each other out; the store retries these.
+    #[error("concurrent writers contended for the same profiles and this batch gave up: {0}")]
+    Contended(String),
     #[error("{0}")]
     Invariant(String),
 }
