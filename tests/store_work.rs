@@ -139,7 +139,11 @@ fn a_batch_under_a_lease_that_was_taken_over_commits_nothing() {
                 Err(StoreError::LeaseLost { name: n, token }) => assert_eq!((n.as_str(), token), ("ingest:web", 1)),
                 other => panic!("{name}: expected LeaseLost, got {other:?}"),
             }
-            let b = store.try_acquire_lease("ingest:web", "b", ttl).await.expect("acquire").expect("expired");
+            let b = store
+                .try_acquire_lease("ingest:web", "b", Duration::from_secs(60))
+                .await
+                .expect("acquire")
+                .expect("expired");
             assert!(matches!(
                 store.apply_batch_fenced(&cfg, late.clone(), Some(("web", "2")), Some(&a)).await,
                 Err(StoreError::LeaseLost { .. })

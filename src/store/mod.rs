@@ -75,6 +75,8 @@ pub struct Store {
     ids: Mutex<VecDeque<(i64, i64)>>,
     /// Who this process is, as recorded in `store_writers` (SQLite).
     writer_tag: String,
+    /// Whether this process's first write recorded it there.
+    registered: std::sync::atomic::AtomicBool,
 }
 
 /// Most values bound in one IN list or VALUES table.
@@ -117,10 +119,16 @@ impl Store {
     pub async fn connect(url: &str, base_dir: &Path) -> Result<Store> {
         let (backend, pool, writer) = setup::open(url, base_dir).await?;
         let writer_tag = setup::writer_tag();
-        let store = Store { pool, writer, backend, ids: Mutex::new(VecDeque::new()), writer_tag };
+        let store = Store {
+            pool,
+            writer,
+            backend,
+            ids: Mutex::new(VecDeque::new()),
+            writer_tag,
+            registered: Default::default(),
+        };
         store.migrate().await?;
         if backend == Backend::Sqlite {
-            store.register_writer().await?;
             let mut conn = store.writer.acquire().await?;
             store.seed_sqlite_ids(&mut conn).await?;
         }

@@ -136,6 +136,11 @@ fn is_busy(e: &sqlx::Error) -> bool {
 impl Store {
     pub(super) async fn migrate(&self) -> Result<()> {
         if self.backend == Backend::Sqlite {
+            // A store already up to date is not locked at all: a reader
+            // (`cdp profile get`) never waits for an ingest to open it.
+            if self.sqlite_up_to_date().await? {
+                return Ok(());
+            }
             // Each statement waits for SQLite's write lock by itself.
             self.writer.execute(MIGRATIONS_TABLE).await?;
             self.writer.execute(CHECKSUMS_TABLE).await?;
@@ -165,6 +170,31 @@ impl Store {
             drop(conn.detach());
         }
         r
+    }
+
+    /// Whether every migration is applied with its checksum recorded and
+    /// matching (read without the write lock).
+    async fn sqlite_up_to_date(&self) -> Result<bool> {
+        let tables: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('cdp_migrations', 'cdp_migration_checksums')",
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        if tables < 2 {
+            return Ok(false);
+        }
+        let rows = sqlx::query(
+            "SELECT m.version, c.checksum FROM cdp_migrations m LEFT JOIN cdp_migration_checksums c ON c.version = m.version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let stored: std::collections::HashMap<i64, Option<String>> =
+            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+        Ok(schema::MIGRATIONS
+            .iter()
+            .all(|(v, _, st)| stored.get(v).is_some_and(|c| c.as_deref() == Some(&checksum(st))))
+            && stored.len() == schema::MIGRATIONS.len())
     }
 
     /// Applies one migration inside `conn`'s transaction unless the
@@ -263,17 +293,30 @@ impl Store {
         }
     }
 
-    /// A write transaction on SQLite, waiting for another process's.
+    /// A write transaction on SQLite, waiting for another process's. The
+    /// first one of this process also records it among the store's writers.
     pub(super) async fn begin_sqlite_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-        self.retry_busy(|| self.writer.begin_with("BEGIN IMMEDIATE")).await
+        let mut tx = self.retry_busy(|| self.writer.begin_with("BEGIN IMMEDIATE")).await?;
+        if !self.registered.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.register_writer(&mut tx).await?;
+        }
+        Ok(tx)
     }
 
     /// Records this process among the store's writers (SQLite), dropping
     /// entries of processes that are gone.
-    pub(super) async fn register_writer(&self) -> Result<()> {
+    async fn register_writer(&self, tx: &mut sqlx::AnyConnection) -> Result<()> {
+        let exists: i64 = sqlx::query("SELECT COUNT(*) FROM sqlite_master WHERE name = 'store_writers'")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if exists == 0 {
+            // Still migrating: the table comes with migration 3.
+            self.registered.store(false, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
         let tag = self.writer_tag.clone();
         let pid = i64::from(std::process::id());
-        let mut tx = self.begin_sqlite_write().await?;
         let rows = sqlx::query("SELECT pid FROM store_writers").fetch_all(&mut *tx).await?;
         for r in rows {
             let other: i64 = r.try_get(0)?;
@@ -287,7 +330,6 @@ impl Store {
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         Ok(())
     }
 
