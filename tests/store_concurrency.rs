@@ -290,3 +290,38 @@ fn profile_reads_stay_fast_during_a_large_sqlite_ingest() {
     let bound: f64 = std::env::var("CDP_P99_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(200.0);
     assert!(p99 < bound, "p99 {p99:.1} ms");
 }
+
+/// A second SQLite writer that cannot get the write lock in time says which
+/// process holds the store; once the holder lets go it goes through.
+#[test]
+fn a_waiting_sqlite_writer_names_the_process_holding_the_store() {
+    let recs = people::records(17, &people::people(17, 20), 4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("held.db").display());
+    let (text, m) = manifest(&url);
+    std::fs::write(dir.path().join("cdp.yaml"), &text).expect("manifest");
+    let web: Vec<&Labeled> = recs.iter().filter(|r| r.source == "web").collect();
+    write_jsonl(&dir.path().join("web.jsonl"), &web);
+    let ingest = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cdp"))
+            .current_dir(dir.path())
+            .env("CDP_STORE_WAIT_SECS", "1")
+            .args(["ingest", "web", "--file", "web.jsonl", "--no-match", "--quiet"])
+            .output()
+            .expect("cdp")
+    };
+    rt().block_on(async {
+        let store = Store::connect(&url, dir.path()).await.expect("store");
+        let cfg = IdentityConfig::from_manifest(&m);
+        store.apply_batch(&cfg, Vec::new(), None).await.expect("a first write registers this process");
+        let held = store.begin_write().await.expect("hold the write lock");
+        let out = ingest();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("locked by another writer"), "{err}");
+        assert!(err.contains(&format!("process {} ", std::process::id())), "{err}");
+        drop(held);
+        let out = ingest();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+}

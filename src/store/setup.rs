@@ -23,8 +23,12 @@ use std::time::{Duration, Instant};
 const MIGRATION_LOCK: i64 = 0x0000_6364_706d_6967;
 
 /// How long a SQLite writer waits for another process's write lock before
-/// giving up, in all (each attempt waits `busy_timeout`).
-const SQLITE_WRITE_WAIT: Duration = Duration::from_secs(600);
+/// giving up, in all (each attempt waits `busy_timeout`):
+/// `CDP_STORE_WAIT_SECS`, 600 by default.
+fn sqlite_write_wait() -> Duration {
+    let secs = std::env::var("CDP_STORE_WAIT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    Duration::from_secs(secs)
+}
 
 /// Opens the pools: (backend, readers, writers).
 pub(super) async fn open(url: &str, base_dir: &Path) -> Result<(Backend, AnyPool, AnyPool)> {
@@ -75,11 +79,6 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<(Backend, AnyPool
 /// Session settings of each new connection.
 async fn configure(conn: &mut sqlx::AnyConnection, backend: Backend, writes: bool) -> Result<(), sqlx::Error> {
     if backend == Backend::Postgres {
-        // Ingest joins batches of hundreds of keys against large tables;
-        // while a table grows fast its statistics lag and the planner picks
-        // whole-table scans it would never pick with fresh ones. Every
-        // statement cdp runs has an index path, so steer the planner to it.
-        conn.execute("SET enable_seqscan = off").await?;
         return Ok(());
     }
     if writes {
@@ -264,7 +263,7 @@ impl Store {
 
     /// Retries `op` while SQLite says another process holds the write lock
     /// (each attempt already waited `busy_timeout`), up to
-    /// [`SQLITE_WRITE_WAIT`]; then fails naming the processes writing.
+    /// [`sqlite_write_wait`]; then fails naming the processes writing.
     async fn retry_busy<T, Fut>(&self, mut op: impl FnMut() -> Fut) -> Result<T>
     where
         Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
@@ -276,7 +275,7 @@ impl Store {
                 Ok(t) => return Ok(t),
                 Err(e) if is_busy(&e) => {
                     let holders = self.other_writers().await;
-                    if started.elapsed() >= SQLITE_WRITE_WAIT {
+                    if started.elapsed() >= sqlite_write_wait() {
                         return Err(StoreError::Busy(format!(
                             "the store is locked by another writer{holders}; waited {}s. Stop that process or wait \
                              for it to finish, then run again",
