@@ -46,6 +46,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     // Check the source before touching the database.
     Mapper::new(&m, a.source).map_err(anyhow::Error::msg)?;
     let store = connect(&m, &base).await?;
+    super::record_applied(&store, a.manifest, "cdp ingest").await?;
     let cfg = IdentityConfig::from_manifest(&m);
     let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
     let stream = format!("file:{}:{}", a.source, canonical.display());

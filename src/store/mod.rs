@@ -10,6 +10,8 @@
 pub mod ingest;
 pub mod matching;
 pub mod profile;
+pub mod runs;
+mod scan;
 mod schema;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
