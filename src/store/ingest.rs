@@ -9,6 +9,7 @@
 //! re-points identifiers (and the denormalised `profile_id` columns kept for
 //! reads), never rewrites trait history.
 
+use super::outbox::Changes;
 use super::{IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
 use crate::identity::resolve::{self, Ident, KeyRules, Link};
 use crate::ingest::Record;
@@ -85,7 +86,13 @@ pub(crate) fn bind(q: Query<'_>, p: P) -> Query<'_> {
         P::S(v) => q.bind(v),
         P::OI(v) => q.bind(v),
         P::OS(v) => q.bind(v),
-        P::OF(v) => q.bind(v),
+        P::OF(Some(v)) => q.bind(v),
+        // sqlx 0.8's `Any` binds a NULL `f64` as PostgreSQL float4 (and a
+        // NULL `f32` as float8). PostgreSQL keeps a prepared statement's
+        // parameter types from its first run, so a float8 value bound later
+        // where a NULL was bound first failed with "incorrect binary data
+        // format". A NULL `f32` is a float8 NULL there (and NULL on SQLite).
+        P::OF(None) => q.bind(None::<f32>),
     }
 }
 
@@ -219,6 +226,9 @@ impl Index {
 
 impl Batch {
     pub fn new(mut records: Vec<Record>) -> Batch {
+        for r in &mut records {
+            strip_nul(r);
+        }
         let keep: Vec<bool> = {
             let mut seen: FxHashSet<(&str, &str)> = FxHashSet::default();
             records.iter().map(|r| seen.insert((&r.source, &r.message_id))).collect()
@@ -263,6 +273,38 @@ impl Batch {
         retain_flagged(&mut self.trait_texts, &flags);
         retain_flagged(&mut self.payloads, &flags);
         self.index = None;
+    }
+}
+
+/// Removes NUL characters from the text a record stores as plain text:
+/// source, message id, identifiers, trait, event and entity names and keys,
+/// consent purposes. PostgreSQL text cannot hold NUL, and both backends
+/// should store the same thing. Values stored as JSON (traits, properties,
+/// entity fields) keep it, escaped as `\u0000`.
+fn strip_nul(r: &mut Record) {
+    fn strip(s: &mut String) {
+        if s.as_bytes().contains(&0) {
+            s.retain(|c| c != '\0');
+        }
+    }
+    strip(&mut r.source);
+    strip(&mut r.message_id);
+    for (k, v) in &mut r.ids {
+        strip(k);
+        strip(v);
+    }
+    for (name, _) in &mut r.traits {
+        strip(name);
+    }
+    if let Some((name, _)) = &mut r.event {
+        strip(name);
+    }
+    if let Some((entity, key, _)) = &mut r.entity {
+        strip(entity);
+        strip(key);
+    }
+    for (purpose, _) in &mut r.consent {
+        strip(purpose);
     }
 }
 
@@ -650,14 +692,31 @@ impl Store {
         records: impl Into<Batch>,
         cursor: Option<(&str, &str)>,
     ) -> Result<BatchReport> {
+        self.apply_batch_fenced(cfg, records, cursor, None).await
+    }
+
+    /// [`Store::apply_batch`] under a lease: inside the committing
+    /// transaction the lease's token must still be current and unexpired,
+    /// else nothing is committed and the error is
+    /// [`StoreError::LeaseLost`](super::StoreError::LeaseLost).
+    pub async fn apply_batch_fenced(
+        &self,
+        cfg: &IdentityConfig,
+        records: impl Into<Batch>,
+        cursor: Option<(&str, &str)>,
+        fence: Option<&super::Lease>,
+    ) -> Result<BatchReport> {
         let mut batch = records.into();
         let started = std::time::Instant::now();
         let mut tx = self.begin_write().await?;
-        let report = self.apply_in(&mut tx, cfg, &mut batch).await;
+        let applied = self.apply_in(&mut tx, cfg, &mut batch).await;
         // Freeing a batch's hundreds of thousands of strings is work the
         // writer need not wait for.
         tokio::task::spawn_blocking(move || drop(batch));
-        let report = report?;
+        let (report, changes) = applied?;
+        if let Some(lease) = fence {
+            self.check_fence(&mut tx, lease).await?;
+        }
         if let Some((stream, position)) = cursor {
             sqlx::query(&self.sql(
                 "INSERT INTO cursors (stream, position, updated_at) VALUES (?, ?, ?) \
@@ -668,6 +727,10 @@ impl Store {
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
+        }
+        // Last: the outbox number is taken under a row lock held to the commit.
+        if !changes.is_empty() {
+            self.append_outbox(&mut tx, &changes).await?;
         }
         let applied = std::time::Instant::now();
         tx.commit().await?;
@@ -681,11 +744,18 @@ impl Store {
         Ok(report)
     }
 
-    async fn apply_in(&self, conn: &mut AnyConnection, cfg: &IdentityConfig, batch: &mut Batch) -> Result<BatchReport> {
+    /// Applies `batch` on `conn`; returns what it did and the outbox entry
+    /// of the profiles it changed (JSON; empty when none).
+    async fn apply_in(
+        &self,
+        conn: &mut AnyConnection,
+        cfg: &IdentityConfig,
+        batch: &mut Batch,
+    ) -> Result<(BatchReport, String)> {
         let mut report = BatchReport { duplicates: batch.duplicates, ..BatchReport::default() };
         let received = now_ms();
         if batch.is_empty() {
-            return Ok(report);
+            return Ok((report, String::new()));
         }
 
         // 1. Identifiers: stored ones, and new ones with fresh ids (duplicates
@@ -738,7 +808,7 @@ impl Store {
             }
             report.duplicates += (before - batch.len()) as u64;
             if batch.is_empty() {
-                return Ok(report);
+                return Ok((report, String::new()));
             }
         }
         let batch: &Batch = batch;
@@ -833,6 +903,9 @@ impl Store {
         let mut absorbed: Vec<(i64, i64)> = Vec::new(); // (absorbed, into)
         let mut ledger: Vec<Vec<P>> = Vec::new();
         let mut component_moves: Vec<(i64, Vec<i64>)> = Vec::new();
+        // (old profile, new profile) of stored identifiers that moved.
+        let mut regrouped: Vec<(i64, i64)> = Vec::new();
+        let mut profile_ids = self.take_ids(conn, new_nodes.len()).await?;
         if !changing.is_empty() {
             let touched: Vec<i64> = {
                 let mut t: Vec<i64> = changing
@@ -845,6 +918,9 @@ impl Store {
                 t
             };
             let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
+            // A profile per cluster at most: one per node.
+            let more = self.take_ids(conn, stored_nodes.len() + new_nodes.len()).await?;
+            profile_ids.extend(more);
             steps.mark("components");
             let mut nodes: Vec<Node> = stored_nodes;
             let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
@@ -945,7 +1021,7 @@ impl Store {
                 let profile = match pick {
                     Some(p) => p,
                     None => {
-                        let p = self.next_id();
+                        let p = profile_ids.next()?;
                         new_profiles.push(p);
                         if let Some((old, _)) = cands.first() {
                             report.splits += 1;
@@ -975,6 +1051,9 @@ impl Store {
                     && (op != profile || oc != component)
                 {
                     id_updates.push((n.id, profile, component));
+                    if op != profile {
+                        regrouped.push((op, profile));
+                    }
                 }
             }
             // Stored profiles that lost every identifier were merged into another.
@@ -1064,7 +1143,7 @@ impl Store {
         // New identifiers outside any link (or in links already resolved) get profiles of their own.
         for n in &new_nodes {
             if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(n.0) {
-                let p = self.next_id();
+                let p = profile_ids.next()?;
                 new_profiles.push(p);
                 e.insert(p);
                 component_of.insert(n.0, n.0);
@@ -1249,9 +1328,11 @@ impl Store {
             )
             .await?;
         }
+        let changes = changed_profiles(records, &anchor_of, &profile_of, &new_nodes, &regrouped, &absorbed).to_json();
+        self.give_back_ids(profile_ids);
         steps.mark("rest");
         tracing::debug!(accepted = report.accepted, %steps, "batch applied");
-        Ok(report)
+        Ok((report, changes))
     }
 
     /// Writes folded trait observations. Those of identifiers created by this
@@ -1379,7 +1460,8 @@ impl Store {
                 }
             }
         }
-        Ok(found.into_iter().map(|k| k.unwrap_or_else(|| Known { id: self.next_id(), stored: None })).collect())
+        let mut fresh = self.take_ids(conn, found.iter().filter(|k| k.is_none()).count()).await?;
+        found.into_iter().map(|k| k.map_or_else(|| Ok(Known { id: fresh.next()?, stored: None }), Ok)).collect()
     }
 
     async fn lookup_links(
@@ -1440,6 +1522,50 @@ impl Store {
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))
     }
+}
+
+/// The outbox entry of a batch: each record's profile gets the fields it
+/// carried (trait names, `events`, `entities`, `consent`); new and moved
+/// identifiers mark their profiles' `identities`; a profile merged away is
+/// `merged`.
+fn changed_profiles<'a>(
+    records: &'a [Record],
+    anchor_of: &impl Fn(usize) -> i64,
+    profile_of: &FxHashMap<i64, i64>,
+    new_nodes: &[(i64, &str, &str, &Record)],
+    regrouped: &[(i64, i64)],
+    absorbed: &[(i64, i64)],
+) -> Changes<'a> {
+    let mut changes = Changes::default();
+    for (ri, r) in records.iter().enumerate() {
+        let Some(&profile) = profile_of.get(&anchor_of(ri)) else { continue };
+        for (name, _) in &r.traits {
+            changes.add(profile, name);
+        }
+        if r.event.is_some() {
+            changes.add(profile, "events");
+        }
+        if r.entity.is_some() {
+            changes.add(profile, "entities");
+        }
+        if !r.consent.is_empty() {
+            changes.add(profile, "consent");
+        }
+    }
+    for n in new_nodes {
+        if let Some(&p) = profile_of.get(&n.0) {
+            changes.add(p, "identities");
+        }
+    }
+    for (old, new) in regrouped {
+        changes.add(*old, "identities");
+        changes.add(*new, "identities");
+    }
+    for (p, into) in absorbed {
+        changes.add(*p, "merged");
+        changes.add(*into, "identities");
+    }
+    changes
 }
 
 #[allow(clippy::too_many_arguments)]

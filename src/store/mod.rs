@@ -8,18 +8,25 @@
 //! committed batch survives power loss.
 
 pub mod ingest;
+pub mod lease;
 pub mod matching;
+pub mod outbox;
 pub mod profile;
+pub mod queue;
 pub mod runs;
 mod scan;
 mod schema;
+mod setup;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions, Executor, Row};
+pub use lease::Lease;
+pub use outbox::OutboxEntry;
+pub use queue::{Job, JobState};
+
+use sqlx::{AnyPool, Row};
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::path::Path;
-use std::str::FromStr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,15 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("the database was written by a newer cdp (schema version {0})")]
     TooNew(i64),
+    #[error(
+        "migration {version} ({name}) differs from the one applied to this database (checksum {stored}, this cdp has \
+         {ours}): the database was migrated by a different build of cdp"
+    )]
+    MigrationChanged { version: i64, name: String, stored: String, ours: String },
+    #[error("lease `{name}` (token {token}) was lost before the commit: nothing was written")]
+    LeaseLost { name: String, token: i64 },
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Invariant(String),
 }
@@ -44,16 +60,49 @@ pub enum Backend {
     Postgres,
 }
 
-/// A connection pool to the state database.
+/// Connection pools to the state database.
 #[derive(Debug)]
 pub struct Store {
+    /// Reads. On SQLite its own connections (WAL: readers never wait for the
+    /// writer); on PostgreSQL the same pool as `writer`.
     pool: AnyPool,
+    /// Writes: SQLite's one writer connection; PostgreSQL's pool.
+    writer: AnyPool,
     backend: Backend,
-    ids: AtomicI64,
+    /// Ids handed out to this process and not used yet (see [`Store::next_id`]).
+    ids: Mutex<VecDeque<(i64, i64)>>,
+    /// Who this process is, as recorded in `store_writers` (SQLite).
+    writer_tag: String,
 }
 
 /// Most values bound in one IN list or VALUES table.
 pub(crate) const IN_CHUNK: usize = 900;
+
+/// Ids per block from PostgreSQL's `cdp_id_blocks` sequence.
+const ID_BLOCK: i64 = 1 << 20;
+
+/// Ids one transaction took for its own use ([`Store::take_ids`]).
+#[derive(Debug, Default)]
+pub(crate) struct Ids {
+    ranges: VecDeque<(i64, i64)>,
+}
+
+impl Ids {
+    pub(crate) fn extend(&mut self, more: Ids) {
+        self.ranges.extend(more.ranges);
+    }
+
+    pub(crate) fn next(&mut self) -> Result<i64> {
+        while let Some(r) = self.ranges.front_mut() {
+            if r.0 < r.1 {
+                r.0 += 1;
+                return Ok(r.0 - 1);
+            }
+            self.ranges.pop_front();
+        }
+        Err(StoreError::Invariant("a batch used more ids than it reserved".into()))
+    }
+}
 
 /// Milliseconds since the epoch, now.
 pub fn now_ms() -> i64 {
@@ -64,73 +113,15 @@ impl Store {
     /// Opens (creating if needed) the database named by `url` and applies
     /// migrations. Relative SQLite paths are relative to `base_dir`.
     pub async fn connect(url: &str, base_dir: &Path) -> Result<Store> {
-        sqlx::any::install_default_drivers();
-        let (backend, url) = if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
-            let (path, query) = path.split_once('?').unwrap_or((path, ""));
-            let full = if path == ":memory:" || Path::new(path).is_absolute() {
-                path.to_owned()
-            } else {
-                base_dir.join(path).to_string_lossy().into_owned()
-            };
-            if let Some(dir) = Path::new(&full).parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: full.clone(), source })?;
-            }
-            let query = if query.is_empty() { "mode=rwc".to_owned() } else { query.to_owned() };
-            (Backend::Sqlite, format!("sqlite://{full}?{query}"))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned())
-        } else {
-            return Err(StoreError::Url(url.to_owned()));
-        };
-        let opts = AnyConnectOptions::from_str(&url)?
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Info, std::time::Duration::from_secs(2));
-        let pool = AnyPoolOptions::new()
-            // SQLite has one writer; more connections would only wait on its lock.
-            .max_connections(if backend == Backend::Sqlite { 1 } else { 8 })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Postgres {
-                        // Ingest joins batches of hundreds of keys against large
-                        // tables; while a table grows fast its statistics lag and
-                        // the planner picks whole-table scans it would never pick
-                        // with fresh ones. Every statement cdp runs has an index
-                        // path, so steer the planner to it.
-                        conn.execute("SET enable_seqscan = off").await?;
-                    }
-                    if backend == Backend::Sqlite {
-                        // New databases only (WAL mode fixes the page size).
-                        // Ingest touches pages all over several indexes each
-                        // batch; with 8 KiB pages a batch dirties fewer of them
-                        // and the trees are shallower: 40,000 → 45,000 records/s
-                        // in `cdp bench ingest`, the raw insert unchanged; 16 KiB
-                        // slowed the raw insert by a quarter.
-                        conn.execute("PRAGMA page_size = 8192").await?;
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = FULL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA cache_size = -65536").await?;
-                        // Checkpoint every ~256 MiB of WAL (32,768 pages) instead
-                        // of every ~4 MiB. A batch dirties pages all over the
-                        // message-id and identifier indexes, the same pages batch
-                        // after batch; checkpointing after each commit copied them
-                        // into the database file (and synced it) every time. The
-                        // cost is disk: the WAL grows to that size between
-                        // checkpoints. Durability is unchanged: a commit is
-                        // durable once its WAL frames are synced.
-                        conn.execute("PRAGMA wal_autocheckpoint = 32768").await?;
-                        conn.execute("PRAGMA temp_store = MEMORY").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(opts)
-            .await?;
-        let store = Store { pool, backend, ids: AtomicI64::new(0) };
+        let (backend, pool, writer) = setup::open(url, base_dir).await?;
+        let writer_tag = setup::writer_tag();
+        let store = Store { pool, writer, backend, ids: Mutex::new(VecDeque::new()), writer_tag };
         store.migrate().await?;
-        store.seed_ids().await?;
+        if backend == Backend::Sqlite {
+            store.register_writer().await?;
+            let mut conn = store.writer.acquire().await?;
+            store.seed_sqlite_ids(&mut conn).await?;
+        }
         Ok(store)
     }
 
@@ -138,10 +129,20 @@ impl Store {
     /// at once (`BEGIN IMMEDIATE`): a transaction that reads first and
     /// upgrades later can fail with SQLITE_BUSY when another writer got there
     /// in between, and ingest relies on no other writer adding rows mid-batch.
+    /// When another process holds the lock this waits (see
+    /// [`Store::begin_sqlite_write`]).
     pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => {
+                let mut tx = self.begin_sqlite_write().await?;
+                self.seed_sqlite_ids(&mut tx).await?;
+                tx
+            }
+            Backend::Postgres => {
+                let mut tx = self.writer.begin().await?;
+                self.reserve_ids(&mut tx, 64).await?;
+                tx
+            }
         })
     }
 
@@ -149,7 +150,15 @@ impl Store {
         self.backend
     }
 
+    /// The pool that writes (and may read). The field `pool` is the readers'
+    /// (where code in this module reads), this one the writers'.
+    #[allow(clippy::misnamed_getters)]
     pub fn pool(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    /// The pool for reads: on SQLite it never waits for the writer.
+    pub fn read_pool(&self) -> &AnyPool {
         &self.pool
     }
 
@@ -159,58 +168,93 @@ impl Store {
         render(self.backend, q)
     }
 
-    async fn migrate(&self) -> Result<()> {
-        self.pool
-            .execute("CREATE TABLE IF NOT EXISTS cdp_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)")
-            .await?;
-        let current: Option<i64> =
-            sqlx::query("SELECT MAX(version) FROM cdp_migrations").fetch_one(&self.pool).await?.try_get(0)?;
-        let current = current.unwrap_or(0);
-        let newest = schema::MIGRATIONS.last().map_or(0, |m| m.0);
-        if current > newest {
-            return Err(StoreError::TooNew(current));
-        }
-        for (version, name, statements) in schema::MIGRATIONS {
-            if *version <= current {
-                continue;
-            }
-            let mut tx = self.pool.begin().await?;
-            for s in *statements {
-                let only_sqlite = schema::sqlite_only(s);
-                if only_sqlite.is_some() && self.backend == Backend::Postgres {
-                    continue;
-                }
-                tx.execute(&*self.sql(only_sqlite.unwrap_or(s))).await?;
-            }
-            sqlx::query(&self.sql("INSERT INTO cdp_migrations (version, name, applied_at) VALUES (?, ?, ?)"))
-                .bind(*version)
-                .bind(*name)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            tracing::info!(version, name, "applied migration");
-        }
-        Ok(())
-    }
-
-    /// Ids are allocated in the process: time-ordered (good for B-tree inserts)
-    /// and above anything already stored.
-    async fn seed_ids(&self) -> Result<()> {
-        let mut max = 0i64;
-        for table in ["profiles", "identities"] {
-            let v: Option<i64> =
-                sqlx::query(&format!("SELECT MAX(id) FROM {table}")).fetch_one(&self.pool).await?.try_get(0)?;
-            max = max.max(v.unwrap_or(0));
-        }
-        // Millisecond clock in the high bits keeps ids from different runs apart.
+    /// SQLite: inside a write transaction no other process can add ids, so
+    /// every id above those stored is free until the commit; each write
+    /// transaction starts from there (and from the clock, so ids grow with
+    /// time across runs).
+    async fn seed_sqlite_ids(&self, conn: &mut sqlx::AnyConnection) -> Result<()> {
+        let row = sqlx::query(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM profiles), 0), COALESCE((SELECT MAX(id) FROM identities), 0))",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let max: i64 = row.try_get(0)?;
         let clock = now_ms().saturating_sub(1_600_000_000_000) << 16;
-        self.ids.store(max.max(clock) + 1, Ordering::SeqCst);
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let next = ids.front().map_or(0, |r| r.0).max(max + 1).max(clock);
+        ids.clear();
+        ids.push_back((next, i64::MAX));
         Ok(())
     }
 
+    /// PostgreSQL: makes sure at least `n` ids are at hand, taking blocks
+    /// from the `cdp_id_blocks` sequence (outside any transaction's rollback:
+    /// a sequence never hands a number out twice).
+    pub(crate) async fn reserve_ids(&self, conn: &mut sqlx::AnyConnection, n: usize) -> Result<()> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        loop {
+            let have: i64 = self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|r| r.1 - r.0).sum();
+            if have >= n as i64 {
+                return Ok(());
+            }
+            let block: i64 = sqlx::query("SELECT nextval('cdp_id_blocks')").fetch_one(&mut *conn).await?.try_get(0)?;
+            let start =
+                block.checked_mul(ID_BLOCK).ok_or_else(|| StoreError::Invariant("id blocks exhausted".into()))?;
+            self.ids.lock().unwrap_or_else(|e| e.into_inner()).push_back((start, start + ID_BLOCK));
+        }
+    }
+
+    /// Takes `n` ids for one transaction's exclusive use (reserving them
+    /// first on PostgreSQL), so concurrent batches of this process never
+    /// run short of ids another took.
+    pub(crate) async fn take_ids(&self, conn: &mut sqlx::AnyConnection, n: usize) -> Result<Ids> {
+        self.reserve_ids(conn, n).await?;
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Ids::default();
+        let mut left = n as i64;
+        while left > 0 {
+            let Some(r) = ids.front_mut() else { break };
+            let k = (r.1 - r.0).min(left);
+            out.ranges.push_back((r.0, r.0 + k));
+            r.0 += k;
+            left -= k;
+            if r.0 == r.1 {
+                ids.pop_front();
+            }
+        }
+        if left > 0 {
+            return Err(StoreError::Invariant(format!("{left} of {n} ids could not be reserved")));
+        }
+        Ok(out)
+    }
+
+    /// Returns ids a transaction took and did not use.
+    pub(crate) fn give_back_ids(&self, rest: Ids) {
+        if self.backend == Backend::Postgres {
+            self.ids.lock().unwrap_or_else(|e| e.into_inner()).extend(rest.ranges.into_iter().filter(|r| r.0 < r.1));
+        }
+    }
+
+    /// A new id for a profile or identifier: never one another task or
+    /// process holds (blocks from a sequence on PostgreSQL; above every
+    /// stored id under SQLite's write lock), growing with time. Call inside
+    /// a transaction from [`Store::begin_write`].
     pub(crate) fn next_id(&self) -> i64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(r) = ids.front_mut() {
+            if r.0 < r.1 {
+                r.0 += 1;
+                return r.0 - 1;
+            }
+            ids.pop_front();
+        }
+        drop(ids);
+        // Not reached: every write transaction starts with ids at hand. The
+        // clock and a random low half keep a collision unlikely all the same.
+        tracing::error!("no ids reserved; falling back to clock-based ids");
+        ((now_ms().saturating_sub(1_600_000_000_000)) << 20) | (i64::from(std::process::id()) & 0xFFFFF)
     }
 
     /// Runs a SELECT whose `{}` is an IN list over `ids`, in chunks that stay
@@ -391,6 +435,7 @@ pub fn in_list(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Executor;
 
     #[test]
     fn renders_placeholders_for_postgres() {

@@ -7,9 +7,17 @@
 /// Marks a statement that runs on SQLite only (PostgreSQL skips it).
 const SQLITE_ONLY: &str = "-- sqlite only\n";
 
+/// Marks a statement that runs on PostgreSQL only (SQLite skips it).
+const POSTGRES_ONLY: &str = "-- postgres only\n";
+
 /// Whether `statement` applies to SQLite only; returns the statement itself.
 pub fn sqlite_only(statement: &str) -> Option<&str> {
     statement.strip_prefix(SQLITE_ONLY)
+}
+
+/// Whether `statement` applies to PostgreSQL only; returns the statement itself.
+pub fn postgres_only(statement: &str) -> Option<&str> {
+    statement.strip_prefix(POSTGRES_ONLY)
 }
 
 /// `(version, name, statements)`.
@@ -222,6 +230,63 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
     ),
     (
         3,
+        "leases, job queue, outbox, id blocks",
+        &[
+            // A lease is never deleted: a release or expiry keeps the token,
+            // so the next holder's is higher.
+            "CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            token BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL
+        )",
+            "CREATE TABLE jobs (
+            id {id},
+            queue TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL,
+            run_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            claimed_by TEXT,
+            claimed_until BIGINT,
+            last_error TEXT,
+            created_at BIGINT NOT NULL
+        )",
+            "CREATE INDEX jobs_due ON jobs (queue, state, run_at)",
+            // One entry per ingest transaction that changed profiles, numbered
+            // in commit order from the single `outbox_head` row.
+            "CREATE TABLE outbox (
+            seq BIGINT PRIMARY KEY,
+            at BIGINT NOT NULL,
+            changes TEXT NOT NULL
+        )",
+            "CREATE TABLE outbox_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL)",
+            "INSERT INTO outbox_head (id, seq) VALUES (1, 0)",
+            "CREATE TABLE outbox_readers (
+            name TEXT PRIMARY KEY,
+            position BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+            // SQLite: the processes writing to the file, so a writer waiting
+            // for the lock can say who holds it.
+            "-- sqlite only
+        CREATE TABLE store_writers (pid BIGINT PRIMARY KEY, tag TEXT NOT NULL, since BIGINT NOT NULL)",
+            // PostgreSQL: profile and identifier ids come in blocks of 2^20
+            // numbered by this sequence (block b holds b·2^20 … b·2^20 +
+            // 2^20 − 1), so processes never collide and ids still grow with
+            // time. It starts above every stored id and above the clock-based
+            // ids earlier versions allocated in the process.
+            "-- postgres only
+        CREATE SEQUENCE cdp_id_blocks",
+            "-- postgres only
+        SELECT setval('cdp_id_blocks', GREATEST(
+            (SELECT COALESCE(MAX(id), 0) FROM profiles) / 1048576 + 1,
+            (SELECT COALESCE(MAX(id), 0) FROM identities) / 1048576 + 1,
+            CAST((EXTRACT(EPOCH FROM now()) * 1000 - 1600000000000) AS BIGINT) * 65536 / 1048576 + 1))",
+        ],
+    ),
+    (
+        4,
         "runtime: sync run history, rejected records, applied manifests, runtime status",
         &[
             // One row per sync run, updated as its batches commit.
