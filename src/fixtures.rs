@@ -171,7 +171,10 @@ async fn expect(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome)
             for a in &g.audiences {
                 members.entry(a.clone()).or_default().insert(*id);
             }
-            names.insert(*id, g.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value)));
+            names.insert(
+                *id,
+                g.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value)),
+            );
         }
         for (aud, want) in auds {
             let mut expected = BTreeSet::new();
@@ -225,7 +228,11 @@ fn check_profile(p: &Value, g: &GoldenRecord, what: &str, out: &mut Outcome) {
     for (purpose, want) in p.get("consent").and_then(Value::as_object).into_iter().flatten() {
         let actual = g.consent.get(purpose).map(|c| c.granted);
         out.check(want.as_bool() == actual, || {
-            (format!("{what}: consent {purpose}"), want.to_string(), actual.map_or("no such purpose".into(), |b| b.to_string()))
+            (
+                format!("{what}: consent {purpose}"),
+                want.to_string(),
+                actual.map_or("no such purpose".into(), |b| b.to_string()),
+            )
         });
     }
     if let Some(want) = p.get("audiences").and_then(Value::as_array) {

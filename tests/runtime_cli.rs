@@ -34,8 +34,12 @@ const MEMBERS_HEADER: &str = "member_no,email,phone,first_name,last_name,tier,em
 
 /// Member `i`: gold when `i` is even, silver when odd.
 fn member(i: usize) -> String {
-    let tier = if i % 2 == 0 { "gold" } else { "silver" };
-    format!("L-{:04},m{i}@example.org,070-{:03} 00 00,Ann{i},Lee,{tier},true,2026-11-01T09:00:00Z\n", 1000 + i, i % 1000)
+    let tier = if i.is_multiple_of(2) { "gold" } else { "silver" };
+    format!(
+        "L-{:04},m{i}@example.org,070-{:03} 00 00,Ann{i},Lee,{tier},true,2026-11-01T09:00:00Z\n",
+        1000 + i,
+        i % 1000
+    )
 }
 
 /// A temp dir with the source-csv plugin, a members file of `n` rows and a
@@ -140,7 +144,11 @@ impl Runtime {
             if let Some(v) = f() {
                 return v;
             }
-            assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}; cdp run logged:\n{}", self.log());
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}; cdp run logged:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -336,7 +344,11 @@ fn plan_lists_changes_and_predicts_the_audience_moves_that_then_happen() {
     assert_eq!(changes[0]["kind"], "changed");
     assert_eq!(changes[0]["fields"], serde_json::json!(["where"]));
     let gold = &plan["impact"]["audiences"][0];
-    assert_eq!((gold["enter"].as_u64(), gold["exit"].as_u64(), gold["stay"].as_u64()), (Some(5), Some(5), Some(0)), "{plan:#}");
+    assert_eq!(
+        (gold["enter"].as_u64(), gold["exit"].as_u64(), gold["stay"].as_u64()),
+        (Some(5), Some(5), Some(0)),
+        "{plan:#}"
+    );
     assert_eq!(gold["enter_examples"].as_array().map(Vec::len), Some(3));
     let human = text(&cdp(dir.path(), &["plan"]));
     assert!(human.contains("~ audiences.gold (where)") && human.contains("5 enter, 5 exit, 0 stay"), "{human}");
@@ -360,7 +372,8 @@ fn test_passes_on_the_shipped_fixtures_and_fails_with_a_diff_on_a_broken_one() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let fixture = std::fs::read_to_string(repo().join("tests/cdp/quickstart.yaml")).expect("fixture");
-    let broken = fixture.replace("traits: { tier: gold, first_name: Ada }", "traits: { tier: silver, first_name: Ada }");
+    let broken =
+        fixture.replace("traits: { tier: gold, first_name: Ada }", "traits: { tier: silver, first_name: Ada }");
     assert_ne!(broken, fixture);
     std::fs::write(dir.path().join("broken.yaml"), broken).expect("write");
     let manifest = repo().join("cdp.yaml");

@@ -98,7 +98,16 @@ pub fn run(rows: usize, runs: usize, plugin: Option<&Path>, dir: &Path) -> Resul
                 let _ = std::fs::remove_file(dir.join(f));
             }
             let args: Vec<&str> = match which {
-                "ingest" => vec!["-f", "ingest.yaml", "ingest", "loyalty", "--file", "data/members.csv", "--quiet", "--no-match"],
+                "ingest" => vec![
+                    "-f",
+                    "ingest.yaml",
+                    "ingest",
+                    "loyalty",
+                    "--file",
+                    "data/members.csv",
+                    "--quiet",
+                    "--no-match",
+                ],
                 _ => vec!["-f", "sync.yaml", "sync", "loyalty"],
             };
             eprintln!("run {}/{}: {which}…", i + 1, runs.max(1));
@@ -106,7 +115,12 @@ pub fn run(rows: usize, runs: usize, plugin: Option<&Path>, dir: &Path) -> Resul
             let out = Command::new(&exe).current_dir(dir).args(&args).output()?;
             let took = start.elapsed();
             if !out.status.success() {
-                bail!("`cdp {}` failed:\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "`cdp {}` failed:\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             if which == "sync" && !String::from_utf8_lossy(&out.stdout).contains(&format!("accepted {rows},")) {
                 bail!("`cdp sync` did not accept every row:\n{}", String::from_utf8_lossy(&out.stdout));
@@ -120,9 +134,25 @@ pub fn run(rows: usize, runs: usize, plugin: Option<&Path>, dir: &Path) -> Resul
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
     let all = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
     let mut out = String::new();
-    writeln!(out, "bench sync: {rows} CSV rows, each path {} time(s), alternating, fresh SQLite store each run", runs.max(1))?;
-    writeln!(out, "  cdp ingest --file (baseline)     median {:>8.2} s  {:>9.0} rows/s  runs: {} s", mi.as_secs_f64(), rate(mi), all(&ingest))?;
-    writeln!(out, "  cdp sync (source-csv, sandboxed) median {:>8.2} s  {:>9.0} rows/s  runs: {} s", ms.as_secs_f64(), rate(ms), all(&sync))?;
+    writeln!(
+        out,
+        "bench sync: {rows} CSV rows, each path {} time(s), alternating, fresh SQLite store each run",
+        runs.max(1)
+    )?;
+    writeln!(
+        out,
+        "  cdp ingest --file (baseline)     median {:>8.2} s  {:>9.0} rows/s  runs: {} s",
+        mi.as_secs_f64(),
+        rate(mi),
+        all(&ingest)
+    )?;
+    writeln!(
+        out,
+        "  cdp sync (source-csv, sandboxed) median {:>8.2} s  {:>9.0} rows/s  runs: {} s",
+        ms.as_secs_f64(),
+        rate(ms),
+        all(&sync)
+    )?;
     writeln!(out, "  sync / ingest                    {:.0} %", 100.0 * rate(ms) / rate(mi))?;
     Ok(out)
 }

@@ -346,8 +346,7 @@ pub fn run() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Run { drain } => block_on(async {
-            let drain = crate::manifest::units::parse_duration(&drain)
-                .map_err(|e| anyhow::anyhow!("--drain: {e}"))?;
+            let drain = crate::manifest::units::parse_duration(&drain).map_err(|e| anyhow::anyhow!("--drain: {e}"))?;
             run::run(&file, drain).await
         }),
         Command::Sync { name, full } => block_on(run::sync(&file, &name, full)),

@@ -134,9 +134,8 @@ async fn evaluate(
             None => BTreeSet::new(),
         };
         let now: BTreeSet<&str> = after.audiences.iter().map(String::as_str).collect();
-        let example = || {
-            after.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value))
-        };
+        let example =
+            || after.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value));
         for (name, mv) in &mut moves {
             match (before.contains(name), now.contains(name.as_str())) {
                 (false, true) => {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::Format;
+use super::{Format, load_manifest};
 use crate::manifest::{self, Manifest, Options};
 use crate::runtime::schedule::Schedule;
 use crate::runtime::sync::{self, Ctx, Trigger};
@@ -80,22 +80,28 @@ pub async fn sync(manifest: &Path, name: &str, full: bool) -> Result<ExitCode> {
 /// error; the applied manifest; whether a runtime is alive; the last reload.
 pub async fn status(manifest: &Path, format: Format) -> Result<ExitCode> {
     let base = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    // The file may be broken (that is what `status` shows after a failed
-    // reload), so only its storage URL is needed from it.
-    let loaded = manifest::load_file(manifest, &Options::validate(&base))?;
-    let Some(file_manifest) = loaded.manifest else {
-        bail!("cannot read `storage.url` from {}: fix its syntax (see `cdp validate`)", manifest.display());
+    // The file may be invalid (that is what `status` shows after a failed
+    // reload), so only its storage URL is read from it, from the YAML alone.
+    let text = std::fs::read_to_string(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+    let Some(doc) = manifest::yaml::parse(&text).value else {
+        bail!("cannot read `storage.url` from {}: fix its YAML syntax (see `cdp validate`)", manifest.display());
     };
-    let url = &file_manifest.storage.url;
+    let url = match doc.pointer("/storage/url") {
+        None => manifest::types::Storage::default().url,
+        Some(serde_json::Value::String(u)) => u.clone(),
+        Some(_) => bail!("`storage.url` in {} is not a string (see `cdp validate`)", manifest.display()),
+    };
+    let url = &url;
     if manifest::env::is_reference(url) {
         bail!("storage.url needs an environment variable that is not set: {url}");
     }
     let store = Store::connect(url, &base).await.with_context(|| format!("cannot open the store at {url}"))?;
     let applied = store.applied_manifest().await?;
-    let running_manifest = applied
-        .as_ref()
-        .and_then(|a| manifest::load_str(&a.text, &Options::validate(&base)).manifest)
-        .unwrap_or(file_manifest);
+    let running_manifest =
+        match applied.as_ref().and_then(|a| manifest::load_str(&a.text, &Options::validate(&base)).manifest) {
+            Some(m) => m,
+            None => load_manifest(manifest)?.0,
+        };
     let doc = status_doc(&store, &running_manifest, applied.as_ref()).await?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
@@ -139,9 +145,9 @@ async fn status_doc(
             last_finished.as_ref().map_or_else(|| "never run".to_owned(), |r| r.state.clone())
         };
         let next_run = if streaming { None } else { schedule.as_ref().and_then(|s| s.next_after(now)) };
-        let last_error = last_finished.as_ref().filter(|r| r.error_class.is_some()).map(|r| {
-            json!({"class": r.error_class, "message": r.error_message, "at": r.ended_at.unwrap_or(r.started_at)})
-        });
+        let last_error = last_finished.as_ref().filter(|r| r.error_class.is_some()).map(
+            |r| json!({"class": r.error_class, "message": r.error_message, "at": r.ended_at.unwrap_or(r.started_at)}),
+        );
         syncs.push(json!({
             "name": name, "kind": "source", "plugin": plugin, "mode": mode, "schedule": src.schedule,
             "state": state, "holder": holder.map(|h| h.holder),
@@ -221,7 +227,11 @@ fn render_status(doc: &Value) -> String {
         }
     }
     out.push('\n');
-    let _ = writeln!(out, "{:<20} {:<10} {:<12} {:<22} {:<26} next run", "sync", "mode", "state", "last run", "read/accepted/rejected");
+    let _ = writeln!(
+        out,
+        "{:<20} {:<10} {:<12} {:<22} {:<26} next run",
+        "sync", "mode", "state", "last run", "read/accepted/rejected"
+    );
     for s in doc["syncs"].as_array().into_iter().flatten() {
         let last = &s["last_run"];
         let counts = if last.is_null() {

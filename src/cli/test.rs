@@ -15,7 +15,8 @@ pub const DEFAULT_DIR: &str = "tests/cdp";
 pub async fn run(manifest: &Path, dir: Option<&Path>) -> Result<ExitCode> {
     let (m, base) = load_manifest(manifest)?;
     let dir: PathBuf = dir.map_or_else(|| base.join(DEFAULT_DIR), Path::to_path_buf);
-    let files = crate::fixtures::files(&dir).with_context(|| format!("cannot read the fixtures in {}", dir.display()))?;
+    let files =
+        crate::fixtures::files(&dir).with_context(|| format!("cannot read the fixtures in {}", dir.display()))?;
     if files.is_empty() {
         bail!("no fixture files (*.yaml) in {}", dir.display());
     }

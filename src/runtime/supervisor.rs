@@ -111,9 +111,13 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tracker.close();
     if tokio::time::timeout(opts.drain, tracker.wait()).await.is_err() {
-        tracing::warn!("some syncs did not finish within the drain deadline; what they had not committed is read again next time");
+        tracing::warn!(
+            "some syncs did not finish within the drain deadline; what they had not committed is read again next time"
+        );
     }
-    store.put_status("runtime", &json!({"holder": ctx.holder, "pid": std::process::id(), "stopped_at": now_ms()})).await?;
+    let mut doc = store.status_doc("runtime").await?.map(|(d, _)| d).unwrap_or_else(|| json!({}));
+    doc["stopped_at"] = json!(now_ms());
+    store.put_status("runtime", &doc).await?;
     Ok(())
 }
 
@@ -363,11 +367,8 @@ impl Watcher {
 /// `path` made absolute and free of `.` parts (without touching the file,
 /// which may be mid-rename).
 fn absolute(path: &Path) -> PathBuf {
-    let p = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(path)
-    };
+    let p =
+        if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {

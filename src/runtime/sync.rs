@@ -156,7 +156,18 @@ pub async fn run(
     };
     let run_id = ctx.store.start_run(name, trigger.as_str(), &ctx.holder).await?;
     tracing::info!(sync = name, run = run_id, trigger = trigger.as_str(), "sync started");
-    let mut run = Run { ctx, snap, sync, run_id, lease, ttl, renewed: Instant::now(), counts: RunCounts::default(), rejects_kept: 0, checkpoint: None };
+    let mut run = Run {
+        ctx,
+        snap,
+        sync,
+        run_id,
+        lease,
+        ttl,
+        renewed: Instant::now(),
+        counts: RunCounts::default(),
+        rejects_kept: 0,
+        checkpoint: None,
+    };
     let result = run.attempts(full, cancel).await;
     let state = match &result {
         Ok(()) if cancel.is_cancelled() => "cancelled",
@@ -166,7 +177,13 @@ pub async fn run(
     let error = result.err();
     let err_fields = error.as_ref().map(|e| (e.class(), e.to_string()));
     ctx.store
-        .finish_run(run_id, state, &run.counts, err_fields.as_ref().map(|(c, m)| (*c, m.as_str())), run.checkpoint.as_deref())
+        .finish_run(
+            run_id,
+            state,
+            &run.counts,
+            err_fields.as_ref().map(|(c, m)| (*c, m.as_str())),
+            run.checkpoint.as_deref(),
+        )
         .await?;
     if error.is_none() && run.counts.accepted > 0 && snap.manifest.identity.matching.is_some() {
         // As after `cdp ingest`: records with no shared key are matched
@@ -180,7 +197,15 @@ pub async fn run(
         tracing::warn!(sync = name, error = %e, "could not release the lease; it expires by itself");
     }
     match &error {
-        None => tracing::info!(sync = name, run = run_id, state, read = run.counts.read, accepted = run.counts.accepted, rejected = run.counts.rejected, "sync ended"),
+        None => tracing::info!(
+            sync = name,
+            run = run_id,
+            state,
+            read = run.counts.read,
+            accepted = run.counts.accepted,
+            rejected = run.counts.rejected,
+            "sync ended"
+        ),
         Some(e) => tracing::warn!(sync = name, run = run_id, class = e.class(), error = %e, "sync failed"),
     }
     Ok(Outcome { run_id, counts: run.counts, state, error, checkpoint: run.checkpoint })
@@ -208,7 +233,8 @@ impl Run<'_> {
         loop {
             // `--full` ignores the stored checkpoint only on the first attempt:
             // a retry resumes from what this run committed.
-            let state = if full && attempt == 0 { None } else { self.ctx.store.cursor(&stream(&self.sync.name)).await? };
+            let state =
+                if full && attempt == 0 { None } else { self.ctx.store.cursor(&stream(&self.sync.name)).await? };
             match self.read(state.as_deref(), cancel).await {
                 Err(SyncError::Plugin(e)) if retryable(&e) && attempt + 1 < MAX_ATTEMPTS && !cancel.is_cancelled() => {
                     attempt += 1;
@@ -323,7 +349,9 @@ impl Run<'_> {
                 self.renewed = Instant::now();
                 Ok(())
             }
-            None => Err(SyncError::Store(StoreError::LeaseLost { name: self.lease.name.clone(), token: self.lease.token })),
+            None => {
+                Err(SyncError::Store(StoreError::LeaseLost { name: self.lease.name.clone(), token: self.lease.token }))
+            }
         }
     }
 }
@@ -348,7 +376,8 @@ fn retry_wait(e: &PluginError, attempt: u32) -> Duration {
     if let Some(ms) = e.connector().and_then(|c| c.retry_after_ms) {
         return Duration::from_millis(ms).min(Duration::from_secs(600));
     }
-    let base = Duration::from_secs(1).saturating_mul(1 << attempt.min(6).saturating_sub(1)).min(Duration::from_secs(60));
+    let base =
+        Duration::from_secs(1).saturating_mul(1 << attempt.min(6).saturating_sub(1)).min(Duration::from_secs(60));
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let jitter = crate::rng::Rng::new(seed).below(1_000) as f64 / 1_000.0;
     base.mul_f64(1.0 + jitter * 0.25)

@@ -96,9 +96,9 @@ impl Store {
     pub async fn start_run(&self, sync: &str, trigger: &str, holder: &str) -> Result<i64> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
-        sqlx::query(&self.sql(
-            "UPDATE sync_runs SET state = 'interrupted', ended_at = ? WHERE sync = ? AND state = 'running'",
-        ))
+        sqlx::query(
+            &self.sql("UPDATE sync_runs SET state = 'interrupted', ended_at = ? WHERE sync = ? AND state = 'running'"),
+        )
         .bind(now)
         .bind(sync)
         .execute(&mut *tx)
@@ -144,9 +144,9 @@ impl Store {
         checkpoint: Option<&str>,
     ) -> Result<()> {
         self.update_run(id, counts, checkpoint).await?;
-        sqlx::query(&self.sql(
-            "UPDATE sync_runs SET state = ?, ended_at = ?, error_class = ?, error_message = ? WHERE id = ?",
-        ))
+        sqlx::query(
+            &self.sql("UPDATE sync_runs SET state = ?, ended_at = ?, error_class = ?, error_message = ? WHERE id = ?"),
+        )
         .bind(state)
         .bind(now_ms())
         .bind(error.map(|e| e.0))
@@ -183,9 +183,9 @@ impl Store {
 
     /// Rejected records of a run, in order.
     pub async fn rejects(&self, run_id: i64, limit: i64) -> Result<Vec<RejectRow>> {
-        let rows = sqlx::query(&self.sql(
-            "SELECT seq, reason, record FROM sync_rejects WHERE run_id = ? ORDER BY seq LIMIT ?",
-        ))
+        let rows = sqlx::query(
+            &self.sql("SELECT seq, reason, record FROM sync_rejects WHERE run_id = ? ORDER BY seq LIMIT ?"),
+        )
         .bind(run_id)
         .bind(limit)
         .fetch_all(self.pool())
@@ -311,10 +311,7 @@ mod tests {
         store.update_run(first, &counts, Some("{\"offset\":3}")).await.expect("update");
         // A second run starts while the first is still `running`: its holder died.
         let second = store.start_run("loyalty", "manual", "b").await.expect("start");
-        store
-            .add_rejects(second, 0, &[("no message id".into(), "{\"x\":1}".into())])
-            .await
-            .expect("rejects");
+        store.add_rejects(second, 0, &[("no message id".into(), "{\"x\":1}".into())]).await.expect("rejects");
         store.finish_run(second, "failed", &counts, Some(("config", "bad file")), None).await.expect("finish");
         let runs = store.runs("loyalty", 10).await.expect("runs");
         assert_eq!(runs.len(), 2);
