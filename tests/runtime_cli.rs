@@ -384,3 +384,78 @@ fn test_passes_on_the_shipped_fixtures_and_fails_with_a_diff_on_a_broken_one() {
     assert!(all.contains("expected \"silver\"") && all.contains("actual   \"gold\""), "{all}");
     assert!(all.contains("0 passed, 1 failed"), "{all}");
 }
+
+/// The identity partition of a store: each profile's identifiers, sorted.
+fn partition(db: &Path) -> (i64, Vec<String>) {
+    let script = r#"
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+records = c.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+groups = {}
+for p, k, v in c.execute("SELECT profile_id, key, value FROM identities"):
+    groups.setdefault(p, []).append(k + "=" + v)
+print(records)
+for g in sorted(",".join(sorted(g)) for g in groups.values()):
+    print(g)
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).arg(db).output().expect("python3 sqlite3");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = stdout.lines();
+    let records = lines.next().and_then(|l| l.parse().ok()).expect("record count");
+    (records, lines.map(str::to_owned).collect())
+}
+
+#[test]
+fn sigkill_during_a_large_sync_loses_nothing_and_applies_nothing_twice() {
+    let rows: usize = std::env::var("CDP_CRASH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+    let dir = workspace(0);
+    // Households: every 50th member shares the email of the one before, so
+    // profiles merge across batches.
+    let mut csv = String::from(MEMBERS_HEADER);
+    for i in 0..rows {
+        let email = if i % 50 == 49 { i - 1 } else { i };
+        csv.push_str(&format!("M-{i:07},m{email}@example.org,,Ann,Lee,gold,true,2026-11-01T09:00:00Z\n"));
+    }
+    std::fs::write(dir.path().join("data/members.csv"), csv).expect("members");
+
+    // The reference: one clean ingest of the same file into another store.
+    let clean = std::fs::read_to_string(dir.path().join("cdp.yaml"))
+        .expect("manifest")
+        .replace("sqlite://state/cdp.db", "sqlite://clean/cdp.db");
+    std::fs::write(dir.path().join("clean.yaml"), clean).expect("clean manifest");
+    let out = cdp(dir.path(), &["-f", "clean.yaml", "ingest", "loyalty", "--file", "data/members.csv", "-q"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let expected = partition(&dir.path().join("clean/cdp.db"));
+    assert_eq!(expected.0, rows as i64);
+
+    // Ten SIGKILLs at moments spread over the sync, restarting each time.
+    let mut rng = cdp::rng::Rng::new(7);
+    for kill in 0..10 {
+        let rt = Runtime::start(dir.path());
+        std::thread::sleep(Duration::from_millis(300 + rng.below(2_500)));
+        let mut rt = rt;
+        rt.child.kill().expect("SIGKILL");
+        let _ = rt.child.wait();
+        eprintln!("kill {kill} done");
+    }
+    // Then one runtime until the file is in.
+    let rt = Runtime::start(dir.path());
+    let last = format!("loyalty_id=M-{:07}", rows - 1);
+    rt.wait_for(Duration::from_secs(600), "the whole file", || {
+        let doc = status(dir.path());
+        let done = sync_status(&doc, "loyalty")["last_run"]["state"] == "succeeded"
+            && cdp(dir.path(), &["profile", "get", &last]).status.success();
+        done.then_some(())
+    });
+    let exit = rt.stop(Duration::from_secs(30));
+    assert!(exit.success(), "{exit}");
+    let got = partition(&dir.path().join("state/cdp.db"));
+    assert_eq!(got.0, expected.0, "records");
+    assert!(
+        got.1 == expected.1,
+        "the identity partition differs from a clean run ({} vs {} profiles)",
+        got.1.len(),
+        expected.1.len()
+    );
+}

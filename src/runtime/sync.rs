@@ -261,11 +261,16 @@ impl Run<'_> {
         let mut rejects: Vec<(String, String)> = Vec::new();
         let mut idle = IDLE_MIN;
         let now = crate::store::now_ms();
+        // The newest checkpoint read: it covers every record before it, and
+        // all of those are pending or committed, so committing the pending
+        // records with it is always safe (records after it are read again
+        // after a crash and dropped as duplicates).
+        let mut latest: Option<String> = None;
         while !cancel.is_cancelled() {
             let events = instance.next(READ_MAX).await?;
             self.keep_lease().await?;
             if events.is_empty() {
-                self.commit(&mut pending, &mut rejects, None).await?;
+                self.commit_and_ack(&mut instance, &mut pending, &mut rejects, latest.take()).await?;
                 if !sync.streaming {
                     break;
                 }
@@ -288,19 +293,30 @@ impl Run<'_> {
                             }
                         }
                     }
-                    ReadEvent::Checkpoint(c) => {
-                        self.commit(&mut pending, &mut rejects, Some(c.clone())).await?;
-                        if sync.streaming {
-                            instance.ack(&c).await?;
-                        }
-                    }
+                    ReadEvent::Checkpoint(c) => latest = Some(c),
                 }
             }
             if pending.len() >= BATCH {
-                self.commit(&mut pending, &mut rejects, None).await?;
+                self.commit_and_ack(&mut instance, &mut pending, &mut rejects, latest.take()).await?;
             }
         }
         instance.close().await?;
+        Ok(())
+    }
+
+    /// [`Run::commit`], then tells a streaming plugin its checkpoint is durable.
+    async fn commit_and_ack(
+        &mut self,
+        instance: &mut crate::plugin::SourceInstance,
+        pending: &mut Vec<Record>,
+        rejects: &mut Vec<(String, String)>,
+        checkpoint: Option<String>,
+    ) -> Result<(), SyncError> {
+        let ack = checkpoint.clone().filter(|_| self.sync.streaming);
+        self.commit(pending, rejects, checkpoint).await?;
+        if let Some(c) = ack {
+            instance.ack(&c).await?;
+        }
         Ok(())
     }
 
