@@ -5,8 +5,9 @@
 #
 #   ./build.sh                # all connectors
 #   JOBS=2 ./build.sh         # more parallel jobs (default 1)
-#   ./build.sh --test-guests  # also the host's test guests (test-hostile),
-#                             # left in target/ and not copied to dist/
+#   ./build.sh --test-guests  # also the host's test guests (test-hostile,
+#                             # test-hostile-source), left in target/ and
+#                             # not copied to dist/
 set -euo pipefail
 
 test_guests=0
@@ -49,7 +50,7 @@ done
 if [ "$test_guests" = 1 ]; then
   # A separate build, so the test guests' dependency features can never
   # change the shipped components (and their pinned digests).
-  guests=(test-hostile)
+  guests=(test-hostile test-hostile-source)
   packages=()
   for g in "${guests[@]}"; do packages+=(-p "$g"); done
   cargo build --release --locked --target "$target" -j "${JOBS:-1}" "${packages[@]}"

@@ -191,3 +191,97 @@ fn resume_skips_committed_lines_and_explain_and_unmerge_work() {
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(g["identities"].as_array().expect("ids").len(), 1);
 }
+
+#[test]
+fn non_regular_files_are_refused_before_reading() {
+    let dir = workspace();
+    std::fs::create_dir(dir.path().join("dir.jsonl")).unwrap();
+    let started = std::time::Instant::now();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "dir.jsonl"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("it is a directory, not a regular file"), "{}", text(&out));
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "/dev/zero"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot open /dev/zero"), "{}", text(&out));
+    assert!(text(&out).contains("it is a device, not a regular file"), "{}", text(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(!dir.path().join("bench.db").exists(), "refused before the store was touched");
+}
+
+#[test]
+fn an_overlong_line_is_rejected_and_the_next_one_goes_in() {
+    let dir = workspace();
+    let mut input = format!(r#"{{"id": "1", "crm_id": "C1", "first_name": "{}"}}"#, "x".repeat(20 << 20));
+    input.push('\n');
+    input.push_str(r#"{"id": "2", "at": "2026-01-01T00:00:00Z", "crm_id": "C2"}"#);
+    input.push('\n');
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.jsonl", "--rejects", "rejects.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("accepted        1"), "{}", text(&out));
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(rejects.lines().next().unwrap()).unwrap();
+    assert_eq!(r["line"], 1);
+    let limit = cdp::ingest::file::MAX_LINE_BYTES;
+    assert_eq!(r["reason"], format!("line is {} bytes; the limit is {limit}", input.find('\n').unwrap()));
+
+    // CSV: the row is rejected as it is read and the next one goes in.
+    let csv = format!("id,crm_id,first_name\n3,C3,{}\n4,C4,Ok\n", "x".repeat(20 << 20));
+    std::fs::write(dir.path().join("in.csv"), &csv).unwrap();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.csv", "--rejects", "csv-rejects.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("accepted        1"), "{}", text(&out));
+    let rejects = std::fs::read_to_string(dir.path().join("csv-rejects.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(rejects.lines().next().unwrap()).unwrap();
+    assert_eq!(r["line"], 2);
+    assert_eq!(r["reason"], format!("line is {} bytes; the limit is {limit}", (20 << 20) + 5));
+}
+
+#[test]
+fn many_identifiers_in_one_record_are_rejected_quickly() {
+    let dir = workspace();
+    let emails: Vec<String> = (0..40_000).map(|i| format!("p{i}@example.org")).collect();
+    let line = serde_json::json!({"id": "1", "crm_id": "C1", "email": emails});
+    let same = serde_json::json!({"id": "2", "crm_id": "C2", "email": vec!["a@b.se"; 100_000]});
+    std::fs::write(dir.path().join("in.jsonl"), format!("{line}\n{same}\n")).unwrap();
+    let started = std::time::Instant::now();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.jsonl", "--rejects", "rejects.jsonl"]);
+    let elapsed = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("accepted        1"), "{}", text(&out));
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    assert!(rejects.contains(r#""line":1"#) && rejects.contains("more than 32 distinct identifiers"), "{rejects}");
+    assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
+}
+
+#[test]
+fn out_of_range_timestamps_dates_and_duplicate_headers_are_rejected() {
+    let dir = workspace();
+    let lines = [
+        r#"{"id": "1", "at": 1e300, "crm_id": "C1"}"#,
+        r#"{"id": "2", "at": 9223372036854775807, "crm_id": "C2"}"#,
+        r#"{"id": "3", "at": "2026-01-01T00:00:00Z", "crm_id": "C3", "birth_date": "-9999-01-01"}"#,
+        r#"{"id": "4", "at": "+20000-01-01T00:00:00Z", "crm_id": "C4"}"#,
+        r#"{"id": "5", "at": "9999-12-31T23:59:59Z", "crm_id": "C5", "birth_date": "0001-01-01"}"#,
+    ];
+    std::fs::write(dir.path().join("in.jsonl"), lines.join("\n") + "\n").unwrap();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "in.jsonl", "--rejects", "rejects.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("accepted        1"), "{}", text(&out));
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap();
+    let rejects: Vec<serde_json::Value> = rejects.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reason = |n: u64| {
+        rejects.iter().find(|r| r["line"] == n).map(|r| r["reason"].as_str().unwrap().to_owned()).unwrap_or_default()
+    };
+    for n in [1, 2, 4] {
+        assert!(reason(n).contains("is not a timestamp between the years 1 and 9999"), "{n}: {}", reason(n));
+    }
+    assert!(reason(3).contains("outside the years 1 to 9999"), "{}", reason(3));
+    assert_eq!(sqlite(dir.path(), "SELECT COUNT(*) FROM records"), 1);
+
+    std::fs::write(dir.path().join("dup.csv"), "id,crm_id,email,email\n1,C9,a@x.org,b@x.org\n").unwrap();
+    let out = cdp(dir.path(), &["ingest", "crm", "-i", "dup.csv", "--rejects", "dup.jsonl"]);
+    let rejects = std::fs::read_to_string(dir.path().join("dup.jsonl")).unwrap();
+    assert!(rejects.contains(r#""line":1"#) && rejects.contains("names column `email` twice"), "{rejects}");
+    assert!(text(&out).contains("rejected        1"), "{}", text(&out));
+}

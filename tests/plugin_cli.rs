@@ -160,3 +160,65 @@ fn new_build_and_test_a_scaffolded_plugin() {
     let o = cdp(dir.path(), &["plugin", "new", "Bad_Name", "--kind", "source"]);
     assert!(text(&o).contains("not a crate name"));
 }
+
+#[test]
+fn spec_honours_the_timeout_of_inspect_build_and_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = plugins::hostile_source();
+    let wasm = wasm.to_str().unwrap();
+    // Its spec computes for 300 ms: fine within the default deadline …
+    let o = cdp(dir.path(), &["plugin", "inspect", wasm]);
+    assert!(o.status.success(), "{}", text(&o));
+    // … and stopped within a shorter one.
+    let o = cdp(dir.path(), &["plugin", "inspect", wasm, "--timeout", "100ms"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("`spec` did not return within its deadline of 100ms"), "{}", text(&o));
+    let o = cdp(dir.path(), &["plugin", "test", wasm, "--timeout", "100ms", "--config", "{behave: checkpoint}"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("`spec` did not return within its deadline of 100ms"), "{}", text(&o));
+    let o = cdp(dir.path(), &["plugin", "inspect", wasm, "--timeout", "soon"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--timeout"), "{}", text(&o));
+}
+
+#[test]
+fn validate_runs_check_with_the_entrys_timeout_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = plugins::hostile();
+    let manifest = format!(
+        "version: 1
+name: t
+plugins:
+  slow: {{ path: {hostile}, timeout: 1s }}
+  tiny: {{ path: {hostile}, memory: 1MiB }}
+identity:
+  keys:
+    email: {{ normalize: email }}
+consent:
+  purposes: [advertising]
+destinations:
+  sleepy:
+    plugin: slow
+    purpose: advertising
+    config: {{ behave: check_sleep, secs: 30 }}
+  small:
+    plugin: tiny
+    purpose: advertising
+    config: {{ behave: ok }}
+",
+        hostile = hostile.display()
+    );
+    std::fs::write(dir.path().join("cdp.yaml"), manifest).unwrap();
+    let started = std::time::Instant::now();
+    let o = cdp(dir.path(), &["validate", "--format", "json"]);
+    // Compiling the plugin takes seconds; sleeping out the check would take 30.
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "{:?}", started.elapsed());
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let diags = v["diagnostics"].as_array().unwrap();
+    let at = |path: &str| diags.iter().find(|d| d["path"] == path).unwrap_or_else(|| panic!("{path} in {diags:?}"));
+    let d = at("destinations.sleepy.config");
+    assert!(d["message"].as_str().unwrap().contains("`check` did not return within its deadline of 1s"), "{d}");
+    let d = at("plugins.tiny.path");
+    assert!(d["message"].as_str().unwrap().contains("memory"), "{d}");
+}

@@ -352,3 +352,198 @@ async fn dest_file_hashes_through_the_host() {
     assert_eq!(rows[3], format!("c,exit,,,{}", sha("16505551234")));
     assert_eq!(rows.len(), 4);
 }
+
+/// Grants lending `dir` at `/data`, read-only, with call deadline `timeout`.
+fn mounted(dir: &std::path::Path, timeout: Duration) -> Grants {
+    Grants {
+        mounts: vec![Mount { host: dir.canonicalize().unwrap(), guest: "/data".into(), writable: false }],
+        timeout,
+        ..Grants::default()
+    }
+}
+
+/// The host's peak resident memory so far (VmHWM), in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// The hostile guest, opened with `config`, ready to `write`.
+async fn hostile_open(host: &Host, grants: &Grants, config: Value) -> cdp::plugin::DestinationInstance {
+    let p = host.load(&plugins::hostile(), None).unwrap();
+    let mut inst = p.destination("hostile", grants).await.unwrap();
+    inst.open(&config).await.unwrap();
+    inst
+}
+
+#[tokio::test]
+async fn a_blocking_sleep_ends_at_the_deadline() {
+    let (host, _cache) = host();
+    let grants = Grants { timeout: Duration::from_secs(1), ..Grants::default() };
+    let mut inst = hostile_open(&host, &grants, json!({"behave": "sleep", "secs": 20})).await;
+    let started = Instant::now();
+    let r = inst.write(ONE_RECORD.into(), 1).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, PluginError::Deadline { call: "write", .. }), "{e}");
+    assert!(e.to_string().contains("deadline of 1s"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(3), "stopped at the deadline: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_fifo_in_a_mount_is_refused_without_blocking() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let grants = mounted(dir.path(), Duration::from_secs(2));
+    let mut inst = hostile_open(&host, &grants, json!({"behave": "read", "path": "/data/pipe"})).await;
+    let started = Instant::now();
+    let r = inst.write(ONE_RECORD.into(), 1).await;
+    let logs = inst.take_logs();
+    let e = r.unwrap_err();
+    assert_eq!(e.connector().map(|c| c.code.as_str()), Some("read_failed"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        logs.iter().any(|l| l.level == "warn"
+            && l.message.contains("refused to open `pipe`: it is a FIFO, socket or other special file")),
+        "{logs:?}"
+    );
+    // /dev/zero never ends: a device is refused the same way.
+    let grants = Grants {
+        mounts: vec![Mount { host: "/dev".into(), guest: "/dev".into(), writable: false }],
+        timeout: Duration::from_secs(2),
+        ..Grants::default()
+    };
+    let (r, logs) = hostile_write(&host, &grants, json!({"behave": "read", "path": "/dev/zero"})).await;
+    assert_eq!(r.unwrap_err().connector().map(|c| c.code.as_str()), Some("read_failed"));
+    assert!(logs.iter().any(|l| l.message.contains("character device")), "{logs:?}");
+}
+
+#[tokio::test]
+async fn handle_exhaustion_stops_at_the_limit() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.txt"), "x").unwrap();
+    let grants = mounted(dir.path(), Duration::from_secs(10));
+    let started = Instant::now();
+    let (r, _) =
+        hostile_write(&host, &grants, json!({"behave": "open_files", "path": "/data/f.txt", "count": 20_000})).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, PluginError::Limit { call: "write", .. }), "{e}");
+    assert!(e.to_string().contains(&format!("more than {} handles", cdp::plugin::MAX_HANDLES)), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Under the limit is fine.
+    let (r, logs) =
+        hostile_write(&host, &grants, json!({"behave": "open_files", "path": "/data/f.txt", "count": 500})).await;
+    assert_eq!(r.unwrap().accepted, 1, "{logs:?}");
+}
+
+#[tokio::test]
+async fn oversized_checkpoints_and_batches_are_refused() {
+    let (host, _cache) = host();
+    let p = host.load(&plugins::hostile_source(), None).unwrap();
+    let grants = Grants { timeout: Duration::from_secs(10), ..Grants::default() };
+    let mut inst = p.source("hostile-source", &grants).await.unwrap();
+    inst.open(&json!({"behave": "checkpoint", "size": 16 << 20}), None).await.unwrap();
+    let e = inst.next(100).await.unwrap_err();
+    assert!(matches!(e, PluginError::Limit { call: "next", .. }), "{e}");
+    let text = e.to_string();
+    assert!(text.contains(&format!("a checkpoint of {} bytes", (16 << 20) + 10)), "{text}");
+    assert!(text.contains(&format!("the limit is {} bytes per checkpoint", cdp::plugin::MAX_CHECKPOINT)), "{text}");
+    assert!(inst.is_poisoned());
+
+    let mut inst = p.source("hostile-source", &grants).await.unwrap();
+    inst.open(&json!({"behave": "records", "size": 40 << 20}), None).await.unwrap();
+    let e = inst.next(100).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("the limit is {} bytes per call", cdp::plugin::MAX_RECORDS_BYTES)), "{e}");
+
+    // Within the limits the same plugin reads.
+    let mut inst = p.source("hostile-source", &grants).await.unwrap();
+    inst.open(&json!({"behave": "checkpoint", "size": 1000}), None).await.unwrap();
+    let events = inst.next(100).await.unwrap();
+    assert!(matches!(&events[1], ReadEvent::Checkpoint(c) if c.len() == 1010), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_huge_error_message_is_cut_to_the_limit() {
+    let (host, _cache) = host();
+    let started = Instant::now();
+    let (r, _) = hostile_write(&host, &Grants::default(), json!({"behave": "huge_error", "size": 64 << 20})).await;
+    let e = r.unwrap_err();
+    let c = e.connector().unwrap_or_else(|| panic!("a connector error, got {e}"));
+    let limit = cdp::plugin::MAX_ERROR_MESSAGE;
+    assert!(c.message.len() < limit + 100, "{}", c.message.len());
+    assert!(c.message.ends_with(&format!("… (cut at {limit} of {} bytes)", 64 << 20)), "{}", &c.message[limit..]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_log_flood_is_capped_per_call_and_counted() {
+    let (host, _cache) = host();
+    let p = host.load(&plugins::hostile(), None).unwrap();
+    let mut inst = p.destination("hostile", &Grants::default()).await.unwrap();
+    inst.open(&json!({"behave": "log_flood", "lines": 100_000})).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(inst.write(ONE_RECORD.into(), 1).await.unwrap().accepted, 1);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let kept = cdp::plugin::MAX_LOG_LINES;
+    assert_eq!(inst.dropped_output(), 200_000 - kept);
+    let logs = inst.take_logs();
+    let last = logs.last().unwrap();
+    assert_eq!(last.level, "warn");
+    assert!(
+        last.message.starts_with(&format!("`write` dropped {} lines", 200_000 - kept))
+            && last.message.contains(&format!("over the limit of {kept} lines")),
+        "{last:?}"
+    );
+    // The budget is per call: the next call logs again.
+    inst.open(&json!({"behave": "log_flood", "lines": 2})).await.unwrap();
+    inst.write(ONE_RECORD.into(), 1).await.unwrap();
+    assert_eq!(inst.take_logs().len(), 4);
+    assert_eq!(inst.dropped_output(), 200_000 - kept);
+}
+
+#[tokio::test]
+async fn a_stack_overflow_is_reported_as_one() {
+    let (host, _cache) = host();
+    let (r, _) = hostile_write(&host, &Grants::default(), json!({"behave": "stack_overflow"})).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, PluginError::Trap { .. }), "{e}");
+    assert!(e.to_string().contains("stack overflow"), "{e}");
+}
+
+/// Every hostile behaviour in a row, then the host's peak memory: what a
+/// guest makes the host hold is bounded by the limits, not by the guest.
+#[tokio::test]
+async fn hostile_guests_leave_the_host_memory_bounded() {
+    let (host, _cache) = host();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.txt"), "x").unwrap();
+    let grants = mounted(dir.path(), Duration::from_secs(2));
+    let before = peak_rss_mib();
+    for config in [
+        json!({"behave": "log_flood", "lines": 300_000}),
+        json!({"behave": "huge_error", "size": 64 << 20}),
+        json!({"behave": "open_files", "path": "/data/f.txt", "count": 20_000}),
+        json!({"behave": "sleep", "secs": 20}),
+        json!({"behave": "stack_overflow"}),
+    ] {
+        let started = Instant::now();
+        let _ = hostile_write(&host, &grants, config.clone()).await;
+        assert!(started.elapsed() < Duration::from_secs(20), "{config}: {:?}", started.elapsed());
+    }
+    let p = host.load(&plugins::hostile_source(), None).unwrap();
+    for config in [json!({"behave": "checkpoint", "size": 16 << 20}), json!({"behave": "records", "size": 40 << 20})] {
+        let mut inst = p.source("hostile-source", &grants).await.unwrap();
+        inst.open(&config, None).await.unwrap();
+        assert!(inst.next(100).await.is_err(), "{config}");
+    }
+    let after = peak_rss_mib();
+    eprintln!("host peak resident memory: {before} MiB before the hostile guests, {after} MiB after");
+    assert!(after < 1024, "peak {after} MiB");
+}

@@ -45,14 +45,15 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     let (m, base) = load_manifest(a.manifest)?;
     // Check the source before touching the database.
     Mapper::new(&m, a.source).map_err(anyhow::Error::msg)?;
+    // And the file: a directory or a device is refused here.
+    let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
+    let lines = file::open(&canonical).with_context(|| format!("cannot open {}", a.file.display()))?;
     let store = connect(&m, &base).await?;
     super::record_applied(&store, a.manifest, "cdp ingest").await?;
     let cfg = IdentityConfig::from_manifest(&m);
-    let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
     let stream = format!("file:{}:{}", a.source, canonical.display());
     let start_after: u64 =
         if a.resume { store.cursor(&stream).await?.and_then(|p| p.parse().ok()).unwrap_or(0) } else { 0 };
-    let lines = file::open(&canonical).with_context(|| format!("cannot open {}", a.file.display()))?;
     let mut rejects_out = match a.rejects {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,

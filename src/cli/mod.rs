@@ -131,12 +131,18 @@ pub enum PluginCmd {
         /// A debug build instead of release.
         #[arg(long)]
         debug: bool,
+        /// Deadline of the call into the built plugin (`spec`), e.g. `5s` (default 30s).
+        #[arg(long)]
+        timeout: Option<String>,
     },
     /// Show a component's spec, capabilities, imports and config schema.
     Inspect {
         file: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
+        /// Deadline of the call into the plugin (`spec`), e.g. `5s` (default 30s).
+        #[arg(long)]
+        timeout: Option<String>,
     },
     /// Run the conformance suite against a component, in the sandbox.
     Test {
@@ -290,8 +296,8 @@ pub fn run() -> ExitCode {
                 };
                 plugin::new(&name, kind, dir.as_deref(), sdk.as_deref())
             }
-            PluginCmd::Build { dir, debug } => plugin::build(&dir, debug),
-            PluginCmd::Inspect { file, format } => plugin::inspect(&file, format),
+            PluginCmd::Build { dir, debug, timeout } => plugin::build(&dir, debug, timeout.as_deref()),
+            PluginCmd::Inspect { file, format, timeout } => plugin::inspect(&file, format, timeout.as_deref()),
             PluginCmd::Test { file, config, fixtures, mounts, allow_hosts, timeout, format } => {
                 plugin::test(plugin::TestArgs {
                     file: &file,

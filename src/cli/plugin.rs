@@ -86,7 +86,8 @@ fn sdk_path(explicit: Option<&Path>) -> Result<PathBuf> {
 /// `cdp plugin build [DIR] [--debug]`: cargo for wasm32-wasip2, then the
 /// component is loaded in the host (so it is known to be a connector) and its
 /// manifest pin printed.
-pub fn build(dir: &Path, debug: bool) -> Result<ExitCode> {
+pub fn build(dir: &Path, debug: bool, timeout: Option<&str>) -> Result<ExitCode> {
+    let timeout = call_timeout(timeout)?;
     if !dir.join("Cargo.toml").exists() {
         bail!("{} has no Cargo.toml; pass the plugin crate's directory", dir.display());
     }
@@ -129,7 +130,13 @@ pub fn build(dir: &Path, debug: bool) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let spec = block(p.spec("build"))??;
+    let spec = match block(p.spec_within("build", plugin::DEFAULT_MEMORY, timeout))? {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     println!("built {} ({} {} {}, {} KiB)", wasm.display(), p.kind(), spec.name, spec.version, p.size().div_ceil(1024));
     println!("pin it in the manifest:");
     println!("  plugins:");
@@ -141,12 +148,22 @@ fn short_name(name: &str) -> &str {
     name.strip_prefix("source-").or_else(|| name.strip_prefix("dest-")).unwrap_or(name)
 }
 
+/// `--timeout` of `build`, `inspect` and `test`: the deadline of each call
+/// into the plugin.
+fn call_timeout(text: Option<&str>) -> Result<std::time::Duration> {
+    match text {
+        None => Ok(plugin::DEFAULT_TIMEOUT),
+        Some(t) => crate::manifest::units::parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}")),
+    }
+}
+
 fn block<F: std::future::Future>(f: F) -> Result<F::Output> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f))
 }
 
 /// `cdp plugin inspect FILE [--format json]`.
-pub fn inspect(file: &Path, format: Format) -> Result<ExitCode> {
+pub fn inspect(file: &Path, format: Format, timeout: Option<&str>) -> Result<ExitCode> {
+    let timeout = call_timeout(timeout)?;
     let host = Host::with_default_cache()?;
     let p = match host.load(file, None) {
         Ok(p) => p,
@@ -156,7 +173,7 @@ pub fn inspect(file: &Path, format: Format) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let spec = match block(p.spec("inspect"))? {
+    let spec = match block(p.spec_within("inspect", plugin::DEFAULT_MEMORY, timeout))? {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -234,10 +251,8 @@ pub fn test(a: TestArgs<'_>) -> Result<ExitCode> {
         None => json!({}),
         Some(text) => parse_config(text)?,
     };
-    let mut grants = Grants { allow_hosts: a.allow_hosts.to_vec(), ..Grants::default() };
-    if let Some(t) = a.timeout {
-        grants.timeout = crate::manifest::units::parse_duration(t).map_err(anyhow::Error::msg)?;
-    }
+    let grants_timeout = call_timeout(a.timeout)?;
+    let mut grants = Grants { allow_hosts: a.allow_hosts.to_vec(), timeout: grants_timeout, ..Grants::default() };
     for m in a.mounts {
         let (host, guest) =
             m.split_once(':').with_context(|| format!("--mount `{m}`: write HOST_DIR:GUEST_PATH, e.g. data:/input"))?;

@@ -108,7 +108,12 @@ impl<'m> Mapper<'m> {
         let at = match &self.map.timestamp {
             Some(f) => match lookup(obj, f) {
                 None | Some(Value::Null) => now,
-                Some(v) => parse_time(v).ok_or_else(|| Rejection(format!("`{f}` is not a timestamp: {}", short(v))))?,
+                Some(v) => parse_time(v).ok_or_else(|| {
+                    Rejection(format!(
+                        "`{f}` is not a timestamp between the years 1 and 9999 (RFC 3339, or epoch seconds or milliseconds): {}",
+                        short(v)
+                    ))
+                })?,
             },
             None => now,
         };
@@ -133,16 +138,20 @@ impl<'m> Mapper<'m> {
                 }
                 match self.identifier(key, &raw) {
                     Some(n) => {
+                        // `ids` never holds more than MAX_IDENTIFIERS, so
+                        // this scan is bounded and the record's work linear.
                         if !ids.iter().any(|(k, x)| k == key && *x == n) {
+                            if ids.len() == MAX_IDENTIFIERS {
+                                return reject(format!(
+                                    "more than {MAX_IDENTIFIERS} distinct identifiers in one record (at `{field}`); the limit is {MAX_IDENTIFIERS}"
+                                ));
+                            }
                             ids.push((key.clone(), n));
                         }
                     }
                     None => self.dropped_ids += 1,
                 }
             }
-        }
-        if ids.len() > MAX_IDENTIFIERS {
-            return reject(format!("{} identifiers in one record; the limit is {MAX_IDENTIFIERS}", ids.len()));
         }
         if ids.is_empty() {
             let fields: Vec<&str> = self.map.identities.values().map(String::as_str).collect();
@@ -297,8 +306,20 @@ fn short(v: &Value) -> String {
     if s.len() > 60 { format!("{}…", s.chars().take(60).collect::<String>()) } else { s }
 }
 
-/// Timestamps: RFC 3339, `YYYY-MM-DD`, or epoch seconds / milliseconds.
+/// Earliest timestamp accepted: 0001-01-01T00:00:00Z, in epoch milliseconds.
+pub const MIN_TIME_MS: i64 = -62_135_596_800_000;
+/// Latest timestamp accepted: 9999-12-31T23:59:59.999Z, in epoch milliseconds.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+/// Timestamps: RFC 3339, `YYYY-MM-DD`, or epoch seconds / milliseconds,
+/// between the years 1 and 9999 ([`MIN_TIME_MS`], [`MAX_TIME_MS`]): every
+/// store, chrono and RFC 3339 can represent those, and anything outside is
+/// a broken value (`1e300`, `i64::MAX`) rather than a date.
 pub fn parse_time(v: &Value) -> Option<i64> {
+    parse_time_unchecked(v).filter(|ms| (MIN_TIME_MS..=MAX_TIME_MS).contains(ms))
+}
+
+fn parse_time_unchecked(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => {
             let s = s.trim();
@@ -311,11 +332,11 @@ pub fn parse_time(v: &Value) -> Option<i64> {
             if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
                 return Some(t.and_utc().timestamp_millis());
             }
-            s.parse::<f64>().ok().and_then(|n| parse_time(&Value::from(n)))
+            s.parse::<f64>().ok().and_then(|n| parse_time_unchecked(&Value::from(n)))
         }
         Value::Number(n) => {
             let x = n.as_f64()?;
-            if !x.is_finite() || x < 0.0 {
+            if !x.is_finite() || x < 0.0 || x > MAX_TIME_MS as f64 {
                 return None;
             }
             // Epoch milliseconds are > 1e11 for any date after 1973.
@@ -389,10 +410,16 @@ pub fn coerce_field(ty: FieldType, v: &Value) -> Result<Value, String> {
             let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
                 .or_else(|_| chrono::DateTime::parse_from_rfc3339(s).map(|t| t.date_naive()))
                 .map_err(|_| bad("a date (YYYY-MM-DD)"))?;
+            // chrono reads `-9999-01-01` and `+12345-01-01`; a date is
+            // between the years 1 and 9999, like a timestamp.
+            if !(1..=9999).contains(&chrono::Datelike::year(&d)) {
+                return Err(format!("date {} is outside the years 1 to 9999", short(v)));
+            }
             Ok(Value::String(d.format("%Y-%m-%d").to_string()))
         }
         FieldType::Timestamp => {
-            let ms = parse_time(v).ok_or_else(|| bad("a timestamp (RFC 3339)"))?;
+            let ms = parse_time(v)
+                .ok_or_else(|| bad("a timestamp (RFC 3339, or epoch seconds or milliseconds, years 1 to 9999)"))?;
             let t = chrono::DateTime::from_timestamp_millis(ms).ok_or_else(|| bad("a timestamp"))?;
             Ok(Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
         }

@@ -101,7 +101,7 @@ impl Report {
 /// Runs the suite on `plugin` as manifest entry `entry`.
 pub async fn run(plugin: &Plugin, entry: &str, opts: &Options) -> Report {
     let mut report = Report { kind: plugin.kind(), sha256: plugin.sha256().to_owned(), spec: None, checks: Vec::new() };
-    let spec = match plugin.spec(entry).await {
+    let spec = match plugin.spec_within(entry, opts.grants.memory, opts.grants.timeout).await {
         Ok(s) => s,
         Err(e) => {
             report.check("spec", Err(e.to_string()));

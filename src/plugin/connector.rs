@@ -5,14 +5,75 @@
 //! contract (checkpoints are JSON, rejections point into the batch).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceAny;
+use wasmtime::component::{ResourceAny, ResourceTableError};
 use wasmtime::{Engine, Store, UpdateDeadline};
 
 use super::bindings::{destination, source, types};
-use super::sandbox::{Grants, LogLine, State};
-use super::{ConnectorError, PluginError, Spec};
+use super::sandbox::{Grants, LogLine, MAX_HANDLES, State};
+use super::{ConnectorError, PluginError, Spec, TICK};
+
+/// Largest checkpoint a source may emit; it is stored with every batch.
+pub const MAX_CHECKPOINT: usize = 1 << 20;
+/// Most bytes of records one `next` may return.
+pub const MAX_RECORDS_BYTES: usize = 32 << 20;
+/// Longest message of a connector error kept; the rest is cut.
+pub const MAX_ERROR_MESSAGE: usize = 4 << 10;
+/// Longest code of a connector error kept.
+const MAX_ERROR_CODE: usize = 128;
+
+/// The error a call gets when its deadline passed while it was blocked in
+/// the host (a sleep, a poll), where the epoch check cannot reach it.
+#[derive(Debug, thiserror::Error)]
+#[error("the call was still blocked in the host at its deadline")]
+struct HostDeadline;
+
+/// Runs one call into the guest, but no longer than until `until`: the
+/// epoch callback stops a guest that computes; this stops one waiting in a
+/// host function. Dropping the call's future unwinds the guest's stack; the
+/// instance is poisoned afterwards either way.
+async fn bounded<T>(
+    until: tokio::time::Instant,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    match tokio::time::timeout_at(until, call).await {
+        Ok(r) => r,
+        Err(_) => Err(HostDeadline.into()),
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a char boundary, saying how long it was.
+fn cut_to(s: &mut String, max: usize) {
+    if s.len() > max {
+        let len = s.len();
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(&format!("… (cut at {max} of {len} bytes)"));
+    }
+}
+
+/// Whether a trap is the guest running out of stack: either wasmtime's
+/// own stack guard, or (Rust and C guests keep their stack at the bottom of
+/// linear memory, growing down) a frame pushed below address 0: its address
+/// wraps to just under 4 GiB, and with the store's static offset lands
+/// within a MiB either side of 4 GiB, far past any memory the cap allows.
+fn stack_overflow(e: &wasmtime::Error) -> bool {
+    if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) {
+        return true;
+    }
+    e.chain().any(|c| {
+        let text = c.to_string();
+        text.strip_prefix("memory fault at wasm address 0x")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .is_some_and(|addr| (0xFFF0_0000..0x1_0010_0000).contains(&addr))
+    })
+}
 
 /// A new store for one instance: limits, deadline callback, grants.
 pub(crate) fn new_store(engine: &Engine, entry: &str, grants: &Grants) -> Result<Store<State>, PluginError> {
@@ -44,16 +105,21 @@ impl Core {
         self.store.data().entry.to_string()
     }
 
-    fn begin(&mut self) -> Result<(), PluginError> {
+    /// Starts a call: a fresh deadline, fresh budgets. Returns when the
+    /// host stops waiting for the call (a tick after the epoch deadline, so
+    /// a computing guest is stopped by the epoch check first).
+    fn begin(&mut self) -> Result<tokio::time::Instant, PluginError> {
         if self.poisoned {
             return Err(PluginError::Poisoned { entry: self.entry() });
         }
+        let now = Instant::now();
         let s = self.store.data_mut();
-        s.deadline = Instant::now() + self.timeout;
+        s.deadline = now + self.timeout;
         s.timed_out = false;
         s.limiter.refused = None;
+        s.recent.end_call();
         self.store.set_epoch_deadline(1);
-        Ok(())
+        Ok(tokio::time::Instant::from_std(now + self.timeout + 2 * TICK))
     }
 
     /// Turns a failed call into the error that explains it, and poisons the instance.
@@ -61,11 +127,27 @@ impl Core {
         self.poisoned = true;
         let entry = self.entry();
         let s = self.store.data();
-        if s.timed_out {
+        if s.timed_out || e.is::<HostDeadline>() {
             return PluginError::Deadline { entry, call, timeout: self.timeout };
         }
         if let Some(requested) = s.limiter.refused {
             return PluginError::Memory { entry, call, cap: s.limiter.cap() as u64, requested: requested as u64 };
+        }
+        if e.chain().any(|c| matches!(c.downcast_ref::<ResourceTableError>(), Some(ResourceTableError::Full))) {
+            return PluginError::Limit {
+                entry,
+                call,
+                message: format!(
+                    "it held more than {MAX_HANDLES} handles at once (open files, directories, streams); that is the limit per instance"
+                ),
+            };
+        }
+        if stack_overflow(&e) {
+            return PluginError::Trap {
+                entry,
+                call,
+                message: "stack overflow: the plugin ran out of stack (deep or unbounded recursion?)".into(),
+            };
         }
         // The root cause is the trap itself ("wasm `unreachable` instruction
         // executed"); the outer layers only say a backtrace follows.
@@ -77,11 +159,17 @@ impl Core {
     }
 
     fn finish<T>(&mut self, call: &'static str, r: wasmtime::Result<T>) -> Result<T, PluginError> {
+        let entry = self.store.data().entry.clone();
+        self.store.data().recent.report_dropped(&entry, call);
         r.map_err(|e| self.fail(call, e))
     }
 
     fn connector<T>(&self, call: &'static str, r: Result<T, types::ConnectorError>) -> Result<T, PluginError> {
-        r.map_err(|e| PluginError::Connector { entry: self.entry(), call, error: e.into() })
+        r.map_err(|e| PluginError::Connector { entry: self.entry(), call, error: bounded_error(e) })
+    }
+
+    fn limit(&self, call: &'static str, message: String) -> PluginError {
+        PluginError::Limit { entry: self.entry(), call, message }
     }
 
     fn protocol(&self, call: &'static str, message: impl Into<String>) -> PluginError {
@@ -102,13 +190,20 @@ impl Core {
     }
 }
 
+/// A connector error with its code and message cut to the host's limits.
+fn bounded_error(mut e: types::ConnectorError) -> ConnectorError {
+    cut_to(&mut e.message, MAX_ERROR_MESSAGE);
+    cut_to(&mut e.code, MAX_ERROR_CODE);
+    e.into()
+}
+
 /// What both instance kinds share: accessors, and `spec`/`check`, which the
 /// two worlds export alike under different interface names.
 macro_rules! instance_common {
     ($world:ident) => {
         pub async fn spec(&mut self) -> Result<Spec, PluginError> {
-            self.core.begin()?;
-            let r = self.bindings.$world().call_spec(&mut self.core.store).await;
+            let until = self.core.begin()?;
+            let r = bounded(until, self.bindings.$world().call_spec(&mut self.core.store)).await;
             let s = self.core.finish("spec", r)?;
             self.core.spec(s)
         }
@@ -119,8 +214,8 @@ macro_rules! instance_common {
 
         /// `check` with the config as raw text (the conformance suite sends garbage).
         pub async fn check_text(&mut self, config: &str) -> Result<(), PluginError> {
-            self.core.begin()?;
-            let r = self.bindings.$world().call_check(&mut self.core.store, &config.to_owned()).await;
+            let until = self.core.begin()?;
+            let r = bounded(until, self.bindings.$world().call_check(&mut self.core.store, &config.to_owned())).await;
             let r = self.core.finish("check", r)?;
             self.core.connector("check", r)
         }
@@ -133,6 +228,11 @@ macro_rules! instance_common {
         /// Output since the last call of this (logs, stdout, stderr), oldest first.
         pub fn take_logs(&mut self) -> Vec<LogLine> {
             self.core.store.data().recent.take()
+        }
+
+        /// Lines of output dropped over the per-call limit since the instance started.
+        pub fn dropped_output(&self) -> u64 {
+            self.core.store.data().recent.dropped_total()
         }
 
         /// Metric samples reported so far: counters summed, gauges last.
@@ -178,14 +278,17 @@ impl SourceInstance {
     /// Opens a reader; `state` is the last persisted checkpoint (JSON text).
     pub async fn open(&mut self, config: &serde_json::Value, state: Option<&str>) -> Result<(), PluginError> {
         self.close().await?;
-        self.core.begin()?;
+        let until = self.core.begin()?;
         let cfg = config.to_string();
-        let r = self
-            .bindings
-            .cdp_connector_source()
-            .reader()
-            .call_open(&mut self.core.store, &cfg, state.map(str::to_owned).as_ref())
-            .await;
+        let r = bounded(
+            until,
+            self.bindings.cdp_connector_source().reader().call_open(
+                &mut self.core.store,
+                &cfg,
+                state.map(str::to_owned).as_ref(),
+            ),
+        )
+        .await;
         let r = self.core.finish("open", r)?;
         self.reader = Some(self.core.connector("open", r)?);
         Ok(())
@@ -198,10 +301,13 @@ impl SourceInstance {
     /// Up to `max` records and the checkpoints among them; empty: done (batch) or idle (streaming).
     pub async fn next(&mut self, max: u32) -> Result<Vec<ReadEvent>, PluginError> {
         let reader = self.reader("next")?;
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_source().reader().call_next(&mut self.core.store, reader, max).await;
+        let until = self.core.begin()?;
+        let r =
+            bounded(until, self.bindings.cdp_connector_source().reader().call_next(&mut self.core.store, reader, max))
+                .await;
         let r = self.core.finish("next", r)?;
         let events = self.core.connector("next", r)?;
+        self.within_limits(&events)?;
         events
             .into_iter()
             .map(|e| match e {
@@ -214,16 +320,51 @@ impl SourceInstance {
             .collect()
     }
 
+    /// Refuses a `next` whose records or checkpoints are over the host's
+    /// limits; the records are not ingested and the instance is poisoned.
+    fn within_limits(&mut self, events: &[types::ReadEvent]) -> Result<(), PluginError> {
+        let mut records = 0usize;
+        for e in events {
+            match e {
+                types::ReadEvent::Records(b) => records += b.ndjson.len(),
+                types::ReadEvent::Checkpoint(c) if c.len() > MAX_CHECKPOINT => {
+                    self.core.poisoned = true;
+                    return Err(self.core.limit(
+                        "next",
+                        format!(
+                            "it emitted a checkpoint of {} bytes; the limit is {MAX_CHECKPOINT} bytes per checkpoint (keep resume state small: an offset, a cursor)",
+                            c.len()
+                        ),
+                    ));
+                }
+                types::ReadEvent::Checkpoint(_) => {}
+            }
+        }
+        if records > MAX_RECORDS_BYTES {
+            self.core.poisoned = true;
+            return Err(self.core.limit(
+                "next",
+                format!(
+                    "it returned {records} bytes of records in one call; the limit is {MAX_RECORDS_BYTES} bytes per call (return fewer records per `next`)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Streaming: tells the plugin a checkpoint is durable.
     pub async fn ack(&mut self, checkpoint: &str) -> Result<(), PluginError> {
         let reader = self.reader("ack")?;
-        self.core.begin()?;
-        let r = self
-            .bindings
-            .cdp_connector_source()
-            .reader()
-            .call_ack(&mut self.core.store, reader, &checkpoint.to_owned())
-            .await;
+        let until = self.core.begin()?;
+        let r = bounded(
+            until,
+            self.bindings.cdp_connector_source().reader().call_ack(
+                &mut self.core.store,
+                reader,
+                &checkpoint.to_owned(),
+            ),
+        )
+        .await;
         self.core.finish("ack", r)
     }
 
@@ -232,8 +373,8 @@ impl SourceInstance {
         if let Some(reader) = self.reader.take()
             && !self.core.poisoned
         {
-            self.core.begin()?;
-            let r = reader.resource_drop_async(&mut self.core.store).await;
+            let until = self.core.begin()?;
+            let r = bounded(until, reader.resource_drop_async(&mut self.core.store)).await;
             self.core.finish("close", r)?;
         }
         Ok(())
@@ -264,9 +405,11 @@ impl DestinationInstance {
 
     pub async fn open(&mut self, config: &serde_json::Value) -> Result<(), PluginError> {
         self.close().await?;
-        self.core.begin()?;
+        let until = self.core.begin()?;
         let cfg = config.to_string();
-        let r = self.bindings.cdp_connector_destination().writer().call_open(&mut self.core.store, &cfg).await;
+        let r =
+            bounded(until, self.bindings.cdp_connector_destination().writer().call_open(&mut self.core.store, &cfg))
+                .await;
         let r = self.core.finish("open", r)?;
         self.writer = Some(self.core.connector("open", r)?);
         Ok(())
@@ -279,10 +422,13 @@ impl DestinationInstance {
     /// Delivers one JSON Lines batch of `records` records.
     pub async fn write(&mut self, ndjson: String, records: u32) -> Result<WriteAck, PluginError> {
         let writer = self.writer("write")?;
-        self.core.begin()?;
+        let until = self.core.begin()?;
         let batch = types::Batch { records, ndjson };
-        let r =
-            self.bindings.cdp_connector_destination().writer().call_write(&mut self.core.store, writer, &batch).await;
+        let r = bounded(
+            until,
+            self.bindings.cdp_connector_destination().writer().call_write(&mut self.core.store, writer, &batch),
+        )
+        .await;
         let r = self.core.finish("write", r)?;
         let ack = self.core.connector("write", r)?;
         self.ack("write", ack, records)
@@ -291,8 +437,10 @@ impl DestinationInstance {
     /// Makes everything accepted so far durable.
     pub async fn flush(&mut self) -> Result<(), PluginError> {
         let writer = self.writer("flush")?;
-        self.core.begin()?;
-        let r = self.bindings.cdp_connector_destination().writer().call_flush(&mut self.core.store, writer).await;
+        let until = self.core.begin()?;
+        let r =
+            bounded(until, self.bindings.cdp_connector_destination().writer().call_flush(&mut self.core.store, writer))
+                .await;
         let r = self.core.finish("flush", r)?;
         self.core.connector("flush", r)
     }
@@ -300,10 +448,13 @@ impl DestinationInstance {
     /// Erasure: forget the people in this JSON Lines batch.
     pub async fn delete(&mut self, ndjson: String, records: u32) -> Result<WriteAck, PluginError> {
         let writer = self.writer("delete")?;
-        self.core.begin()?;
+        let until = self.core.begin()?;
         let batch = types::Batch { records, ndjson };
-        let r =
-            self.bindings.cdp_connector_destination().writer().call_delete(&mut self.core.store, writer, &batch).await;
+        let r = bounded(
+            until,
+            self.bindings.cdp_connector_destination().writer().call_delete(&mut self.core.store, writer, &batch),
+        )
+        .await;
         let r = self.core.finish("delete", r)?;
         let ack = self.core.connector("delete", r)?;
         self.ack("delete", ack, records)
@@ -311,7 +462,7 @@ impl DestinationInstance {
 
     fn ack(&self, call: &'static str, ack: types::WriteAck, records: u32) -> Result<WriteAck, PluginError> {
         let mut rejected: Vec<(u32, ConnectorError)> =
-            ack.rejected.into_iter().map(|r| (r.index, r.reason.into())).collect();
+            ack.rejected.into_iter().map(|r| (r.index, bounded_error(r.reason))).collect();
         rejected.sort_by_key(|r| r.0);
         rejected.dedup_by_key(|r| r.0);
         if let Some((i, _)) = rejected.iter().find(|r| r.0 >= records) {
@@ -331,10 +482,38 @@ impl DestinationInstance {
         if let Some(writer) = self.writer.take()
             && !self.core.poisoned
         {
-            self.core.begin()?;
-            let r = writer.resource_drop_async(&mut self.core.store).await;
+            let until = self.core.begin()?;
+            let r = bounded(until, writer.resource_drop_async(&mut self.core.store)).await;
             self.core.finish("close", r)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_just_past_4_gib_is_a_stack_overflow() {
+        let fault = |addr: u64| {
+            wasmtime::Error::from(wasmtime::Trap::MemoryOutOfBounds)
+                .context(format!("memory fault at wasm address 0x{addr:x} in linear memory of size 0x110000"))
+        };
+        assert!(stack_overflow(&fault(0x1_0000_01e0)));
+        assert!(stack_overflow(&fault(0xFFFF_FF00)));
+        assert!(!stack_overflow(&fault(0x11_0008)), "just past the end of memory is an ordinary fault");
+        assert!(stack_overflow(&wasmtime::Error::from(wasmtime::Trap::StackOverflow)));
+        assert!(!stack_overflow(&wasmtime::Error::from(wasmtime::Trap::UnreachableCodeReached)));
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_saying_how_long_they_were() {
+        let mut s = "é".repeat(3000);
+        cut_to(&mut s, MAX_ERROR_MESSAGE);
+        assert!(s.ends_with("… (cut at 4096 of 6000 bytes)"), "{}", &s[4000..]);
+        let mut short = "fine".to_owned();
+        cut_to(&mut short, MAX_ERROR_MESSAGE);
+        assert_eq!(short, "fine");
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 
 use indexmap::IndexMap;
 use serde_json::Value;
@@ -44,17 +43,7 @@ impl Entry<'_> {
     /// `base`; writable for destinations), `allow_hosts`, and its plugin's
     /// memory cap and call deadline.
     pub fn grants(&self, m: &Manifest, base: &Path) -> Result<Grants, PluginError> {
-        let mut g = Grants { allow_hosts: self.allow_hosts.to_vec(), ..Grants::default() };
-        if let Some(p) = m.plugins.get(self.plugin) {
-            if let Some(mem) = &p.memory {
-                g.memory =
-                    units::parse_bytes(mem).map_err(|e| PluginError::Grant { message: format!("memory: {e}") })?;
-            }
-            if let Some(t) = &p.timeout {
-                g.timeout =
-                    units::parse_duration(t).map_err(|e| PluginError::Grant { message: format!("timeout: {e}") })?;
-            }
-        }
+        let mut g = Grants { allow_hosts: self.allow_hosts.to_vec(), ..limits(m, self.plugin)? };
         for (host, guest) in self.mount {
             let path = base.join(host);
             let host = path.canonicalize().map_err(|e| PluginError::Mount {
@@ -66,6 +55,22 @@ impl Entry<'_> {
         }
         Ok(g)
     }
+}
+
+/// Grants with nothing but plugin `name`'s memory cap and call deadline
+/// (the defaults where the manifest sets none).
+pub fn limits(m: &Manifest, name: &str) -> Result<Grants, PluginError> {
+    let mut g = Grants::default();
+    if let Some(p) = m.plugins.get(name) {
+        if let Some(mem) = &p.memory {
+            g.memory = units::parse_bytes(mem).map_err(|e| PluginError::Grant { message: format!("memory: {e}") })?;
+        }
+        if let Some(t) = &p.timeout {
+            g.timeout =
+                units::parse_duration(t).map_err(|e| PluginError::Grant { message: format!("timeout: {e}") })?;
+        }
+    }
+    Ok(g)
 }
 
 /// Every source and destination that runs a plugin, in manifest order.
@@ -107,9 +112,9 @@ pub async fn check_manifest(host: &Host, m: &Manifest, base: &Path, spans: &Span
     for entry in entries(m) {
         if !loaded.contains_key(entry.plugin) {
             let pointer = push_segment(&push_segment("/plugins", entry.plugin), "path");
-            let r = match load(host, m, base, entry.plugin) {
-                Ok(p) => p.spec(entry.plugin).await.map(|s| (p, s)),
-                Err(e) => Err(e),
+            let r = match (load(host, m, base, entry.plugin), limits(m, entry.plugin)) {
+                (Ok(p), Ok(g)) => p.spec_within(entry.plugin, g.memory, g.timeout).await.map(|s| (p, s)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
             };
             let v = match r {
                 Ok(v) => Some(v),
@@ -159,7 +164,9 @@ pub async fn check_manifest(host: &Host, m: &Manifest, base: &Path, spans: &Span
         if !errors.is_empty() {
             continue;
         }
-        let grants = Grants { timeout: Duration::from_secs(10), ..Grants::default() };
+        // The entry's own memory cap and deadline, and no other grant:
+        // validation stays offline.
+        let Ok(grants) = limits(m, entry.plugin) else { continue };
         match plugin.check(entry.name, &grants, &entry.config).await {
             Ok(()) => {}
             Err(PluginError::Connector { error, .. }) => out.push(

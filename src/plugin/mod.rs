@@ -20,11 +20,14 @@ pub mod bindings;
 pub mod conformance;
 mod connector;
 pub mod entries;
+mod guard;
 pub mod http;
 mod sandbox;
 
-pub use connector::{DestinationInstance, ReadEvent, SourceInstance, WriteAck};
-pub use sandbox::{DEFAULT_MEMORY, DEFAULT_TIMEOUT, Grants, LogLine, Mount};
+pub use connector::{
+    DestinationInstance, MAX_CHECKPOINT, MAX_ERROR_MESSAGE, MAX_RECORDS_BYTES, ReadEvent, SourceInstance, WriteAck,
+};
+pub use sandbox::{DEFAULT_MEMORY, DEFAULT_TIMEOUT, Grants, LogLine, MAX_HANDLES, MAX_LOG_BYTES, MAX_LOG_LINES, Mount};
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -194,6 +197,8 @@ pub enum PluginError {
     Deadline { entry: String, call: &'static str, timeout: Duration },
     #[error("plugin `{entry}`: `{call}` needed {requested} bytes of memory; the cap is {cap} bytes")]
     Memory { entry: String, call: &'static str, cap: u64, requested: u64 },
+    #[error("plugin `{entry}`: `{call}` went over a host limit: {message}")]
+    Limit { entry: String, call: &'static str, message: String },
     #[error("plugin `{entry}` crashed in `{call}`: {message}")]
     Trap { entry: String, call: &'static str, message: String },
     #[error("plugin `{entry}` broke the connector contract in `{call}`: {message}")]
@@ -284,6 +289,7 @@ impl Host {
         };
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
+        guard::add_to_linker(&mut linker).map_err(engine_err)?;
         source::SourceConnector::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(engine_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ticker, flag) = (engine.clone(), stop.clone());
@@ -510,10 +516,7 @@ impl Plugin {
             return Err(PluginError::WrongKind { entry: entry.into(), found: self.kind(), wanted: Kind::Source });
         };
         let mut store = connector::new_store(pre.engine(), entry, grants)?;
-        let bindings = pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| PluginError::Instantiate { entry: entry.into(), message: format!("{e:#}") })?;
+        let bindings = instantiate(entry, grants, pre.instantiate_async(&mut store)).await?;
         Ok(SourceInstance::new(store, bindings, grants.timeout))
     }
 
@@ -523,16 +526,20 @@ impl Plugin {
             return Err(PluginError::WrongKind { entry: entry.into(), found: self.kind(), wanted: Kind::Destination });
         };
         let mut store = connector::new_store(pre.engine(), entry, grants)?;
-        let bindings = pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| PluginError::Instantiate { entry: entry.into(), message: format!("{e:#}") })?;
+        let bindings = instantiate(entry, grants, pre.instantiate_async(&mut store)).await?;
         Ok(DestinationInstance::new(store, bindings, grants.timeout))
     }
 
-    /// The plugin's spec, from a throwaway instance with no grants.
+    /// The plugin's spec, from a throwaway instance with no grants and the
+    /// default limits.
     pub async fn spec(&self, entry: &str) -> Result<Spec, PluginError> {
-        let grants = Grants::default();
+        self.spec_within(entry, DEFAULT_MEMORY, DEFAULT_TIMEOUT).await
+    }
+
+    /// The plugin's spec, from a throwaway instance with no grants, within
+    /// `memory` bytes and one call deadline of `timeout`.
+    pub async fn spec_within(&self, entry: &str, memory: u64, timeout: Duration) -> Result<Spec, PluginError> {
+        let grants = Grants { memory, timeout, ..Grants::default() };
         match self.kind() {
             Kind::Source => self.source(entry, &grants).await?.spec().await,
             Kind::Destination => self.destination(entry, &grants).await?.spec().await,
@@ -545,6 +552,18 @@ impl Plugin {
             Kind::Source => self.source(entry, grants).await?.check(config).await,
             Kind::Destination => self.destination(entry, grants).await?.check(config).await,
         }
+    }
+}
+
+/// Instantiation within the call deadline (a guest's start code runs in it).
+async fn instantiate<T>(
+    entry: &str,
+    grants: &Grants,
+    start: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> Result<T, PluginError> {
+    match tokio::time::timeout(grants.timeout + 2 * TICK, start).await {
+        Ok(r) => r.map_err(|e| PluginError::Instantiate { entry: entry.into(), message: format!("{e:#}") }),
+        Err(_) => Err(PluginError::Deadline { entry: entry.into(), call: "instantiate", timeout: grants.timeout }),
     }
 }
 

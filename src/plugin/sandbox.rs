@@ -3,6 +3,12 @@
 //! filesystem beyond the entry's `mount`s, standard output and error captured
 //! into logs, a memory cap across all of the instance's memories, and a
 //! per-call deadline checked on every epoch tick.
+//!
+//! What a guest could otherwise exhaust on the host side is bounded here
+//! too: open handles per instance ([`MAX_HANDLES`]), output per call
+//! ([`MAX_LOG_LINES`], [`MAX_LOG_BYTES`]; the rest is dropped and counted),
+//! and files that would block a host thread (FIFOs, devices, sockets) are
+//! refused inside mounts.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -26,8 +32,17 @@ pub const DEFAULT_MEMORY: u64 = 256 << 20;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of plugin output (logs, stdout, stderr) kept per instance for reports.
 const RECENT_LINES: usize = 200;
-/// Longest line of plugin output kept; longer output is cut into pieces.
+/// Longest line of plugin output kept; the rest of a longer line is dropped.
 const MAX_LINE: usize = 8 << 10;
+/// Lines of output (logs, stdout, stderr) one call may emit; the rest is
+/// dropped and counted, so a flooding plugin cannot fill the host's logs.
+pub const MAX_LOG_LINES: u64 = 1_000;
+/// Bytes of output one call may emit (see [`MAX_LOG_LINES`]).
+pub const MAX_LOG_BYTES: u64 = 1 << 20;
+/// Resources one instance may hold at once: open files and directories,
+/// streams, pollables. Each open file is a host descriptor, so this keeps
+/// one plugin from using up the process's descriptor limit.
+pub const MAX_HANDLES: usize = 1_024;
 
 /// A read-only (sources) or read-write (destinations) directory lent to a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,24 +82,94 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// Recent output of an instance, shared with its stdout/stderr pipes.
+/// Recent output of an instance, shared with its stdout/stderr pipes, and
+/// the per-call output budget.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Recent(Arc<Mutex<VecDeque<LogLine>>>);
+pub(crate) struct Recent(Arc<Mutex<Output>>);
+
+#[derive(Debug, Default)]
+struct Output {
+    lines: VecDeque<LogLine>,
+    /// Lines and bytes emitted in the running call.
+    call_lines: u64,
+    call_bytes: u64,
+    /// Lines and bytes dropped over the budget in the running call.
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    /// Lines dropped over the life of the instance.
+    dropped_total: u64,
+}
+
+/// Output a call emitted beyond its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Dropped {
+    pub lines: u64,
+    pub bytes: u64,
+}
 
 impl Recent {
-    fn push(&self, level: &'static str, message: String) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() == RECENT_LINES {
-            q.pop_front();
+    fn lock(&self) -> std::sync::MutexGuard<'_, Output> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a line of `bytes` bytes is within the call's budget; counts
+    /// it as emitted or dropped.
+    fn admit(&self, bytes: usize) -> bool {
+        let mut o = self.lock();
+        let bytes = bytes as u64;
+        if o.call_lines >= MAX_LOG_LINES || o.call_bytes + bytes > MAX_LOG_BYTES {
+            o.dropped_lines += 1;
+            o.dropped_bytes += bytes;
+            o.dropped_total += 1;
+            return false;
         }
-        q.push_back(LogLine { level, message });
+        o.call_lines += 1;
+        o.call_bytes += bytes;
+        true
+    }
+
+    pub(crate) fn push(&self, level: &'static str, message: String) {
+        let mut o = self.lock();
+        if o.lines.len() == RECENT_LINES {
+            o.lines.pop_front();
+        }
+        o.lines.push_back(LogLine { level, message });
+    }
+
+    /// Ends the running call's budget: what it dropped, and a fresh budget.
+    pub(crate) fn end_call(&self) -> Dropped {
+        let mut o = self.lock();
+        let d = Dropped { lines: o.dropped_lines, bytes: o.dropped_bytes };
+        (o.call_lines, o.call_bytes, o.dropped_lines, o.dropped_bytes) = (0, 0, 0, 0);
+        d
+    }
+
+    /// Lines of output dropped over the budget since the instance started.
+    pub(crate) fn dropped_total(&self) -> u64 {
+        self.lock().dropped_total
+    }
+
+    /// Reports output a call dropped: one warning in the host's log and
+    /// among the instance's recent lines.
+    pub(crate) fn report_dropped(&self, entry: &str, call: &str) {
+        let d = self.end_call();
+        if d.lines == 0 {
+            return;
+        }
+        let message = format!(
+            "`{call}` dropped {} lines ({} bytes) of plugin output over the limit of {MAX_LOG_LINES} lines or {MAX_LOG_BYTES} bytes per call",
+            d.lines, d.bytes
+        );
+        tracing::warn!(target: "cdp::plugin", plugin = entry, dropped_lines = d.lines, dropped_bytes = d.bytes, "{message}");
+        self.push("warn", message);
     }
 
     /// The last lines of standard error (a Rust panic's location and
     /// message), without the backtrace note.
     pub(crate) fn stderr_tail(&self) -> Option<String> {
-        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tail: Vec<&str> = q
+        let o = self.lock();
+        let mut tail: Vec<&str> = o
+            .lines
             .iter()
             .rev()
             .filter(|l| l.level == "stderr" && !l.message.starts_with("note: run with `RUST_BACKTRACE"))
@@ -96,7 +181,7 @@ impl Recent {
     }
 
     pub(crate) fn take(&self) -> Vec<LogLine> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+        self.lock().lines.drain(..).collect()
     }
 }
 
@@ -180,9 +265,11 @@ impl State {
                 message: e.to_string(),
             })?;
         }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HANDLES);
         Ok(State {
             wasi: b.build(),
-            table: ResourceTable::new(),
+            table,
             limiter: Limiter { cap: usize::try_from(grants.memory).unwrap_or(usize::MAX), used: 0, refused: None },
             http: HttpGate::new(&grants.allow_hosts)?,
             entry,
@@ -205,6 +292,9 @@ impl types::Host for State {}
 impl host::Host for State {
     fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
         let entry = &*self.entry;
+        if !self.recent.admit(message.len().min(MAX_LINE)) {
+            return Ok(());
+        }
         let message = cut(message);
         let name = match level {
             host::Level::Trace => {
@@ -310,6 +400,7 @@ impl StdoutStream for Pipe {
             stream: self.stream,
             recent: self.recent.clone(),
             buf: Vec::new(),
+            cut: false,
         })
     }
 }
@@ -318,32 +409,49 @@ struct LineWriter {
     entry: Arc<str>,
     stream: &'static str,
     recent: Recent,
+    /// The line being written, at most [`MAX_LINE`] bytes.
     buf: Vec<u8>,
+    /// Whether the line being written was longer than [`MAX_LINE`].
+    cut: bool,
 }
 
 impl LineWriter {
-    fn emit(&mut self, line: &[u8]) {
-        let text = String::from_utf8_lossy(line).trim_end_matches('\r').to_owned();
+    fn emit(&mut self) {
+        let line = std::mem::take(&mut self.buf);
+        let cut = std::mem::replace(&mut self.cut, false);
+        if !self.recent.admit(line.len()) {
+            return;
+        }
+        let mut text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+        if cut {
+            text.push('…');
+        }
         tracing::info!(target: "cdp::plugin", plugin = &*self.entry, stream = self.stream, "{text}");
         self.recent.push(self.stream, text);
     }
 
-    fn drain_lines(&mut self) {
-        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=i).collect();
-            self.emit(&line[..line.len() - 1]);
-        }
-        if self.buf.len() > MAX_LINE {
-            let line = std::mem::take(&mut self.buf);
-            self.emit(&line);
+    /// Splits `data` into lines; keeps at most [`MAX_LINE`] bytes of each,
+    /// so a guest writing one endless line costs the host nothing more.
+    fn write_lines(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let (piece, newline) = match data.iter().position(|b| *b == b'\n') {
+                Some(i) => (&data[..i], true),
+                None => (data, false),
+            };
+            let room = MAX_LINE - self.buf.len();
+            self.buf.extend_from_slice(&piece[..piece.len().min(room)]);
+            self.cut |= piece.len() > room;
+            data = &data[piece.len() + usize::from(newline)..];
+            if newline {
+                self.emit();
+            }
         }
     }
 }
 
 impl tokio::io::AsyncWrite for LineWriter {
     fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.buf.extend_from_slice(data);
-        self.drain_lines();
+        self.write_lines(data);
         Poll::Ready(Ok(data.len()))
     }
 
@@ -353,8 +461,7 @@ impl tokio::io::AsyncWrite for LineWriter {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         if !self.buf.is_empty() {
-            let line = std::mem::take(&mut self.buf);
-            self.emit(&line);
+            self.emit();
         }
         Poll::Ready(Ok(()))
     }
@@ -363,8 +470,7 @@ impl tokio::io::AsyncWrite for LineWriter {
 impl Drop for LineWriter {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
-            let line = std::mem::take(&mut self.buf);
-            self.emit(&line);
+            self.emit();
         }
     }
 }
@@ -404,6 +510,24 @@ mod tests {
         let big = state.sha256(vec![0; MAX_HASH_INPUT + 1], vec![1]).unwrap_err().to_string();
         assert!(big.contains("over the limit"), "{big}");
         assert!(state.sha256(Vec::new(), vec![0; MAX_HASH_VALUES + 1]).is_err());
+    }
+
+    #[test]
+    fn output_past_the_budget_is_dropped_counted_and_renewed_per_call() {
+        let recent = Recent::default();
+        let mut w =
+            LineWriter { entry: "t".into(), stream: "stdout", recent: recent.clone(), buf: Vec::new(), cut: false };
+        let flood = "line\n".repeat(MAX_LOG_LINES as usize + 10);
+        w.write_lines(flood.as_bytes());
+        let mut long = vec![b'x'; 3 * MAX_LINE];
+        long.push(b'\n');
+        w.write_lines(&long);
+        assert_eq!(recent.end_call(), Dropped { lines: 11, bytes: 10 * 4 + MAX_LINE as u64 });
+        assert_eq!(recent.dropped_total(), 11);
+        w.write_lines(&long);
+        let last = recent.take().pop().unwrap();
+        assert_eq!(last.message.len(), MAX_LINE + '…'.len_utf8(), "an over-long line is cut, not split");
+        assert_eq!(recent.end_call(), Dropped::default());
     }
 
     #[test]

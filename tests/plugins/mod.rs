@@ -33,18 +33,24 @@ pub fn shipped(crate_name: &str) -> PathBuf {
 /// The hostile test guest (`plugins/testing/hostile`), built once per test binary.
 pub fn hostile() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(root().join("plugins"))
-                .args(["build", "-j2", "--release", "--locked", "--target", "wasm32-wasip2", "-p", "test-hostile"])
-                .status()
-                .expect("run cargo")
-                .success();
-            assert!(ok, "building the hostile test guest failed");
-            root().join("plugins/target/wasm32-wasip2/release/test_hostile.wasm")
-        })
-        .clone()
+    BUILT.get_or_init(|| test_guest("test-hostile")).clone()
+}
+
+/// The hostile source test guest (`plugins/testing/hostile-source`), built once per test binary.
+pub fn hostile_source() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| test_guest("test-hostile-source")).clone()
+}
+
+fn test_guest(package: &str) -> PathBuf {
+    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root().join("plugins"))
+        .args(["build", "-j2", "--release", "--locked", "--target", "wasm32-wasip2", "-p", package])
+        .status()
+        .expect("run cargo")
+        .success();
+    assert!(ok, "building the test guest {package} failed");
+    root().join("plugins/target/wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")))
 }
 
 /// One recorded request of [`serve`].

@@ -13,7 +13,8 @@
 //!     config: { behave: http, url: "https://blocked.example/" }
 //! ```
 //!
-//! `check` accepts every config that parses and `open` always succeeds;
+//! `check` accepts every config that parses (after sleeping, for
+//! `check_sleep`) and `open` always succeeds;
 //! `write` does what `behave` says (see [`Behave`]). `flush` is a no-op and
 //! `delete` answers `unsupported`.
 //!
@@ -55,11 +56,25 @@ pub enum Behave {
     Stdout,
     /// Compute for about 200 ms, then accept every record.
     SlowOk,
+    /// Sleep `secs` seconds (default 20) in the host: a blocking WASI call.
+    Sleep,
+    /// Open the file at `path` `count` times (default 100,000), keeping
+    /// every handle.
+    OpenFiles,
+    /// Fail with a connector error whose message is `size` bytes (default 64 MiB).
+    HugeError,
+    /// Log `lines` lines (default 200,000) through the log import and as
+    /// many to stderr, then accept every record.
+    LogFlood,
+    /// Recurse without end.
+    StackOverflow,
+    /// `check` sleeps `secs` seconds (default 20); `write` accepts every record.
+    CheckSleep,
 }
 
 impl Behave {
     /// Every mode, as the config spells it.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 16] = [
         "ok",
         "spin",
         "alloc",
@@ -70,6 +85,12 @@ impl Behave {
         "write_file",
         "stdout",
         "slow_ok",
+        "sleep",
+        "open_files",
+        "huge_error",
+        "log_flood",
+        "stack_overflow",
+        "check_sleep",
     ];
 }
 
@@ -85,9 +106,18 @@ pub struct Config {
     /// For `read` and `write_file`: the guest path.
     #[serde(default)]
     pub path: Option<String>,
-    /// For `stdout`: how many lines to print (default 3).
+    /// For `stdout` and `log_flood`: how many lines to print.
     #[serde(default)]
     pub lines: Option<u32>,
+    /// For `sleep`: seconds.
+    #[serde(default)]
+    pub secs: Option<u64>,
+    /// For `open_files`: how many times to open `path`.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// For `huge_error`: bytes of the error message.
+    #[serde(default)]
+    pub size: Option<u32>,
 }
 
 /// How long `slow_ok` computes.
@@ -115,15 +145,30 @@ impl Destination for Hostile {
                     "url": {"type": "string", "description": "behave: http; the URL to GET"},
                     "path": {"type": "string", "description": "behave: read, write_file; the guest path"},
                     "lines": {
-                        "type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 3,
-                        "description": "behave: stdout; lines printed to stdout"
+                        "type": "integer", "minimum": 0, "maximum": u32::MAX,
+                        "description": "behave: stdout (default 3), log_flood (default 200000); lines printed"
+                    },
+                    "secs": {
+                        "type": "integer", "minimum": 0, "default": 20,
+                        "description": "behave: sleep, check_sleep; seconds to sleep"
+                    },
+                    "count": {
+                        "type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 100_000,
+                        "description": "behave: open_files; handles to open"
+                    },
+                    "size": {
+                        "type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 64 << 20,
+                        "description": "behave: huge_error; bytes of the error message"
                     }
                 }
             }))
             .capability(capability::HTTP)
     }
 
-    fn check(_cfg: &Config) -> Result<(), ConnectorError> {
+    fn check(cfg: &Config) -> Result<(), ConnectorError> {
+        if cfg.behave == Behave::CheckSleep {
+            std::thread::sleep(Duration::from_secs(cfg.secs.unwrap_or(20)));
+        }
         Ok(())
     }
 
@@ -150,7 +195,7 @@ impl DestinationWriter for HostileWriter {
     fn write(&mut self, batch: Vec<DestinationRecord>) -> Result<WriteAck, ConnectorError> {
         let all = WriteAck::all(batch.len());
         match self.cfg.behave {
-            Behave::Ok => Ok(all),
+            Behave::Ok | Behave::CheckSleep => Ok(all),
             Behave::Spin => spin(),
             Behave::Alloc => alloc(),
             Behave::Panic => panic!("hostile guest panics on purpose"),
@@ -189,12 +234,52 @@ impl DestinationWriter for HostileWriter {
                 busy_for(SLOW_OK_FOR);
                 Ok(all)
             }
+            Behave::Sleep => {
+                std::thread::sleep(Duration::from_secs(self.cfg.secs.unwrap_or(20)));
+                Ok(all)
+            }
+            Behave::OpenFiles => {
+                let path = self.path()?;
+                let mut kept = Vec::new();
+                for _ in 0..self.cfg.count.unwrap_or(100_000) {
+                    let f = std::fs::File::open(path)
+                        .map_err(|e| ConnectorError::permission("open_failed", format!("{path}: {e}")))?;
+                    kept.push(f);
+                }
+                log::info!("holding {} handles to {path}", kept.len());
+                Ok(all)
+            }
+            Behave::HugeError => {
+                let size = self.cfg.size.unwrap_or(64 << 20) as usize;
+                Err(ConnectorError::data("huge_error", "e".repeat(size)))
+            }
+            Behave::LogFlood => {
+                for n in 0..self.cfg.lines.unwrap_or(200_000) {
+                    log::info!("hostile log line {n}");
+                    eprintln!("hostile stderr line {n}");
+                }
+                Ok(all)
+            }
+            Behave::StackOverflow => {
+                black_box(recurse(black_box(1)));
+                Ok(all)
+            }
         }
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
         Ok(())
     }
+}
+
+/// Recurses until the stack runs out; the frame's array and `black_box`
+/// keep the optimiser from turning it into a loop.
+fn recurse(n: u64) -> u64 {
+    let frame = black_box([n; 64]);
+    if frame[0] == u64::MAX {
+        return 0; // never: `n` counts up from 1
+    }
+    frame[0].wrapping_add(recurse(black_box(n + 1)))
 }
 
 /// Loops forever; `black_box` keeps the optimiser from removing the loop.

@@ -36,6 +36,12 @@ fn every_mode_parses() {
         ("write_file", Behave::WriteFile),
         ("stdout", Behave::Stdout),
         ("slow_ok", Behave::SlowOk),
+        ("sleep", Behave::Sleep),
+        ("open_files", Behave::OpenFiles),
+        ("huge_error", Behave::HugeError),
+        ("log_flood", Behave::LogFlood),
+        ("stack_overflow", Behave::StackOverflow),
+        ("check_sleep", Behave::CheckSleep),
     ];
     assert_eq!(modes.map(|(name, _)| name), Behave::NAMES);
     for (name, behave) in modes {
@@ -46,10 +52,13 @@ fn every_mode_parses() {
                 behave,
                 url: None,
                 path: None,
-                lines: None
+                lines: None,
+                secs: None,
+                count: None,
+                size: None,
             }
         );
-        assert!(testing::check_destination::<Hostile>(&json!({"behave": name}).to_string()).is_ok());
+        assert!(testing::check_destination::<Hostile>(&json!({"behave": name, "secs": 0}).to_string()).is_ok());
     }
 }
 
@@ -91,7 +100,7 @@ fn spec_describes_the_config() {
     let schema = &spec.config_schema;
     assert_eq!(schema["required"], json!(["behave"]));
     assert_eq!(schema["properties"]["behave"]["enum"], json!(Behave::NAMES));
-    for field in ["url", "path", "lines"] {
+    for field in ["url", "path", "lines", "secs", "count", "size"] {
         assert!(schema["properties"][field].is_object(), "{field}");
     }
 }
@@ -110,6 +119,29 @@ fn ok_accepts_everything_and_flushes() {
 fn stdout_prints_and_accepts() {
     let mut w = open(json!({"behave": "stdout", "lines": 2}));
     assert_eq!(testing::write(&mut w, BATCH).unwrap().accepted, 2);
+}
+
+#[test]
+fn sleep_sleeps_and_huge_error_is_huge() {
+    let mut w = open(json!({"behave": "sleep", "secs": 0}));
+    assert_eq!(testing::write(&mut w, BATCH).unwrap().accepted, 2);
+    let mut w = open(json!({"behave": "huge_error", "size": 1000}));
+    let e = testing::write(&mut w, BATCH).unwrap_err();
+    assert_eq!((e.code.as_str(), e.message.len()), ("huge_error", 1000));
+}
+
+#[test]
+fn open_files_keeps_handles_and_log_flood_logs() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("a.txt");
+    std::fs::write(&file, "x").unwrap();
+    testing::take_logs();
+    let mut w = open(json!({"behave": "open_files", "path": file, "count": 3}));
+    assert_eq!(testing::write(&mut w, BATCH).unwrap().accepted, 2);
+    assert!(testing::take_logs()[0].1.starts_with("holding 3 handles"));
+    let mut w = open(json!({"behave": "log_flood", "lines": 5}));
+    assert_eq!(testing::write(&mut w, BATCH).unwrap().accepted, 2);
+    assert_eq!(testing::take_logs().len(), 5);
 }
 
 #[test]
