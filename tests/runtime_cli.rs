@@ -459,3 +459,49 @@ fn sigkill_during_a_large_sync_loses_nothing_and_applies_nothing_twice() {
         expected.1.len()
     );
 }
+
+#[test]
+fn a_source_plugin_that_spins_or_traps_fails_its_own_sync_only() {
+    let dir = workspace(5);
+    let guest = repo().join("plugins/target/wasm32-wasip2/release/test_hostile_source.wasm");
+    assert!(guest.exists(), "{} is missing: run plugins/build.sh --test-guests", guest.display());
+    std::fs::copy(&guest, dir.path().join("plugins/hostile_source.wasm")).expect("copy guest");
+    let hostile = |name: &str, behave: &str| {
+        format!(
+            "  {name}:\n    plugin: hostile\n    schedule: \"* * * * * *\"\n    config: {{ behave: {behave} }}\n    map:\n      identities: {{ email: identities.email }}\n"
+        )
+    };
+    write_manifest(
+        dir.path(),
+        "* * * * * *",
+        "tier == \"gold\"",
+        &(hostile("spinner", "spin") + &hostile("trapper", "trap")),
+    );
+    let text = std::fs::read_to_string(dir.path().join("cdp.yaml")).expect("manifest");
+    let text = text.replace("plugins:\n", "plugins:\n  hostile: { path: plugins/hostile_source.wasm, timeout: 1s }\n");
+    std::fs::write(dir.path().join("cdp.yaml"), text).expect("manifest");
+
+    let rt = Runtime::start(dir.path());
+    let doc = rt.wait_for(Duration::from_secs(60), "the spinner and the trapper to fail", || {
+        let doc = status(dir.path());
+        let class = |s: &str| sync_status(&doc, s)["last_error"]["class"].as_str().map(str::to_owned);
+        (class("spinner").as_deref() == Some("timeout") && class("trapper").as_deref() == Some("trap")).then_some(doc)
+    });
+    assert!(
+        sync_status(&doc, "spinner")["last_error"]["message"].as_str().unwrap_or("").contains("deadline"),
+        "{doc:#}"
+    );
+    // The healthy sync ran and keeps running.
+    let id = rt.wait_for(Duration::from_secs(30), "a loyalty run", || {
+        let doc = status(dir.path());
+        let s = sync_status(&doc, "loyalty");
+        (s["last_run"]["state"] == "succeeded").then(|| s["last_run"]["id"].as_i64())
+    });
+    rt.wait_for(Duration::from_secs(15), "another loyalty run", || {
+        let doc = status(dir.path());
+        (sync_status(&doc, "loyalty")["last_run"]["id"].as_i64() > id).then_some(())
+    });
+    assert!(cdp(dir.path(), &["profile", "get", "loyalty_id=L-1004"]).status.success());
+    let exit = rt.stop(Duration::from_secs(20));
+    assert!(exit.success(), "{exit}");
+}
