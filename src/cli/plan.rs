@@ -14,6 +14,7 @@ use super::{Format, connect, load_manifest};
 use crate::manifest::diff::{Change, ChangeKind, diff};
 use crate::manifest::{Manifest, Options, load_str};
 use crate::store::Store;
+use crate::store::ingest::IdentityConfig;
 
 /// Example members shown per audience entry or exit list.
 const EXAMPLES: usize = 3;
@@ -89,10 +90,25 @@ async fn impact(store: &Store, old: Option<&Manifest>, new: &Manifest, changes: 
         out.insert("removed_sources".into(), Value::Array(sources));
     }
     if changes.iter().any(|c| c.section.starts_with("identity.")) {
-        out.insert(
-            "identity".into(),
-            json!({"computed": false, "note": "merges and splits under changed identity rules are not predicted yet; audience moves above use the current identity partition"}),
-        );
+        let (idents, links) = store.identity_graph().await?;
+        let cfg = IdentityConfig::from_manifest(new);
+        let i = crate::identity::impact::impact(&idents, &links, &cfg.keys, &cfg.rules, EXAMPLES);
+        let mut doc = serde_json::to_value(&i)?;
+        let renormalised = changes
+            .iter()
+            .filter(|c| {
+                c.section == "identity.keys"
+                    && c.fields.iter().any(|f| f == "normalize" || f == "pattern" || f == "default_region")
+            })
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>();
+        if !renormalised.is_empty() {
+            doc["note"] = json!(format!(
+                "stored values of {} are not normalised again: the new rule applies to records ingested from now on",
+                renormalised.join(", ")
+            ));
+        }
+        out.insert("identity".into(), doc);
     }
     Ok(Value::Object(out))
 }
@@ -227,8 +243,22 @@ fn render(doc: &Value, changes: &[Change]) -> String {
             s["records_kept"]
         ));
     }
-    if let Some(note) = impact["identity"]["note"].as_str() {
-        lines.push(format!("  identity: {note}"));
+    let id = &impact["identity"];
+    if id.is_object() {
+        let mut line = format!(
+            "  identity: {} profiles would become {}: {} would merge, {} would split",
+            id["profiles_before"], id["profiles_after"], id["merged_profiles"], id["split_profiles"]
+        );
+        for (key, label) in [("merge_examples", "merging"), ("split_examples", "splitting")] {
+            if let Some(ex) = id[key].as_array().and_then(|a| a.first()).and_then(Value::as_array) {
+                let ex: Vec<&str> = ex.iter().filter_map(Value::as_str).collect();
+                line.push_str(&format!("; {label} e.g. [{}]", ex.join(", ")));
+            }
+        }
+        lines.push(line);
+        if let Some(note) = id["note"].as_str() {
+            lines.push(format!("  identity: {note}"));
+        }
     }
     if !lines.is_empty() {
         out.push_str("\nWhat it does to the data:\n");

@@ -22,3 +22,44 @@ impl Store {
             .try_get(0)?)
     }
 }
+
+impl Store {
+    /// Every identifier and link, for re-partitioning under other rules.
+    pub async fn identity_graph(
+        &self,
+    ) -> Result<(Vec<crate::identity::impact::StoredIdent>, Vec<crate::identity::impact::StoredLink>)> {
+        use crate::identity::impact::{StoredIdent, StoredLink};
+        let rows = sqlx::query("SELECT id, key, value, profile_id, component, isolated FROM identities")
+            .fetch_all(self.pool())
+            .await?;
+        let idents = rows
+            .iter()
+            .map(|r| {
+                Ok(StoredIdent {
+                    id: r.try_get(0)?,
+                    key: r.try_get(1)?,
+                    value: r.try_get(2)?,
+                    profile: r.try_get(3)?,
+                    component: r.try_get(4)?,
+                    isolated: r.try_get::<i64, _>(5)? != 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows =
+            sqlx::query("SELECT component, at, source, message_id, ids FROM links").fetch_all(self.pool()).await?;
+        let links = rows
+            .iter()
+            .map(|r| {
+                let ids: String = r.try_get(4)?;
+                Ok(StoredLink {
+                    component: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    source: r.try_get(2)?,
+                    message_id: r.try_get(3)?,
+                    ids: ids.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((idents, links))
+    }
+}
