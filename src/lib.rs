@@ -7,14 +7,17 @@
 //! Modules, in the order dependencies point: [`manifest`] (the typed manifest
 //! and its validation) ← pure domain: [`audience`] (the rule language),
 //! [`identity`] (normalisation and resolution), [`ingest`] (mapping records
-//! onto the model) ← [`store`] (SQLite/PostgreSQL) ← [`cli`], [`bench`].
+//! onto the model) ← [`store`] (SQLite/PostgreSQL), [`plugin`] (the Wasm host)
+//! ← [`runtime`] (`cdp run`: schedules, syncs, reload) ← [`cli`], [`bench`].
 
 pub mod audience;
 pub mod bench;
 pub mod cli;
+pub mod fixtures;
 pub mod identity;
 pub mod ingest;
 pub mod manifest;
 pub mod plugin;
 pub mod rng;
+pub mod runtime;
 pub mod store;

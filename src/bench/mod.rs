@@ -6,6 +6,7 @@ pub mod identity;
 pub mod ingest;
 pub mod people;
 pub mod plugin;
+pub mod sync;
 pub mod validate;
 
 use std::time::{Duration, Instant};

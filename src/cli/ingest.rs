@@ -117,6 +117,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
     let lines = file::open(&canonical).with_context(|| format!("cannot open {}", a.file.display()))?;
     let store = connect(&m, &base).await?;
+    super::record_applied(&store, a.manifest, "cdp ingest").await?;
     let cfg = IdentityConfig::from_manifest(&m);
     let stream = format!("file:{}:{}", a.source, canonical.display());
     let start_after: u64 =

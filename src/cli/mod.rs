@@ -21,8 +21,11 @@ macro_rules! out {
 
 mod export;
 mod ingest;
+mod plan;
 mod plugin;
 mod profile;
+mod run;
+mod test;
 mod validate;
 
 use anyhow::{Context, Result, bail};
@@ -86,6 +89,38 @@ pub enum Command {
     /// Stream golden records or ingested records out in bulk (JSON Lines or CSV).
     #[command(subcommand)]
     Export(ExportCmd),
+    /// The runtime: runs every plugin source on its schedule or continuously, reloads the
+    /// manifest when it changes, drains on SIGINT/SIGTERM.
+    Run {
+        /// How long in-flight batches may take to finish on shutdown, e.g. `30s`.
+        #[arg(long, default_value = "30s")]
+        drain: String,
+    },
+    /// Run one source sync now, through the same code `cdp run` uses.
+    Sync {
+        /// The source (from `sources`, one that runs a plugin).
+        name: String,
+        /// Ignore the stored checkpoint and read everything again (stored records are skipped).
+        #[arg(long)]
+        full: bool,
+    },
+    /// What applying the manifest would change, against the manifest applied to the store, and
+    /// what it would do to the data. Exit 0 no change, 2 changes, 1 error.
+    Plan {
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+    /// Run fixture files (given records per source → expected profiles, audience members,
+    /// consent) against a scratch store. Exit 0 all passed, 1 a mismatch.
+    Test {
+        /// Directory of fixture files (default: tests/cdp beside the manifest).
+        dir: Option<PathBuf>,
+    },
+    /// Every sync's state, last and next run, last error; the applied manifest; the last reload.
+    Status {
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
     /// Golden records: look up, explain and split profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
@@ -234,6 +269,18 @@ pub enum Bench {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// A CSV file through `cdp sync` (the source-csv plugin, sandboxed) next to `cdp ingest --file`.
+    Sync {
+        /// How many CSV rows.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Runs of each path, alternating (medians are shown).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The source-csv component (default: plugins/dist/source_csv.wasm).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
     /// Ingest generated records end to end; compare with raw inserts (and COPY) of the same rows.
     Ingest {
         /// How many records.
@@ -316,6 +363,11 @@ pub fn run() -> ExitCode {
                 })
             }
         },
+        Command::Bench(Bench::Sync { rows, runs, plugin }) => (|| {
+            let tmp = tempfile::tempdir()?;
+            print!("{}", crate::bench::sync::run(rows, runs, plugin.as_deref(), tmp.path())?);
+            Ok(ExitCode::SUCCESS)
+        })(),
         Command::Bench(Bench::Identity { people }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             print!("{}", crate::bench::identity::run(people, tmp.path()).await?);
@@ -366,6 +418,14 @@ pub fn run() -> ExitCode {
             let args = export::Args { manifest: &file, what, format: a.format, out: a.out.as_deref(), quiet: a.quiet };
             export::run(args).await.map(|_| ExitCode::SUCCESS)
         }),
+        Command::Run { drain } => block_on(async {
+            let drain = crate::manifest::units::parse_duration(&drain).map_err(|e| anyhow::anyhow!("--drain: {e}"))?;
+            run::run(&file, drain).await
+        }),
+        Command::Sync { name, full } => block_on(run::sync(&file, &name, full)),
+        Command::Status { format } => block_on(run::status(&file, format)),
+        Command::Plan { format } => block_on(plan::run(&file, format)),
+        Command::Test { dir } => block_on(test::run(&file, dir.as_deref())),
         Command::Profile(cmd) => block_on(async {
             match cmd {
                 ProfileCmd::Get { key_value, format, events } => profile::get(&file, &key_value, format, events).await,
@@ -429,4 +489,14 @@ pub(crate) async fn connect(m: &crate::manifest::Manifest, base: &Path) -> Resul
     crate::store::Store::connect(&m.storage.url, base)
         .await
         .with_context(|| format!("cannot open the store at {}", m.storage.url))
+}
+
+/// Records the manifest file as the one applied to `store` (`cdp ingest`
+/// applies it as much as `cdp run` does: `cdp plan` compares with it).
+pub(crate) async fn record_applied(store: &crate::store::Store, path: &Path, by: &str) -> Result<()> {
+    use sha2::Digest;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let sha = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    store.record_manifest(&sha, &text, by).await?;
+    Ok(())
 }

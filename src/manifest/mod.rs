@@ -10,6 +10,7 @@
 //! network or a database.
 
 pub mod diag;
+pub mod diff;
 pub mod env;
 pub mod lint;
 pub mod rules;

@@ -15,6 +15,8 @@ pub mod matching;
 pub mod outbox;
 pub mod profile;
 pub mod queue;
+pub mod runs;
+mod scan;
 mod schema;
 mod setup;
 

@@ -285,4 +285,52 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             CAST((EXTRACT(EPOCH FROM now()) * 1000 - 1600000000000) AS BIGINT) * 65536 / 1048576 + 1))",
         ],
     ),
+    (
+        4,
+        "runtime: sync run history, rejected records, applied manifests, runtime status",
+        &[
+            // One row per sync run, updated as its batches commit.
+            "CREATE TABLE sync_runs (
+            id {id},
+            sync TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            started_at BIGINT NOT NULL,
+            ended_at BIGINT,
+            state TEXT NOT NULL,
+            records_read BIGINT NOT NULL DEFAULT 0,
+            accepted BIGINT NOT NULL DEFAULT 0,
+            rejected BIGINT NOT NULL DEFAULT 0,
+            duplicates BIGINT NOT NULL DEFAULT 0,
+            error_class TEXT,
+            error_message TEXT,
+            checkpoint TEXT
+        )",
+            "CREATE INDEX sync_runs_sync ON sync_runs (sync, started_at)",
+            // Records a run rejected, with their reason (bounded per run).
+            "CREATE TABLE sync_rejects (
+            run_id BIGINT NOT NULL,
+            seq BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            record TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )",
+            // Every manifest a runtime or ingest applied to this store; the
+            // newest is what `cdp plan` compares the file with.
+            "CREATE TABLE manifests (
+            id {id},
+            sha256 TEXT NOT NULL,
+            text TEXT NOT NULL,
+            applied_at BIGINT NOT NULL,
+            applied_by TEXT NOT NULL
+        )",
+            // Small JSON documents about the running runtime: its heartbeat,
+            // the last reload's outcome.
+            "CREATE TABLE runtime_status (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+        ],
+    ),
 ];

@@ -1,7 +1,7 @@
 //! # test-hostile-source
 //!
-//! A cdp source connector that returns more than the host accepts from one
-//! call, on request. The host's integration tests load it to prove that a
+//! A cdp source connector that misbehaves on request: returns more than the
+//! host accepts from one call, spins, or traps. The host's integration tests load it to prove that a
 //! source's output is bounded on the host side. It is not shipped.
 //!
 //! ```yaml
@@ -30,6 +30,10 @@ pub enum Behave {
     Checkpoint,
     /// Records of about 1 KiB each, `size` bytes in all.
     Records,
+    /// Loop forever without yielding (the call's deadline must stop it).
+    Spin,
+    /// Execute the wasm `unreachable` instruction.
+    Trap,
 }
 
 /// The `config:` of the hostile source.
@@ -66,7 +70,7 @@ impl Source for HostileSource {
                 "required": ["behave"],
                 "additionalProperties": false,
                 "properties": {
-                    "behave": {"type": "string", "enum": ["checkpoint", "records"]},
+                    "behave": {"type": "string", "enum": ["checkpoint", "records", "spin", "trap"]},
                     "size": {"type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 16 << 20}
                 }
             }))
@@ -111,8 +115,25 @@ impl SourceReader for Reader {
                 }
                 Ok(vec![ReadEvent::records(records)])
             }
+            Behave::Spin => {
+                let mut x: u64 = 1;
+                loop {
+                    x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+                }
+            }
+            Behave::Trap => trap(),
         }
     }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn trap() -> ! {
+    core::arch::wasm32::unreachable()
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn trap() -> ! {
+    panic!("trap")
 }
 
 cdp_plugin_sdk::export_source!(HostileSource);

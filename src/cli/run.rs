@@ -1,0 +1,266 @@
+//! `cdp run`, `cdp sync NAME` and `cdp status`: argument handling and
+//! output over [`crate::runtime`] and the run history in the store.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{ReportFormat, load_manifest};
+use crate::manifest::{self, Manifest, Options};
+use crate::runtime::schedule::Schedule;
+use crate::runtime::sync::{self, Ctx, Trigger};
+use crate::runtime::{self, Snapshot};
+use crate::store::runs::RunRow;
+use crate::store::{Store, now_ms};
+
+/// A heartbeat older than this means no runtime is running.
+const STALE: Duration = Duration::from_secs(15);
+
+/// `cdp run`.
+pub async fn run(manifest: &Path, drain: Duration) -> Result<ExitCode> {
+    runtime::run(runtime::Options { manifest: manifest.to_path_buf(), drain }).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cdp sync NAME [--full]`: one run of a source sync now, through the code
+/// `cdp run` uses. Exit 1 when it failed or runs elsewhere.
+pub async fn sync(manifest: &Path, name: &str, full: bool) -> Result<ExitCode> {
+    let host = crate::plugin::Host::with_default_cache()?;
+    let snap = match Snapshot::load(manifest, &host).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprint!("{}", e.render());
+            bail!("{} is invalid; fix it (see `cdp validate`) and run again", manifest.display());
+        }
+    };
+    if !snap.sources.contains_key(name) {
+        let known: Vec<&str> = snap.sources.keys().map(String::as_str).collect();
+        bail!(
+            "`{name}` is not a plugin source in the manifest{}",
+            if known.is_empty() { String::new() } else { format!("; plugin sources: {}", known.join(", ")) }
+        );
+    }
+    let store = std::sync::Arc::new(runtime::supervisor::connect(&snap).await?);
+    let ctx = Ctx { store: store.clone(), holder: runtime::holder() };
+    store.record_manifest(&snap.sha256, &snap.text, &ctx.holder).await?;
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop.cancel();
+        }
+    });
+    let started = Instant::now();
+    let o = sync::run(&ctx, &snap, name, Trigger::Manual, full, &cancel).await?;
+    let c = &o.counts;
+    outln!("sync `{name}` (run {}): {} in {:.2}s", o.run_id, o.state, started.elapsed().as_secs_f64());
+    outln!("  read {}, accepted {}, rejected {}, duplicates {}", c.read, c.accepted, c.rejected, c.duplicates);
+    if let Some(cp) = &o.checkpoint {
+        outln!("  checkpoint {cp}");
+    }
+    if c.rejected > 0 {
+        for r in store.rejects(o.run_id, 5).await? {
+            outln!("  rejected: {} — {}", r.reason, r.record);
+        }
+    }
+    match o.error {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) => {
+            eprintln!("error: sync `{name}` failed ({}): {e}", e.class());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `cdp status`: every sync with its state, last run, next run and last
+/// error; the applied manifest; whether a runtime is alive; the last reload.
+pub async fn status(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
+    let base = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    // The file may be invalid (that is what `status` shows after a failed
+    // reload), so only its storage URL is read from it, from the YAML alone.
+    let text = std::fs::read_to_string(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+    let Some(doc) = manifest::yaml::parse(&text).value else {
+        bail!("cannot read `storage.url` from {}: fix its YAML syntax (see `cdp validate`)", manifest.display());
+    };
+    let url = match doc.pointer("/storage/url") {
+        None => manifest::types::Storage::default().url,
+        Some(serde_json::Value::String(u)) => u.clone(),
+        Some(_) => bail!("`storage.url` in {} is not a string (see `cdp validate`)", manifest.display()),
+    };
+    let url = &url;
+    if manifest::env::is_reference(url) {
+        bail!("storage.url needs an environment variable that is not set: {url}");
+    }
+    let store = Store::connect(url, &base).await.with_context(|| format!("cannot open the store at {url}"))?;
+    let applied = store.applied_manifest().await?;
+    let running_manifest =
+        match applied.as_ref().and_then(|a| manifest::load_str(&a.text, &Options::validate(&base)).manifest) {
+            Some(m) => m,
+            None => load_manifest(manifest)?.0,
+        };
+    let doc = status_doc(&store, &running_manifest, applied.as_ref()).await?;
+    match format {
+        ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&doc)?),
+        ReportFormat::Human => out!("{}", render_status(&doc)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_doc(
+    store: &Store,
+    m: &Manifest,
+    applied: Option<&crate::store::runs::AppliedManifest>,
+) -> Result<Value> {
+    let now = now_ms();
+    let runtime = store.status_doc("runtime").await?.map(|(doc, at)| {
+        let alive = doc.get("stopped_at").is_none() && now - at < STALE.as_millis() as i64;
+        json!({"alive": alive, "heartbeat_at": at, "holder": doc["holder"], "pid": doc["pid"],
+               "started_at": doc.get("started_at"), "stopped_at": doc.get("stopped_at")})
+    });
+    let reload = store.status_doc("reload").await?.map(|(doc, _)| doc);
+    let mut syncs = Vec::new();
+    for (name, src) in &m.sources {
+        let Some(plugin) = &src.plugin else { continue };
+        let runs = store.runs(name, 1).await?;
+        let last_finished = store.last_finished_run(name).await?;
+        let holder = store.lease_holder(&sync::lease_name(name)).await?;
+        let schedule = src.schedule.as_deref().and_then(|s| Schedule::parse(s).ok());
+        let streaming = src.mode == Some(manifest::types::SourceMode::Streaming);
+        let mode = if streaming {
+            "streaming"
+        } else if schedule.is_some() {
+            "scheduled"
+        } else {
+            "manual"
+        };
+        let running = holder.is_some() && runs.first().is_some_and(|r| r.state == "running");
+        let state = if running {
+            "running".to_owned()
+        } else {
+            last_finished.as_ref().map_or_else(|| "never run".to_owned(), |r| r.state.clone())
+        };
+        let next_run = if streaming { None } else { schedule.as_ref().and_then(|s| s.next_after(now)) };
+        let last_error = last_finished.as_ref().filter(|r| r.error_class.is_some()).map(
+            |r| json!({"class": r.error_class, "message": r.error_message, "at": r.ended_at.unwrap_or(r.started_at)}),
+        );
+        syncs.push(json!({
+            "name": name, "kind": "source", "plugin": plugin, "mode": mode, "schedule": src.schedule,
+            "state": state, "holder": holder.map(|h| h.holder),
+            "last_run": runs.first().map(run_json), "next_run": next_run, "last_error": last_error,
+        }));
+    }
+    Ok(json!({
+        "manifest": applied.map(|a| json!({"sha256": a.sha256, "applied_at": a.applied_at, "applied_by": a.applied_by})),
+        "runtime": runtime,
+        "reload": reload,
+        "syncs": syncs,
+    }))
+}
+
+fn run_json(r: &RunRow) -> Value {
+    json!({
+        "id": r.id, "trigger": r.trigger, "state": r.state, "started_at": r.started_at, "ended_at": r.ended_at,
+        "read": r.counts.read, "accepted": r.counts.accepted, "rejected": r.counts.rejected,
+        "duplicates": r.counts.duplicates, "checkpoint": r.checkpoint,
+        "error_class": r.error_class, "error_message": r.error_message,
+    })
+}
+
+/// Milliseconds since the epoch as RFC 3339, seconds precision.
+fn time(v: &Value) -> String {
+    v.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+fn render_status(doc: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    match doc["manifest"].as_object() {
+        Some(m) => {
+            let sha = m["sha256"].as_str().unwrap_or("");
+            let _ = writeln!(
+                out,
+                "manifest  {} applied {} by {}",
+                &sha[..sha.len().min(12)],
+                time(&m["applied_at"]),
+                m["applied_by"].as_str().unwrap_or("?")
+            );
+        }
+        None => out.push_str("manifest  never applied to this store (`cdp run` or `cdp sync` applies it)\n"),
+    }
+    match doc["runtime"].as_object() {
+        Some(r) if r["alive"] == true => {
+            let _ = writeln!(
+                out,
+                "runtime   running: {} since {}, heartbeat {}",
+                r["holder"].as_str().unwrap_or("?"),
+                time(&r["started_at"]),
+                time(&r["heartbeat_at"])
+            );
+        }
+        Some(r) => {
+            let _ = writeln!(out, "runtime   not running (last heartbeat {})", time(&r["heartbeat_at"]));
+        }
+        None => out.push_str("runtime   never ran on this store\n"),
+    }
+    if let Some(r) = doc["reload"].as_object() {
+        if r["ok"] == true {
+            let _ = writeln!(out, "reload    ok at {} ({})", time(&r["at"]), r["trigger"].as_str().unwrap_or("?"));
+        } else {
+            let sha = r["running_sha256"].as_str().unwrap_or("");
+            let _ = writeln!(
+                out,
+                "reload    FAILED at {} ({}); still running manifest {}:",
+                time(&r["at"]),
+                r["trigger"].as_str().unwrap_or("?"),
+                &sha[..sha.len().min(12)]
+            );
+            for e in r["errors"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "            {}", e.as_str().unwrap_or(""));
+            }
+        }
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{:<20} {:<10} {:<12} {:<22} {:<26} next run",
+        "sync", "mode", "state", "last run", "read/accepted/rejected"
+    );
+    for s in doc["syncs"].as_array().into_iter().flatten() {
+        let last = &s["last_run"];
+        let counts = if last.is_null() {
+            "-".to_owned()
+        } else {
+            format!("{}/{}/{}", last["read"], last["accepted"], last["rejected"])
+        };
+        let next = match s["mode"].as_str() {
+            Some("streaming") => "continuous".to_owned(),
+            Some("manual") => "manual (cdp sync)".to_owned(),
+            _ => time(&s["next_run"]),
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:<12} {:<22} {:<26} {next}",
+            s["name"].as_str().unwrap_or(""),
+            s["mode"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            time(&last["started_at"]),
+            counts
+        );
+        if let Some(e) = s["last_error"].as_object() {
+            let _ = writeln!(
+                out,
+                "{:<20} last error ({}): {}",
+                "",
+                e["class"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+    }
+    out
+}

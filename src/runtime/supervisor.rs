@@ -1,0 +1,383 @@
+//! The supervisor of `cdp run`: starts a task per plugin source, reloads
+//! the manifest when it (or a plugin it pins) changes on disk or on SIGHUP,
+//! and drains on SIGINT/SIGTERM.
+//!
+//! A reload builds a whole new [`Snapshot`] first. An invalid one changes
+//! nothing that runs: the diagnostics go to the log and to the `reload`
+//! status document (`cdp status`). A valid one is diffed against the
+//! running one sync by sync: a sync whose fingerprint is unchanged keeps
+//! running; a changed or removed one is cancelled — it finishes the batch
+//! it is committing under the old manifest — and a changed or added one
+//! starts once its predecessor has ended.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use indexmap::IndexMap;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::snapshot::Snapshot;
+use super::sync::{self, Ctx, SyncError, Trigger};
+use crate::plugin::Host;
+use crate::store::{Store, now_ms};
+
+/// How `cdp run` runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub manifest: PathBuf,
+    /// How long in-flight batches may take to finish after SIGINT/SIGTERM.
+    pub drain: Duration,
+}
+
+/// How often the runtime writes its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Changes to the manifest within this window are applied together (an
+/// editor's save is often several writes and a rename).
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// A streaming sync that failed starts again after this, doubling to [`RESTART_MAX`].
+const RESTART_MIN: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// A running sync task.
+struct Running {
+    fingerprint: String,
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+/// Runs the manifest at `opts.manifest` until SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> Result<()> {
+    let host = Arc::new(Host::with_default_cache()?);
+    let mut snap = match Snapshot::load(&opts.manifest, &host).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprint!("{}", e.render());
+            bail!("{} cannot run: fix it (see `cdp validate`) and start again", opts.manifest.display());
+        }
+    };
+    let store = Arc::new(connect(&snap).await?);
+    let ctx = Ctx { store: store.clone(), holder: super::holder() };
+    store.record_manifest(&snap.sha256, &snap.text, &ctx.holder).await?;
+    store.put_status("reload", &reload_doc(&snap, "start", None)).await?;
+
+    let root = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(64);
+    tracker.spawn(signals(root.clone(), reload_tx.clone()));
+    tracker.spawn(heartbeat(ctx.clone(), opts.manifest.clone(), root.clone()));
+    let mut watcher = Watcher::new(&opts.manifest, reload_tx)?;
+    watcher.follow(&snap)?;
+
+    let mut running = apply(&ctx, &snap, IndexMap::new(), &root, &tracker);
+    tracing::info!(manifest = %opts.manifest.display(), sha256 = %snap.sha256, syncs = running.len(), "cdp run started");
+    loop {
+        tokio::select! {
+            _ = root.cancelled() => break,
+            Some(why) = reload_rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while reload_rx.try_recv().is_ok() {}
+                match Snapshot::load(&opts.manifest, &host).await {
+                    Ok(new) if new.sha256 == snap.sha256 && same_plugins(&new, &snap) => {
+                        tracing::debug!(why, "manifest unchanged");
+                    }
+                    Ok(new) => {
+                        let new = Arc::new(new);
+                        running = apply(&ctx, &new, running, &root, &tracker);
+                        store.record_manifest(&new.sha256, &new.text, &ctx.holder).await?;
+                        store.put_status("reload", &reload_doc(&new, why, None)).await?;
+                        tracing::info!(why, sha256 = %new.sha256, "manifest reloaded");
+                        snap = new;
+                        watcher.follow(&snap)?;
+                    }
+                    Err(e) => {
+                        tracing::error!(why, "the changed manifest is invalid; the running one stays:\n{}", e.render());
+                        store.put_status("reload", &reload_doc(&snap, why, Some(e.lines()))).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    tracing::info!(drain_s = opts.drain.as_secs_f64(), "stopping: finishing in-flight batches");
+    for r in running.values() {
+        r.cancel.cancel();
+    }
+    tracker.close();
+    if tokio::time::timeout(opts.drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            "some syncs did not finish within the drain deadline; what they had not committed is read again next time"
+        );
+    }
+    let mut doc = store.status_doc("runtime").await?.map(|(d, _)| d).unwrap_or_else(|| json!({}));
+    doc["stopped_at"] = json!(now_ms());
+    store.put_status("runtime", &doc).await?;
+    Ok(())
+}
+
+/// Opens the snapshot's store.
+pub async fn connect(snap: &Snapshot) -> Result<Store> {
+    let url = &snap.manifest.storage.url;
+    if crate::manifest::env::is_reference(url) {
+        bail!("storage.url needs an environment variable that is not set: {url}");
+    }
+    Store::connect(url, &snap.base).await.with_context(|| format!("cannot open the store at {url}"))
+}
+
+fn same_plugins(a: &Snapshot, b: &Snapshot) -> bool {
+    a.sources.len() == b.sources.len()
+        && a.sources.iter().zip(&b.sources).all(|((n1, s1), (n2, s2))| n1 == n2 && s1.fingerprint == s2.fingerprint)
+}
+
+/// The `reload` status document: the manifest running and, when the last
+/// attempt failed, its errors.
+fn reload_doc(snap: &Snapshot, trigger: &str, errors: Option<Vec<String>>) -> serde_json::Value {
+    json!({
+        "ok": errors.is_none(),
+        "trigger": trigger,
+        "at": now_ms(),
+        "running_sha256": snap.sha256,
+        "errors": errors.unwrap_or_default(),
+    })
+}
+
+/// Diffs `snap` against what runs: keeps unchanged syncs, cancels changed
+/// and removed ones, starts changed and added ones after their predecessor.
+fn apply(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    mut old: IndexMap<String, Running>,
+    root: &CancellationToken,
+    tracker: &TaskTracker,
+) -> IndexMap<String, Running> {
+    let mut out = IndexMap::new();
+    for (name, sync) in &snap.sources {
+        let prev = match old.shift_remove(name) {
+            Some(r) if r.fingerprint == sync.fingerprint => {
+                out.insert(name.clone(), r);
+                continue;
+            }
+            Some(r) => {
+                tracing::info!(sync = %name, "sync changed; restarting it after its current batch");
+                r.cancel.cancel();
+                Some(r.handle)
+            }
+            None => None,
+        };
+        let cancel = root.child_token();
+        let handle = tracker.spawn(sync_task(ctx.clone(), snap.clone(), name.clone(), cancel.clone(), prev));
+        out.insert(name.clone(), Running { fingerprint: sync.fingerprint.clone(), cancel, handle });
+    }
+    for (name, r) in old {
+        tracing::info!(sync = %name, "sync removed from the manifest; stopping it after its current batch");
+        r.cancel.cancel();
+    }
+    out
+}
+
+/// One sync for as long as its manifest entry stays unchanged.
+async fn sync_task(
+    ctx: Ctx,
+    snap: Arc<Snapshot>,
+    name: String,
+    cancel: CancellationToken,
+    prev: Option<JoinHandle<()>>,
+) {
+    if let Some(h) = prev {
+        let _ = h.await;
+    }
+    let Some(sync) = snap.sources.get(&name) else { return };
+    if sync.streaming {
+        streaming(&ctx, &snap, &name, &cancel).await;
+    } else if let Some(schedule) = &sync.schedule {
+        scheduled(&ctx, &snap, &name, schedule, &cancel).await;
+    } else {
+        tracing::info!(sync = %name, "no schedule: runs only with `cdp sync {name}`");
+    }
+}
+
+async fn scheduled(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    name: &str,
+    schedule: &super::schedule::Schedule,
+    cancel: &CancellationToken,
+) {
+    let last = match ctx.store.runs(name, 1).await {
+        Ok(runs) => runs.first().map(|r| r.started_at),
+        Err(e) => {
+            tracing::warn!(sync = name, error = %e, "cannot read the run history; treating the sync as never run");
+            None
+        }
+    };
+    let mut due = schedule.missed(last, now_ms());
+    loop {
+        let trigger = if due {
+            due = false;
+            Trigger::Startup
+        } else {
+            let Some(next) = schedule.next_after(now_ms()) else {
+                tracing::info!(sync = name, schedule = schedule.text(), "the schedule never fires again");
+                return;
+            };
+            let wait = Duration::from_millis(u64::try_from(next - now_ms()).unwrap_or(0));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return,
+            }
+            Trigger::Schedule
+        };
+        match sync::run(ctx, snap, name, trigger, false, cancel).await {
+            Ok(_) => {}
+            Err(SyncError::Busy { holder, .. }) => tracing::debug!(sync = name, holder, "running elsewhere; skipped"),
+            Err(e) => tracing::warn!(sync = name, error = %e, "sync could not start"),
+        }
+        if cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn streaming(ctx: &Ctx, snap: &Snapshot, name: &str, cancel: &CancellationToken) {
+    let mut backoff = RESTART_MIN;
+    while !cancel.is_cancelled() {
+        let wait = match sync::run(ctx, snap, name, Trigger::Streaming, false, cancel).await {
+            Ok(o) if o.error.is_none() => {
+                backoff = RESTART_MIN;
+                RESTART_MIN
+            }
+            Ok(_) => grow(&mut backoff),
+            Err(SyncError::Busy { .. }) => Duration::from_secs(5),
+            Err(e) => {
+                tracing::warn!(sync = name, error = %e, "streaming sync could not start");
+                grow(&mut backoff)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// The current backoff; doubles it for next time, up to [`RESTART_MAX`].
+fn grow(backoff: &mut Duration) -> Duration {
+    let now = *backoff;
+    *backoff = (now * 2).min(RESTART_MAX);
+    now
+}
+
+/// SIGINT/SIGTERM stop the runtime; SIGHUP reloads the manifest.
+async fn signals(root: CancellationToken, reload: mpsc::Sender<&'static str>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { let _ = reload.send("SIGHUP").await; }
+            _ = root.cancelled() => return,
+        }
+    }
+    tracing::info!("shutdown requested");
+    root.cancel();
+}
+
+/// Writes the `runtime` status document every [`HEARTBEAT`].
+async fn heartbeat(ctx: Ctx, manifest: PathBuf, root: CancellationToken) {
+    let started = now_ms();
+    loop {
+        let doc = json!({
+            "holder": ctx.holder, "pid": std::process::id(), "started_at": started,
+            "manifest": manifest.display().to_string(),
+        });
+        if let Err(e) = ctx.store.put_status("runtime", &doc).await {
+            tracing::warn!(error = %e, "cannot write the heartbeat");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = root.cancelled() => return,
+        }
+    }
+}
+
+/// Watches the manifest's directory (editors save by writing a new file
+/// and renaming it over the old one) and the directories of the plugins it
+/// pins, and asks for a reload when one of those files changes.
+struct Watcher {
+    inner: notify::RecommendedWatcher,
+    dirs: HashSet<PathBuf>,
+    files: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
+    manifest: PathBuf,
+}
+
+impl Watcher {
+    fn new(manifest: &Path, reload: mpsc::Sender<&'static str>) -> Result<Watcher> {
+        let manifest = absolute(manifest);
+        let files = Arc::new(std::sync::Mutex::new(HashSet::from([manifest.clone()])));
+        let watched = files.clone();
+        let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let hit = watched.lock().map(|f| event.paths.iter().any(|p| f.contains(&absolute(p)))).unwrap_or(false);
+            if hit {
+                let _ = reload.try_send("file");
+            }
+        })
+        .context("cannot watch the manifest for changes")?;
+        Ok(Watcher { inner, dirs: HashSet::new(), files, manifest })
+    }
+
+    /// Watches the manifest and the plugin files `snap` pins.
+    fn follow(&mut self, snap: &Snapshot) -> Result<()> {
+        use notify::Watcher as _;
+        let mut files = HashSet::from([self.manifest.clone()]);
+        for p in snap.manifest.plugins.values() {
+            files.insert(absolute(&snap.base.join(&p.path)));
+        }
+        for f in &files {
+            if let Some(dir) = f.parent()
+                && self.dirs.insert(dir.to_path_buf())
+            {
+                self.inner
+                    .watch(dir, notify::RecursiveMode::NonRecursive)
+                    .with_context(|| format!("cannot watch {}", dir.display()))?;
+            }
+        }
+        if let Ok(mut f) = self.files.lock() {
+            *f = files;
+        }
+        Ok(())
+    }
+}
+
+/// `path` made absolute and free of `.` parts (without touching the file,
+/// which may be mid-rename).
+fn absolute(path: &Path) -> PathBuf {
+    let p =
+        if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
