@@ -186,7 +186,9 @@ fn run_syncs_on_schedule_reloads_changes_and_keeps_the_old_manifest_when_the_new
         let doc = status(dir.path());
         let s = sync_status(&doc, "loyalty");
         let all_in = cdp(dir.path(), &["profile", "get", "loyalty_id=L-1019"]).status.success();
-        (s["last_run"]["state"] == "succeeded" && all_in).then(|| doc.clone())
+        // `status` reads the store query by query, not as one snapshot: wait
+        // until the applied manifest shows too.
+        (s["last_run"]["state"] == "succeeded" && all_in && doc["manifest"]["sha256"].is_string()).then(|| doc.clone())
     });
     assert_eq!(first["runtime"]["alive"], true, "{first:#}");
     assert_eq!(first["runtime"]["pid"], pid);
@@ -205,7 +207,8 @@ fn run_syncs_on_schedule_reloads_changes_and_keeps_the_old_manifest_when_the_new
     });
 
     // A changed schedule and audience: applied without a restart.
-    let before = first["manifest"]["sha256"].as_str().expect("sha").to_owned();
+    let before =
+        first["manifest"]["sha256"].as_str().unwrap_or_else(|| panic!("no applied manifest: {first:#}")).to_owned();
     let changed = Instant::now();
     write_manifest(dir.path(), "*/2 * * * * *", "tier == \"silver\"", "");
     let doc = rt.wait_for(Duration::from_secs(10), "the reload", || {

@@ -600,23 +600,13 @@ impl<'a> Ctx<'a> {
                         &format!("{base}/default_region"),
                         "`default_region` only applies to `normalize: e164`".into(),
                     );
-                } else if r.len() != 2
-                    || !r.chars().all(|c| c.is_ascii_uppercase())
-                    || r.parse::<phonenumber::country::Id>().is_err()
-                {
+                } else if r.len() != 2 || !r.chars().all(|c| c.is_ascii_uppercase()) || unknown_region(r) {
                     self.err(
                         diag::OUT_OF_RANGE,
                         &format!("{base}/default_region"),
-                        format!("`{r}` is not an ISO 3166 alpha-2 region"),
+                        format!("`{r}` is not an ISO 3166 alpha-2 region cdp knows phone numbers of"),
                     );
                     self.hint("two capital letters, e.g. `SE`, `GB`, `US`");
-                } else if unknown_region(r) {
-                    self.err(
-                        diag::OUT_OF_RANGE,
-                        &format!("{base}/default_region"),
-                        format!("`{r}` is not a region cdp knows phone numbers of"),
-                    );
-                    self.hint("an ISO 3166 alpha-2 code such as `SE`, `GB`, `US`");
                 }
             }
             if k.provider_rules && k.normalize != Some(Normalizer::Email) {

@@ -119,6 +119,7 @@ impl Store {
 
     /// Writes a run's counters and last committed checkpoint so far.
     pub async fn update_run(&self, id: i64, counts: &RunCounts, checkpoint: Option<&str>) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
             "UPDATE sync_runs SET records_read = ?, accepted = ?, rejected = ?, duplicates = ?, \
              checkpoint = COALESCE(?, checkpoint) WHERE id = ?",
@@ -129,8 +130,9 @@ impl Store {
         .bind(int(counts.duplicates))
         .bind(checkpoint)
         .bind(id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -144,6 +146,7 @@ impl Store {
         checkpoint: Option<&str>,
     ) -> Result<()> {
         self.update_run(id, counts, checkpoint).await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             &self.sql("UPDATE sync_runs SET state = ?, ended_at = ?, error_class = ?, error_message = ? WHERE id = ?"),
         )
@@ -152,8 +155,9 @@ impl Store {
         .bind(error.map(|e| e.0))
         .bind(error.map(|e| e.1))
         .bind(id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -165,6 +169,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
+        let mut tx = self.begin_write().await?;
         for chunk in rows.chunks(200) {
             let sql = format!(
                 "INSERT INTO sync_rejects (run_id, seq, reason, record) VALUES {} ON CONFLICT DO NOTHING",
@@ -176,8 +181,9 @@ impl Store {
                 let seq = first_seq + i64::try_from(i).unwrap_or(0);
                 q = q.bind(run_id).bind(seq).bind(reason.as_str()).bind(cut(record, MAX_REJECT_BYTES).to_owned());
             }
-            q.execute(self.pool()).await?;
+            q.execute(&mut *tx).await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -188,7 +194,7 @@ impl Store {
         )
         .bind(run_id)
         .bind(limit)
-        .fetch_all(self.pool())
+        .fetch_all(self.read_pool())
         .await?;
         rows.iter()
             .map(|r| Ok(RejectRow { seq: r.try_get(0)?, reason: r.try_get(1)?, record: r.try_get(2)? }))
@@ -202,7 +208,7 @@ impl Store {
         )))
         .bind(sync)
         .bind(limit)
-        .fetch_all(self.pool())
+        .fetch_all(self.read_pool())
         .await?;
         rows.iter().map(run_row).collect()
     }
@@ -214,7 +220,7 @@ impl Store {
              ORDER BY started_at DESC, id DESC LIMIT 1"
         )))
         .bind(sync)
-        .fetch_optional(self.pool())
+        .fetch_optional(self.read_pool())
         .await?;
         row.as_ref().map(run_row).transpose()
     }
@@ -225,20 +231,22 @@ impl Store {
         if self.applied_manifest().await?.is_some_and(|m| m.sha256 == sha256) {
             return Ok(false);
         }
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql("INSERT INTO manifests (sha256, text, applied_at, applied_by) VALUES (?, ?, ?, ?)"))
             .bind(sha256)
             .bind(text)
             .bind(now_ms())
             .bind(applied_by)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(true)
     }
 
     /// The manifest last applied to this store, if any.
     pub async fn applied_manifest(&self) -> Result<Option<AppliedManifest>> {
         let row = sqlx::query("SELECT sha256, text, applied_at, applied_by FROM manifests ORDER BY id DESC LIMIT 1")
-            .fetch_optional(self.pool())
+            .fetch_optional(self.read_pool())
             .await?;
         row.map(|r| {
             Ok(AppliedManifest {
@@ -253,6 +261,7 @@ impl Store {
 
     /// Stores a status document under `name`.
     pub async fn put_status(&self, name: &str, value: &Value) -> Result<()> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
             "INSERT INTO runtime_status (name, value, updated_at) VALUES (?, ?, ?) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
@@ -260,8 +269,9 @@ impl Store {
         .bind(name)
         .bind(value.to_string())
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -269,7 +279,7 @@ impl Store {
     pub async fn status_doc(&self, name: &str) -> Result<Option<(Value, i64)>> {
         let row = sqlx::query(&self.sql("SELECT value, updated_at FROM runtime_status WHERE name = ?"))
             .bind(name)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.read_pool())
             .await?;
         let Some(r) = row else { return Ok(None) };
         let text: String = r.try_get(0)?;

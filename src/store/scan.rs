@@ -8,7 +8,7 @@ impl Store {
     /// Every profile that holds an identifier, ascending.
     pub async fn live_profiles(&self) -> Result<Vec<i64>> {
         let rows = sqlx::query("SELECT DISTINCT profile_id FROM identities ORDER BY profile_id")
-            .fetch_all(self.pool())
+            .fetch_all(self.read_pool())
             .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
@@ -17,7 +17,7 @@ impl Store {
     pub async fn records_from(&self, source: &str) -> Result<i64> {
         Ok(sqlx::query(&self.sql("SELECT COUNT(*) FROM records WHERE source = ?"))
             .bind(source)
-            .fetch_one(self.pool())
+            .fetch_one(self.read_pool())
             .await?
             .try_get(0)?)
     }
@@ -30,7 +30,7 @@ impl Store {
     ) -> Result<(Vec<crate::identity::impact::StoredIdent>, Vec<crate::identity::impact::StoredLink>)> {
         use crate::identity::impact::{StoredIdent, StoredLink};
         let rows = sqlx::query("SELECT id, key, value, profile_id, component, isolated FROM identities")
-            .fetch_all(self.pool())
+            .fetch_all(self.read_pool())
             .await?;
         let idents = rows
             .iter()
@@ -46,7 +46,7 @@ impl Store {
             })
             .collect::<Result<Vec<_>>>()?;
         let rows =
-            sqlx::query("SELECT component, at, source, message_id, ids FROM links").fetch_all(self.pool()).await?;
+            sqlx::query("SELECT component, at, source, message_id, ids FROM links").fetch_all(self.read_pool()).await?;
         let links = rows
             .iter()
             .map(|r| {
