@@ -217,8 +217,8 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         let started = Instant::now();
         let r = store.match_pending(&m).await?;
         if !a.quiet {
-            print_match(&r);
-            println!("  matching took {:.2}s", started.elapsed().as_secs_f64());
+            print_match(&r)?;
+            outln!("  matching took {:.2}s", started.elapsed().as_secs_f64());
         }
     }
     if s.rejected > 20 {
@@ -229,19 +229,19 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         );
     }
     if !a.quiet {
-        print_summary(a.source, &s);
+        print_summary(a.source, &s)?;
     } else if s.rejected > 0 {
         eprintln!("{} of {} records rejected", s.rejected, s.lines);
     }
     Ok(s)
 }
 
-pub(crate) fn print_match(r: &crate::store::matching::MatchReport) {
+pub(crate) fn print_match(r: &crate::store::matching::MatchReport) -> Result<()> {
     // λ is the prior that two random profiles match: tiny (about one in the
     // number of profiles), so it is shown with its exponent and as the number
     // of matches it implies.
     let pairs = r.profiles as f64 * (r.profiles as f64 - 1.0) / 2.0;
-    println!(
+    outln!(
         "probabilistic matching: {} profiles compared, {} candidate pairs{}, λ = {:.3e} (≈{:.0} matching pairs expected)",
         r.profiles,
         r.candidates,
@@ -249,30 +249,35 @@ pub(crate) fn print_match(r: &crate::store::matching::MatchReport) {
         r.lambda,
         r.lambda * pairs.max(0.0)
     );
-    println!(
+    outln!(
         "  {} pairs above the threshold: {} merges, {} limit conflicts, {} already linked",
-        r.links, r.batch.merges, r.batch.conflicts, r.batch.duplicates
+        r.links,
+        r.batch.merges,
+        r.batch.conflicts,
+        r.batch.duplicates
     );
+    Ok(())
 }
 
-fn print_summary(source: &str, s: &Summary) {
+fn print_summary(source: &str, s: &Summary) -> Result<()> {
     let r = &s.report;
-    println!(
+    outln!(
         "ingested {} record{} into `{source}` in {:.2}s ({:.0} records/s)",
         s.lines,
         if s.lines == 1 { "" } else { "s" },
         s.seconds,
         r.accepted as f64 / s.seconds.max(1e-9)
     );
-    println!("  accepted        {}", r.accepted);
-    println!("  duplicates      {} (already stored, skipped by message id)", r.duplicates);
-    println!("  rejected        {}", s.rejected);
+    outln!("  accepted        {}", r.accepted);
+    outln!("  duplicates      {} (already stored, skipped by message id)", r.duplicates);
+    outln!("  rejected        {}", s.rejected);
     if s.skipped > 0 {
-        println!("  resumed after   {} lines", s.skipped);
+        outln!("  resumed after   {} lines", s.skipped);
     }
-    println!("  new profiles    {}", r.new_profiles);
-    println!("  merges          {}", r.merges);
-    println!("  splits          {}", r.splits);
-    println!("  limit conflicts {}", r.conflicts);
-    println!("  identifiers dropped (placeholders, blocklisted, malformed) {}", s.dropped_ids);
+    outln!("  new profiles    {}", r.new_profiles);
+    outln!("  merges          {}", r.merges);
+    outln!("  splits          {}", r.splits);
+    outln!("  limit conflicts {}", r.conflicts);
+    outln!("  identifiers dropped (placeholders, blocklisted, malformed) {}", s.dropped_ids);
+    Ok(())
 }

@@ -338,7 +338,7 @@ pub fn run() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(Bench::Plugin { records, runs, plugin }) => block_on(async {
-            print!("{}", crate::bench::plugin::run(records, runs, plugin.as_deref()).await?);
+            out!("{}", crate::bench::plugin::run(records, runs, plugin.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Plugin(cmd) => match cmd {
@@ -365,19 +365,19 @@ pub fn run() -> ExitCode {
         },
         Command::Bench(Bench::Sync { rows, runs, plugin }) => (|| {
             let tmp = tempfile::tempdir()?;
-            print!("{}", crate::bench::sync::run(rows, runs, plugin.as_deref(), tmp.path())?);
+            out!("{}", crate::bench::sync::run(rows, runs, plugin.as_deref(), tmp.path())?);
             Ok(ExitCode::SUCCESS)
         })(),
         Command::Bench(Bench::Identity { people }) => block_on(async {
             let tmp = tempfile::tempdir()?;
-            print!("{}", crate::bench::identity::run(people, tmp.path()).await?);
+            out!("{}", crate::bench::identity::run(people, tmp.path()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Bench(Bench::Ingest { records, batch, postgres, dir }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
             std::fs::create_dir_all(&dir)?;
-            print!("{}", crate::bench::ingest::run(records, batch.max(1), &dir, postgres.as_deref()).await?);
+            out!("{}", crate::bench::ingest::run(records, batch.max(1), &dir, postgres.as_deref()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Ingest { source, input, batch, resume, rejects, quiet, no_match, max_rejects } => block_on(async {
@@ -407,7 +407,7 @@ pub fn run() -> ExitCode {
             }
             let store = connect(&m, &base).await?;
             let r = store.match_profiles(&m).await?;
-            ingest::print_match(&r);
+            ingest::print_match(&r)?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Export(cmd) => block_on(async {

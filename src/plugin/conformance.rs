@@ -167,7 +167,19 @@ pub fn config_errors(schema: &Value, config: &Value) -> Vec<(String, String)> {
     let Ok(v) = jsonschema::validator_for(schema) else {
         return Vec::new();
     };
-    v.iter_errors(config).map(|e| (e.instance_path().to_string(), e.to_string())).collect()
+    v.iter_errors(config).map(|e| (e.instance_path().to_string(), message(&e))).collect()
+}
+
+/// The validator's message, except that a value outside an `enum` names
+/// every allowed value (the validator names two and counts the rest).
+fn message(e: &jsonschema::ValidationError<'_>) -> String {
+    match e.kind() {
+        jsonschema::error::ValidationErrorKind::Enum { options } => {
+            let allowed: Vec<String> = options.as_array().into_iter().flatten().map(Value::to_string).collect();
+            format!("{} is not one of {}", e.instance(), allowed.join(", "))
+        }
+        _ => e.to_string(),
+    }
 }
 
 fn config_matches(schema: &Value, config: &Value) -> Result<String, String> {
@@ -429,4 +441,19 @@ async fn destination_checks(plugin: &Plugin, entry: &str, opts: &Options, spec: 
     };
     report.check("delete", r);
     let _ = inst.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_outside_an_enum_names_every_allowed_value() {
+        let schema = serde_json::json!({"properties": {"format": {"enum": ["json", "ndjson", "csv", "xml"]}}});
+        let errors = config_errors(&schema, &serde_json::json!({"format": "yaml"}));
+        assert_eq!(
+            errors,
+            vec![("/format".to_owned(), r#""yaml" is not one of "json", "ndjson", "csv", "xml""#.to_owned())]
+        );
+    }
 }
