@@ -278,7 +278,7 @@ fn sigkill_during_matching_is_finished_by_resume_as_a_clean_run_would() {
     loop {
         std::thread::sleep(std::time::Duration::from_millis(5));
         if db.exists()
-            && sqlite_text(&db, "SELECT position FROM cursors WHERE stream LIKE 'file:%'") == lines.to_string()
+            && sqlite_text(&db, "SELECT position FROM cursors WHERE stream LIKE 'file:pos:%'") == lines.to_string()
         {
             break;
         }
