@@ -123,7 +123,7 @@ impl Runtime {
         let log = dir.join("run.log");
         let child = Command::new(env!("CARGO_BIN_EXE_cdp"))
             .current_dir(dir)
-            .args(["run", "--drain", "10s"])
+            .args(["run", "--drain", "10s", "--listen", "127.0.0.1:0"])
             .env("CDP_LOG", "cdp=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -95,6 +95,10 @@ pub enum Command {
         /// How long in-flight batches may take to finish on shutdown, e.g. `30s`.
         #[arg(long, default_value = "30s")]
         drain: String,
+        /// Serve HTTP (collector, admin API, metrics) on HOST:PORT instead of `server.listen`;
+        /// port 0 picks a free port (`cdp status` shows it).
+        #[arg(long, env = "CDP_LISTEN", value_name = "HOST:PORT")]
+        listen: Option<String>,
     },
     /// Run one source sync now, through the same code `cdp run` uses.
     Sync {
@@ -418,9 +422,9 @@ pub fn run() -> ExitCode {
             let args = export::Args { manifest: &file, what, format: a.format, out: a.out.as_deref(), quiet: a.quiet };
             export::run(args).await.map(|_| ExitCode::SUCCESS)
         }),
-        Command::Run { drain } => block_on(async {
+        Command::Run { drain, listen } => block_on(async {
             let drain = crate::manifest::units::parse_duration(&drain).map_err(|e| anyhow::anyhow!("--drain: {e}"))?;
-            run::run(&file, drain).await
+            run::run(&file, drain, listen).await
         }),
         Command::Sync { name, full } => block_on(run::sync(&file, &name, full)),
         Command::Status { format } => block_on(run::status(&file, format)),

@@ -193,6 +193,39 @@ impl<'a> Ctx<'a> {
             self.warn(diag::PLAIN_SECRET, "/server/admin_token", "the admin token is written in plain text".into());
             self.hint("write `admin_token: \"${env:CDP_ADMIN_TOKEN}\"` and keep the token out of git");
         }
+        self.server_tokens();
+    }
+
+    /// Admin-API tokens: kept out of git, one name each, and `admin` taken
+    /// by the `admin_token` shorthand when it is set.
+    fn server_tokens(&mut self) {
+        let s = &self.m.server;
+        if s.admin_token.is_some() && s.tokens.contains_key("admin") {
+            self.err(
+                diag::DUPLICATE_NAME,
+                "/server/tokens/admin",
+                "token `admin` is defined twice: by `server.admin_token` and in `server.tokens`".into(),
+            );
+            self.hint("`admin_token` is shorthand for a token named `admin` with role `admin`; keep one of the two");
+        }
+        for (name, t) in &s.tokens {
+            if !super::env::is_reference(&t.token) {
+                self.warn(
+                    diag::PLAIN_SECRET,
+                    &format!("/server/tokens/{name}/token"),
+                    format!("the token of `{name}` is written in plain text"),
+                );
+                self.hint("write `token: \"${env:CDP_TOKEN_NAME}\"` and keep the token out of git");
+            }
+        }
+        if let Some(tls) = &s.tls {
+            for (field, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if path.trim().is_empty() {
+                    self.err(diag::OUT_OF_RANGE, &format!("/server/tls/{field}"), format!("`tls.{field}` is empty"));
+                    self.hint("give the path of a PEM file, relative to the manifest");
+                }
+            }
+        }
     }
 
     /// Names are identifiers, and profile fields are unique across traits,

@@ -78,15 +78,66 @@ pub struct Server {
     /// Socket address to listen on, `HOST:PORT`.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Bearer token for the admin API. Write `${env:NAME}`, never the token itself.
+    /// Bearer token for the admin API with the `admin` role, named `admin`
+    /// (shorthand for an entry in `tokens`). Write `${env:NAME}`, never the
+    /// token itself.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Named bearer tokens for the admin API, each with a role. The name is
+    /// what the audit log records; the value should be `${env:NAME}`.
+    #[serde(default)]
+    pub tokens: IndexMap<String, ApiToken>,
+    /// Serve HTTPS with this certificate and key (PEM files, relative to the manifest).
+    #[serde(default)]
+    pub tls: Option<Tls>,
 }
 
 impl Default for Server {
     fn default() -> Self {
-        Server { listen: default_listen(), admin_token: None }
+        Server { listen: default_listen(), admin_token: None, tokens: IndexMap::new(), tls: None }
     }
+}
+
+/// A named admin-API credential.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// The bearer token. Write `${env:NAME}`, never the token itself.
+    pub token: String,
+    /// What the token may do.
+    pub role: Role,
+}
+
+/// What an admin-API token may do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Every route: reads, syncs, reloads, unmerges.
+    Admin,
+    /// Reads only; every state-changing route answers 403.
+    ReadOnly,
+    /// Reads, and the privacy operations (access, erasure, suppression).
+    Privacy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read_only",
+            Role::Privacy => "privacy",
+        }
+    }
+}
+
+/// TLS for the HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
 }
 
 fn default_listen() -> String {

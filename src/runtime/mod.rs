@@ -12,6 +12,7 @@
 
 pub mod schedule;
 pub mod snapshot;
+pub mod status;
 pub mod supervisor;
 pub mod sync;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use indexmap::IndexMap;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use super::snapshot::Snapshot;
 use super::sync::{self, Ctx, SyncError, Trigger};
 use crate::plugin::Host;
+use crate::server::{self, Control, RunRefused};
 use crate::store::{Store, now_ms};
 
 /// How `cdp run` runs.
@@ -34,6 +35,8 @@ pub struct Options {
     pub manifest: PathBuf,
     /// How long in-flight batches may take to finish after SIGINT/SIGTERM.
     pub drain: Duration,
+    /// Serve HTTP here instead of the manifest's `server.listen`.
+    pub listen: Option<String>,
 }
 
 /// How often the runtime writes its heartbeat.
@@ -70,9 +73,19 @@ pub async fn run(opts: Options) -> Result<()> {
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (reload_tx, mut reload_rx) = mpsc::channel::<&'static str>(64);
+    let (snap_tx, snap_rx) = watch::channel(snap.clone());
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    let listen = opts.listen.clone().unwrap_or_else(|| snap.manifest.server.listen.clone());
+    let bound = server::Bound::bind(&listen, &snap).await?;
+    let http = Http { listen: bound.addr.to_string(), scheme: bound.scheme() };
+    let metrics =
+        crate::metrics::install().inspect_err(|e| tracing::warn!(error = %e, "metrics are not recorded")).ok();
+    let collector = server::collector::start(store.clone(), snap_rx.clone(), &tracker);
+    let state = server::AppState { store: store.clone(), snapshot: snap_rx, collector, metrics, control: control_tx };
+    tracker.spawn(bound.serve(state, root.clone()));
     tracker.spawn(signals(root.clone(), reload_tx.clone()));
-    tracker.spawn(heartbeat(ctx.clone(), opts.manifest.clone(), root.clone()));
-    let mut watcher = Watcher::new(&opts.manifest, reload_tx)?;
+    tracker.spawn(heartbeat(ctx.clone(), opts.manifest.clone(), http, root.clone()));
+    let mut watcher = Watcher::new(&opts.manifest, reload_tx.clone())?;
     watcher.follow(&snap)?;
 
     let mut running = apply(&ctx, &snap, IndexMap::new(), &root, &tracker);
@@ -80,6 +93,12 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         tokio::select! {
             _ = root.cancelled() => break,
+            Some(c) = control_rx.recv() => match c {
+                Control::Reload => { let _ = reload_tx.send("api").await; }
+                Control::RunSync { name, reply } => {
+                    let _ = reply.send(run_now(&ctx, &snap, &name, &root, &tracker).await);
+                }
+            },
             Some(why) = reload_rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while reload_rx.try_recv().is_ok() {}
@@ -89,15 +108,21 @@ pub async fn run(opts: Options) -> Result<()> {
                     }
                     Ok(new) => {
                         let new = Arc::new(new);
+                        if new.manifest.server != snap.manifest.server && opts.listen.is_none() {
+                            warn_server_change(&snap, &new);
+                        }
                         running = apply(&ctx, &new, running, &root, &tracker);
                         store.record_manifest(&new.sha256, &new.text, &ctx.holder).await?;
                         store.put_status("reload", &reload_doc(&new, why, None)).await?;
+                        metrics::counter!(crate::metrics::RELOADS, "outcome" => "ok").increment(1);
                         tracing::info!(why, sha256 = %new.sha256, "manifest reloaded");
+                        let _ = snap_tx.send(new.clone());
                         snap = new;
                         watcher.follow(&snap)?;
                     }
                     Err(e) => {
                         tracing::error!(why, "the changed manifest is invalid; the running one stays:\n{}", e.render());
+                        metrics::counter!(crate::metrics::RELOADS, "outcome" => "failed").increment(1);
                         store.put_status("reload", &reload_doc(&snap, why, Some(e.lines()))).await?;
                     }
                 }
@@ -119,6 +144,49 @@ pub async fn run(opts: Options) -> Result<()> {
     doc["stopped_at"] = json!(now_ms());
     store.put_status("runtime", &doc).await?;
     Ok(())
+}
+
+/// Where the HTTP server listens, for the heartbeat (`cdp status`).
+#[derive(Debug, Clone)]
+struct Http {
+    listen: String,
+    scheme: &'static str,
+}
+
+/// Starts source sync `name` now for the admin API, unless it is not a
+/// plugin source or its lease is held (a run is going on).
+async fn run_now(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    name: &str,
+    root: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), RunRefused> {
+    if !snap.sources.contains_key(name) {
+        return Err(RunRefused::Unknown(format!("`{name}` is not a plugin source in the running manifest")));
+    }
+    match ctx.store.lease_holder(&sync::lease_name(name)).await {
+        Ok(Some(l)) => return Err(RunRefused::Busy(format!("sync `{name}` is running now (held by {})", l.holder))),
+        Ok(None) => {}
+        Err(e) => return Err(RunRefused::Busy(format!("cannot read the lease of sync `{name}`: {e}"))),
+    }
+    let (ctx, snap, name, cancel) = (ctx.clone(), snap.clone(), name.to_owned(), root.child_token());
+    tracker.spawn(async move {
+        if let Err(e) = sync::run(&ctx, &snap, &name, Trigger::Manual, false, &cancel).await {
+            tracing::warn!(sync = name, error = %e, "sync requested through the admin API did not start");
+        }
+    });
+    Ok(())
+}
+
+/// The listen address and TLS files are read once, at start.
+fn warn_server_change(old: &Snapshot, new: &Snapshot) {
+    let (a, b) = (&old.manifest.server, &new.manifest.server);
+    if a.listen != b.listen || a.tls != b.tls {
+        tracing::warn!(
+            "`server.listen` or `server.tls` changed; they apply when `cdp run` restarts (tokens apply now)"
+        );
+    }
 }
 
 /// Opens the snapshot's store.
@@ -295,12 +363,12 @@ async fn signals(root: CancellationToken, reload: mpsc::Sender<&'static str>) {
 }
 
 /// Writes the `runtime` status document every [`HEARTBEAT`].
-async fn heartbeat(ctx: Ctx, manifest: PathBuf, root: CancellationToken) {
+async fn heartbeat(ctx: Ctx, manifest: PathBuf, http: Http, root: CancellationToken) {
     let started = now_ms();
     loop {
         let doc = json!({
             "holder": ctx.holder, "pid": std::process::id(), "started_at": started,
-            "manifest": manifest.display().to_string(),
+            "manifest": manifest.display().to_string(), "listen": http.listen, "scheme": http.scheme,
         });
         if let Err(e) = ctx.store.put_status("runtime", &doc).await {
             tracing::warn!(error = %e, "cannot write the heartbeat");

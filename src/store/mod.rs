@@ -7,6 +7,7 @@
 //! half-applies a batch. SQLite runs in WAL mode with `synchronous=FULL`: a
 //! committed batch survives power loss.
 
+pub mod audit;
 pub mod export;
 pub mod ingest;
 pub mod lease;
@@ -173,6 +174,12 @@ impl Store {
     /// The pool for reads: on SQLite it never waits for the writer.
     pub fn read_pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Whether the database answers a query (readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Renders a statement written with `?` placeholders and `{id}`/`{f64}`

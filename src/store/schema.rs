@@ -333,4 +333,23 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
         )",
         ],
     ),
+    (
+        5,
+        "audit log",
+        &[
+            // Append-only: who read personal data or changed state, when,
+            // how, and with what outcome. cdp has no statement that updates
+            // or deletes these rows.
+            "CREATE TABLE audit_log (
+            id {id},
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            via TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            outcome TEXT NOT NULL
+        )",
+            "CREATE INDEX audit_log_at ON audit_log (at)",
+        ],
+    ),
 ];
