@@ -285,6 +285,18 @@ pub enum Bench {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// Events through the HTTP collector of a real `cdp run` (durable 200s) next to `cdp ingest --file`.
+    Collector {
+        /// How many events (requests of 100).
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Concurrent connections of the load generator.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Runs of each path, alternating (medians are shown).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Ingest generated records end to end; compare with raw inserts (and COPY) of the same rows.
     Ingest {
         /// How many records.
@@ -372,6 +384,11 @@ pub fn run() -> ExitCode {
             out!("{}", crate::bench::sync::run(rows, runs, plugin.as_deref(), tmp.path())?);
             Ok(ExitCode::SUCCESS)
         })(),
+        Command::Bench(Bench::Collector { events, connections, runs }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            out!("{}", crate::bench::collector::run(events, connections, runs, tmp.path()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Bench(Bench::Identity { people }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             out!("{}", crate::bench::identity::run(people, tmp.path()).await?);
