@@ -58,7 +58,7 @@ consent:
 fn event(i: usize) -> Value {
     let person = i / 5;
     let ts = format!("2026-11-{:02}T{:02}:{:02}:00Z", 1 + person % 28, i % 24, i % 60);
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         json!({"type": "identify", "messageId": format!("m-{i}"), "userId": format!("u-{person}"),
                "anonymousId": format!("a-{person}"), "timestamp": ts,
                "traits": {"email": format!("p{person}@example.org"), "first_name": format!("Ann{}", person % 97)}})
