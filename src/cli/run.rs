@@ -137,6 +137,9 @@ fn render_status(doc: &Value) -> String {
                 time(&r["started_at"]),
                 time(&r["heartbeat_at"])
             );
+            if let Some(listen) = r["listen"].as_str() {
+                let _ = writeln!(out, "server    {}://{listen}", r["scheme"].as_str().unwrap_or("http"));
+            }
         }
         Some(r) => {
             let _ = writeln!(out, "runtime   not running (last heartbeat {})", time(&r["heartbeat_at"]));

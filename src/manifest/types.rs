@@ -166,7 +166,8 @@ pub struct Plugin {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// Receive events over HTTP (Segment-style `/v1/batch`, `/v1/track`, `/v1/identify`).
+    /// Receive events over HTTP: Segment's tracking API (`/v1/batch`, `/v1/track`,
+    /// `/v1/identify`, `/v1/page`, `/v1/screen`, `/v1/group`, `/v1/alias`) on `server.listen`.
     #[serde(default)]
     pub collector: Option<Collector>,
     /// Name of a source plugin from `plugins`.
