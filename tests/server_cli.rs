@@ -96,7 +96,7 @@ impl Server {
                 && doc["runtime"]["pid"] == pid
                 && let Some(listen) = doc["runtime"]["listen"].as_str()
             {
-                s.base = format!("http://{listen}");
+                s.base = format!("{}://{listen}", doc["runtime"]["scheme"].as_str().unwrap_or("http"));
                 return s;
             }
             assert!(s.child.try_wait().expect("wait").is_none(), "cdp run exited:\n{}", s.log());
@@ -512,4 +512,51 @@ fn events_answered_200_survive_sigkill() {
         acked.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+/// `server.tls`: HTTPS with the manifest's certificate; plain HTTP on the
+/// same port gets no answer.
+#[test]
+fn tls_from_the_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A throwaway CA and a server certificate it signed.
+    std::fs::write(
+        dir.path().join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let script = "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=cdp-test-ca \
+        && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out leaf.csr -subj /CN=localhost \
+        && openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 -extfile leaf.ext";
+    let made = Command::new("sh")
+        .current_dir(dir.path())
+        .args(["-c", script])
+        .output()
+        .expect("openssl (Debian package openssl) makes the test certificates");
+    assert!(made.status.success(), "{}", text(&made));
+    let manifest = MANIFEST.replace("server:\n", "server:\n  tls: { cert: cert.pem, key: key.pem }\n");
+    std::fs::write(dir.path().join("cdp.yaml"), manifest).expect("manifest");
+    let server = Server::start(dir.path());
+    assert!(server.base.starts_with("https://"), "{}", server.base);
+    rt().block_on(async {
+        let cert = std::fs::read(dir.path().join("ca.pem")).expect("ca");
+        let c = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&cert).expect("pem"))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let res = c.get(format!("{}/healthz", server.base)).send().await.expect("https");
+        assert_eq!(res.status().as_u16(), 200);
+        let (s, body) = post(
+            &c,
+            &format!("{}/v1/batch", server.base),
+            body_bytes(&json!({"batch": [event("tls-1", "u-1")]})),
+            &[("authorization", &basic(WRITE_KEY)), ("content-type", "application/json")],
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let plain = format!("{}/healthz", server.base.replacen("https://", "http://", 1));
+        assert!(client().get(plain).send().await.is_err(), "plain HTTP was answered on the TLS port");
+    });
+    server.stop();
 }
