@@ -3,7 +3,7 @@
 //! thread; each batch is applied in one transaction with the file's cursor.
 
 use super::{connect, load_manifest};
-use crate::ingest::{Mapper, file};
+use crate::ingest::{Mapper, Rejection, file, pipeline};
 use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -142,7 +142,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
 
     // The reader thread maps records and prepares batches; this task writes them.
     // (records, rejections, last line, lines skipped, identifiers dropped, records read)
-    type Chunk = (Batch, Vec<(u64, String)>, u64, u64, u64, u64);
+    type Chunk = (Batch, Vec<(u64, Rejection)>, u64, u64, u64, u64);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(1);
     let manifest = m.clone();
     let source = a.source.to_owned();
@@ -162,9 +162,9 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
                 continue;
             }
             read += 1;
-            match rec.map_err(crate::ingest::Rejection).and_then(|v| mapper.map(&v, now)) {
+            match rec.and_then(|v| mapper.map(&v, now)) {
                 Ok(r) => recs.push(r),
-                Err(e) => rejs.push((line, e.0)),
+                Err(e) => rejs.push((line, e)),
             }
             if recs.len() >= batch_size {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
@@ -192,7 +192,8 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
         s.rejected += rejs.len() as u64;
         for (line, reason) in &rejs {
             if let Some(out) = rejects_out.as_mut() {
-                writeln!(out, "{}", serde_json::json!({"line": line, "reason": reason}))?;
+                let row = serde_json::json!({"line": line, "code": reason.code, "field": reason.field, "reason": reason.message});
+                writeln!(out, "{row}")?;
             }
             // Shown under --quiet too: it silences progress, not failures.
             if shown < 20 {
@@ -201,7 +202,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let position = last_line.to_string();
-        let r = store.apply_batch(&cfg, recs, Some((&stream, &position))).await?;
+        let r = pipeline::apply(&store, &cfg, recs, Some((&stream, &position)), None, "cli").await?;
         s.report.add(&r);
         progress.set_position(last_line);
         progress.set_message(format!("{} accepted, {} rejected", s.report.accepted, s.rejected));

@@ -2,13 +2,14 @@
 //! CSV with a header row. Records stream out with their line numbers so a
 //! malformed line is reported where it is and the rest of the file goes on.
 
+use super::Rejection;
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// One input line: its number and the record or why it could not be read.
-pub type Line = (u64, Result<Value, String>);
+pub type Line = (u64, Result<Value, Rejection>);
 
 /// Longest line accepted, in bytes.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -104,20 +105,31 @@ pub fn json_lines(mut r: impl BufRead + Send) -> impl Iterator<Item = Line> + Se
                 Ok(Some(len)) => len,
                 Err(e) => {
                     failed = true;
-                    return Some((n, Err(format!("read error: {e}"))));
+                    return Some((n, Err(Rejection::new("unreadable", None, format!("read error: {e}")))));
                 }
             };
             if len > MAX_LINE_BYTES {
-                return Some((n, Err(format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"))));
+                return Some((
+                    n,
+                    Err(Rejection::new(
+                        "too_long",
+                        None,
+                        format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"),
+                    )),
+                ));
             }
             let text = match std::str::from_utf8(&buf) {
                 Ok(t) => t.trim(),
-                Err(_) => return Some((n, Err("line is not valid UTF-8".into()))),
+                Err(_) => return Some((n, Err(Rejection::new("unreadable", None, "line is not valid UTF-8")))),
             };
             if text.is_empty() {
                 continue;
             }
-            return Some((n, serde_json::from_str::<Value>(text).map_err(|e| format!("malformed JSON: {e}"))));
+            return Some((
+                n,
+                serde_json::from_str::<Value>(text)
+                    .map_err(|e| Rejection::new("not_json", None, format!("malformed JSON: {e}"))),
+            ));
         }
     })
 }
@@ -207,7 +219,7 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
     let mut cut_seen = 0;
     std::iter::from_fn(move || {
         if let Some(e) = header_error.take() {
-            return Some((1, Err(e)));
+            return Some((1, Err(Rejection::new("unreadable", None, e))));
         }
         if !readable {
             return None;
@@ -225,13 +237,16 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
         cut_seen += cut.iter().take_while(|(l, _)| *l < start).count();
         if let Some(&(line, len)) = records.reader().get_ref().cut.get(cut_seen) {
             cut_seen += 1;
-            return Some((line, Err(format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"))));
+            return Some((
+                line,
+                Err(Rejection::new("too_long", None, format!("line is {len} bytes; the limit is {MAX_LINE_BYTES}"))),
+            ));
         }
         if let Err(e) = &rec
             && let csv::ErrorKind::Io(io) = e.kind()
         {
             readable = false;
-            return Some((start, Err(format!("read error: {io}"))));
+            return Some((start, Err(Rejection::new("unreadable", None, format!("read error: {io}")))));
         }
         Some(match rec {
             Ok(row) => {
@@ -243,7 +258,7 @@ pub fn csv_lines(r: impl std::io::Read + Send) -> impl Iterator<Item = Line> + S
                 }
                 (start, Ok(Value::Object(obj)))
             }
-            Err(e) => (start, Err(format!("malformed CSV row: {e}"))),
+            Err(e) => (start, Err(Rejection::new("unreadable", None, format!("malformed CSV row: {e}")))),
         })
     })
 }
@@ -275,7 +290,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].0, 1);
         assert_eq!(lines[1].0, 3);
-        assert!(lines[1].1.as_ref().unwrap_err().contains("malformed JSON"));
+        assert!(lines[1].1.as_ref().unwrap_err().message.contains("malformed JSON"));
         assert_eq!(lines[2].0, 4);
     }
 
@@ -296,7 +311,7 @@ mod tests {
         input.extend_from_slice(b"\n{\"a\":1}\n");
         let lines: Vec<Line> = json_lines(std::io::BufReader::with_capacity(4096, &input[..])).collect();
         assert_eq!(lines.len(), 2);
-        let e = lines[0].1.as_ref().unwrap_err();
+        let e = &lines[0].1.as_ref().unwrap_err().message;
         assert_eq!(e, &format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", MAX_LINE_BYTES * 3));
         assert_eq!((lines[1].0, lines[1].1.as_ref().unwrap()["a"].as_i64()), (2, Some(1)));
     }
@@ -311,17 +326,17 @@ mod tests {
         let numbers: Vec<u64> = lines.iter().map(|l| l.0).collect();
         assert_eq!(numbers, [2, 3, 4, 5]);
         assert_eq!(lines[0].1.as_ref().unwrap()["email"], "a@x.org");
-        let e = lines[1].1.as_ref().unwrap_err();
+        let e = &lines[1].1.as_ref().unwrap_err().message;
         assert_eq!(e, &format!("line is {} bytes; the limit is {MAX_LINE_BYTES}", MAX_LINE_BYTES * 2 + 2));
         assert_eq!(lines[2].1.as_ref().unwrap()["email"], "c@x.org");
-        assert!(lines[3].1.as_ref().unwrap_err().contains(&format!("{} bytes", MAX_LINE_BYTES + 3)));
+        assert!(lines[3].1.as_ref().unwrap_err().message.contains(&format!("{} bytes", MAX_LINE_BYTES + 3)));
     }
 
     #[test]
     fn a_duplicate_csv_header_is_refused() {
         let lines: Vec<Line> = csv_lines("id,email,Email,email\n1,a,b,c\n".as_bytes()).collect();
         assert_eq!(lines.len(), 1);
-        let e = lines[0].1.as_ref().unwrap_err();
+        let e = &lines[0].1.as_ref().unwrap_err().message;
         assert!(e.contains("column `email` twice (columns 2 and 4)"), "{e}");
         assert_eq!(lines[0].0, 1);
     }

@@ -5,6 +5,7 @@
 //! rejected with its reason and the rest of its batch goes on.
 
 pub mod file;
+pub mod pipeline;
 
 use crate::identity::normalize::{self, is_placeholder};
 use crate::manifest::{FieldType, Manifest, Mapping, Normalizer, TraitType};
@@ -39,13 +40,40 @@ pub struct Record {
     pub meta: Option<Value>,
 }
 
-/// Why a record was not accepted.
+/// Why a record was not accepted: a stable code (see [`REJECTION_CODES`]),
+/// the input field at fault when there is one, and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejection(pub String);
+#[error("{message}")]
+pub struct Rejection {
+    pub code: &'static str,
+    pub field: Option<String>,
+    pub message: String,
+}
 
-fn reject<T>(msg: impl Into<String>) -> Result<T, Rejection> {
-    Err(Rejection(msg.into()))
+impl Rejection {
+    pub fn new(code: &'static str, field: Option<&str>, message: impl Into<String>) -> Rejection {
+        Rejection { code, field: field.map(str::to_owned), message: message.into() }
+    }
+}
+
+/// Every rejection code, with what it means.
+pub const REJECTION_CODES: &[(&str, &str)] = &[
+    ("unreadable", "the input line cannot be read: an I/O error, invalid UTF-8, a malformed CSV row or header"),
+    ("not_json", "the input line is not JSON"),
+    ("not_object", "the record is not a JSON object"),
+    ("message_id", "the message id is missing, empty or too long"),
+    ("timestamp", "the timestamp cannot be read or is outside the years 1 to 9999"),
+    ("identifier", "an identifier is not text, too long, or one too many"),
+    ("no_identifier", "the record carries no usable identifier"),
+    ("trait", "a trait value does not fit the trait's type or allowed values"),
+    ("consent", "a consent value is not true or false"),
+    ("event", "the event is unknown or a property does not fit its type"),
+    ("entity", "the entity row is unknown, lacks its key, or a field does not fit its type"),
+    ("too_long", "a line or value is longer than its limit"),
+];
+
+fn reject<T>(code: &'static str, field: Option<&str>, msg: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection::new(code, field, msg))
 }
 
 /// Maps raw records of one source.
@@ -92,16 +120,16 @@ impl<'m> Mapper<'m> {
     /// message id field (e.g. `file:line`); `now` is used when it has no timestamp.
     pub fn map(&mut self, raw: &Value, now: i64) -> Result<Record, Rejection> {
         let Value::Object(obj) = raw else {
-            return reject("a record must be a JSON object");
+            return reject("not_object", None, "a record must be a JSON object");
         };
         let message_id = match &self.map.message_id {
             Some(f) => match lookup(obj, f) {
                 Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
                 Some(Value::Number(n)) => n.to_string(),
                 Some(Value::String(s)) if s.len() > 256 => {
-                    return reject(format!("message id in `{f}` is longer than 256 bytes"));
+                    return reject("message_id", Some(f), format!("message id in `{f}` is longer than 256 bytes"));
                 }
-                _ => return reject(format!("no message id in field `{f}`")),
+                _ => return reject("message_id", Some(f), format!("no message id in field `{f}`")),
             },
             None => content_id(raw),
         };
@@ -109,10 +137,14 @@ impl<'m> Mapper<'m> {
             Some(f) => match lookup(obj, f) {
                 None | Some(Value::Null) => now,
                 Some(v) => parse_time(v).ok_or_else(|| {
-                    Rejection(format!(
-                        "`{f}` is not a timestamp between the years 1 and 9999 (RFC 3339, or epoch seconds or milliseconds): {}",
-                        short(v)
-                    ))
+                    Rejection::new(
+                        "timestamp",
+                        Some(f),
+                        format!(
+                            "`{f}` is not a timestamp between the years 1 and 9999 (RFC 3339, or epoch seconds or milliseconds): {}",
+                            short(v)
+                        ),
+                    )
                 })?,
             },
             None => now,
@@ -130,11 +162,19 @@ impl<'m> Mapper<'m> {
                     Value::Number(n) => n.to_string(),
                     Value::Null => continue,
                     other => {
-                        return reject(format!("identifier `{key}` in `{field}` must be text, not {}", kind(other)));
+                        return reject(
+                            "identifier",
+                            Some(field),
+                            format!("identifier `{key}` in `{field}` must be text, not {}", kind(other)),
+                        );
                     }
                 };
                 if raw.len() > 512 {
-                    return reject(format!("identifier `{key}` in `{field}` is longer than 512 bytes"));
+                    return reject(
+                        "identifier",
+                        Some(field),
+                        format!("identifier `{key}` in `{field}` is longer than 512 bytes"),
+                    );
                 }
                 match self.identifier(key, &raw) {
                     Some(n) => {
@@ -142,9 +182,13 @@ impl<'m> Mapper<'m> {
                         // this scan is bounded and the record's work linear.
                         if !ids.iter().any(|(k, x)| k == key && *x == n) {
                             if ids.len() == MAX_IDENTIFIERS {
-                                return reject(format!(
-                                    "more than {MAX_IDENTIFIERS} distinct identifiers in one record (at `{field}`); the limit is {MAX_IDENTIFIERS}"
-                                ));
+                                return reject(
+                                    "identifier",
+                                    Some(field),
+                                    format!(
+                                        "more than {MAX_IDENTIFIERS} distinct identifiers in one record (at `{field}`); the limit is {MAX_IDENTIFIERS}"
+                                    ),
+                                );
                             }
                             ids.push((key.clone(), n));
                         }
@@ -155,7 +199,7 @@ impl<'m> Mapper<'m> {
         }
         if ids.is_empty() {
             let fields: Vec<&str> = self.map.identities.values().map(String::as_str).collect();
-            return reject(format!("no usable identifier (looked in {})", fields.join(", ")));
+            return reject("no_identifier", None, format!("no usable identifier (looked in {})", fields.join(", ")));
         }
         let mut traits = Vec::new();
         for (name, field) in &self.map.traits {
@@ -166,12 +210,16 @@ impl<'m> Mapper<'m> {
             let Some(t) = self.m.model.traits.get(name) else { continue };
             let value = normalize::trait_value(t, v)
                 .and_then(|v| coerce_trait(t.kind, &v))
-                .map_err(|e| Rejection(format!("trait `{name}` (field `{field}`): {e}")))?;
+                .map_err(|e| Rejection::new("trait", Some(field), format!("trait `{name}` (field `{field}`): {e}")))?;
             if !t.allowed.is_empty()
                 && let Value::String(s) = &value
                 && !t.allowed.contains(s)
             {
-                return reject(format!("trait `{name}`: `{s}` is not one of {}", t.allowed.join(", ")));
+                return reject(
+                    "trait",
+                    Some(field),
+                    format!("trait `{name}`: `{s}` is not one of {}", t.allowed.join(", ")),
+                );
             }
             traits.push((name.clone(), value));
         }
@@ -184,10 +232,11 @@ impl<'m> Mapper<'m> {
                 Some(b) => consent.push((purpose.clone(), b)),
                 None if v.is_null() => {}
                 None => {
-                    return reject(format!(
-                        "consent `{purpose}` (field `{field}`) must be true or false, not {}",
-                        short(v)
-                    ));
+                    return reject(
+                        "consent",
+                        Some(field),
+                        format!("consent `{purpose}` (field `{field}`) must be true or false, not {}", short(v)),
+                    );
                 }
             }
         }
@@ -219,15 +268,21 @@ impl<'m> Mapper<'m> {
                     Some(n) => n.clone(),
                     None if self.m.model.events.contains_key(s) => s.clone(),
                     None => {
-                        return reject(format!("event `{s}` is not in model.events nor mapped under `event.names`"));
+                        return reject(
+                            "event",
+                            Some(f),
+                            format!("event `{s}` is not in model.events nor mapped under `event.names`"),
+                        );
                     }
                 },
-                Some(v) => return reject(format!("event name in `{f}` must be text, not {}", kind(v))),
+                Some(v) => {
+                    return reject("event", Some(f), format!("event name in `{f}` must be text, not {}", kind(v)));
+                }
             },
             (None, None) => return Ok(None),
         };
         let Some(et) = self.m.model.events.get(&name) else {
-            return reject(format!("event `{name}` is not in model.events"));
+            return reject("event", None, format!("event `{name}` is not in model.events"));
         };
         let mut props = Map::new();
         for (p, ty) in &et.properties {
@@ -236,7 +291,8 @@ impl<'m> Mapper<'m> {
                 None => lookup(obj, p).or_else(|| obj.get("properties").and_then(|x| x.get(p))),
             };
             let Some(v) = v.filter(|v| !v.is_null()) else { continue };
-            let value = coerce_field(*ty, v).map_err(|e| Rejection(format!("event `{name}` property `{p}`: {e}")))?;
+            let value = coerce_field(*ty, v)
+                .map_err(|e| Rejection::new("event", Some(p), format!("event `{name}` property `{p}`: {e}")))?;
             props.insert(p.clone(), value);
         }
         Ok(Some((name, props)))
@@ -245,7 +301,7 @@ impl<'m> Mapper<'m> {
     fn entity(&self, obj: &Map<String, Value>) -> Result<Option<EntityRow>, Rejection> {
         let Some(em) = &self.map.entity else { return Ok(None) };
         let Some(et) = self.m.model.entities.get(&em.name) else {
-            return reject(format!("entity `{}` is not in model.entities", em.name));
+            return reject("entity", None, format!("entity `{}` is not in model.entities", em.name));
         };
         let mut fields = Map::new();
         for (f, ty) in &et.fields {
@@ -254,14 +310,16 @@ impl<'m> Mapper<'m> {
                 None => lookup(obj, f),
             };
             let Some(v) = v.filter(|v| !v.is_null()) else { continue };
-            let value =
-                coerce_field(*ty, v).map_err(|e| Rejection(format!("entity `{}` field `{f}`: {e}", em.name)))?;
+            let value = coerce_field(*ty, v)
+                .map_err(|e| Rejection::new("entity", Some(f), format!("entity `{}` field `{f}`: {e}", em.name)))?;
             fields.insert(f.clone(), value);
         }
         let key = match fields.get(&et.key) {
             Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
-            None => return reject(format!("entity `{}` row has no key `{}`", em.name, et.key)),
+            None => {
+                return reject("entity", Some(&et.key), format!("entity `{}` row has no key `{}`", em.name, et.key));
+            }
         };
         Ok(Some((em.name.clone(), key, fields)))
     }
@@ -544,7 +602,7 @@ consent:
     }
 
     fn mapper_reason(m: &Manifest, v: Value) -> String {
-        Mapper::new(m, "web").unwrap().map(&v, 0).unwrap_err().0
+        Mapper::new(m, "web").unwrap().map(&v, 0).unwrap_err().message
     }
 
     #[test]

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::snapshot::{Snapshot, SourceSync};
+use crate::ingest::pipeline::{self, Committer, Job};
 use crate::ingest::{Mapper, Record, Rejection};
 use crate::plugin::{PluginError, ReadEvent};
-use crate::store::ingest::Batch;
+use crate::store::ingest::BatchReport;
 use crate::store::lease::Lease;
 use crate::store::runs::RunCounts;
 use crate::store::{Store, StoreError};
@@ -211,6 +212,17 @@ pub async fn run(
     Ok(Outcome { run_id, counts: run.counts, state, error, checkpoint: run.checkpoint })
 }
 
+/// Records read and not yet committed, with what they carry to the run's
+/// accounting once committed.
+#[derive(Debug, Default)]
+struct Pending {
+    records: Vec<Record>,
+    /// `(reason, line)` of the lines rejected among them.
+    rejects: Vec<(String, String)>,
+    /// The newest checkpoint read.
+    checkpoint: Option<String>,
+}
+
 /// A run in progress.
 struct Run<'a> {
     ctx: &'a Ctx,
@@ -250,27 +262,43 @@ impl Run<'_> {
         }
     }
 
-    /// One pass over the plugin's reader.
+    /// One pass over the plugin's reader. While a batch is committed the
+    /// next is read and mapped ([`Committer`]); whatever way the pass ends,
+    /// the batch in flight is waited for and accounted before it returns.
     async fn read(&mut self, state: Option<&str>, cancel: &CancellationToken) -> Result<(), SyncError> {
         let sync = self.sync;
         let mut instance = sync.plugin.source(&sync.name, &sync.grants).await?;
         instance.open(&sync.config, state).await?;
+        let mut committer = Committer::new(self.ctx.store.clone(), self.snap.identity.clone(), "sync");
+        let read = self.read_all(&mut instance, &mut committer, cancel).await;
+        let last = committer.wait().await;
+        let accounted = self.account(&mut instance, last).await;
+        read?;
+        accounted?;
+        instance.close().await?;
+        Ok(())
+    }
+
+    async fn read_all(
+        &mut self,
+        instance: &mut crate::plugin::SourceInstance,
+        committer: &mut Committer<Pending>,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncError> {
+        let sync = self.sync;
         let mut mapper = Mapper::new(&self.snap.manifest, &sync.name)
             .map_err(|message| SyncError::Mapping { sync: sync.name.clone(), message })?;
-        let mut pending: Vec<Record> = Vec::new();
-        let mut rejects: Vec<(String, String)> = Vec::new();
+        let mut pending = Pending::default();
         let mut idle = IDLE_MIN;
         let now = crate::store::now_ms();
-        // The newest checkpoint read: it covers every record before it, and
-        // all of those are pending or committed, so committing the pending
-        // records with it is always safe (records after it are read again
-        // after a crash and dropped as duplicates).
-        let mut latest: Option<String> = None;
         while !cancel.is_cancelled() {
             let events = instance.next(READ_MAX).await?;
             self.keep_lease().await?;
             if events.is_empty() {
-                self.commit_and_ack(&mut instance, &mut pending, &mut rejects, latest.take()).await?;
+                // Idle or done: commit what is pending and wait for it.
+                self.submit(instance, committer, std::mem::take(&mut pending)).await?;
+                let done = committer.wait().await;
+                self.account(instance, done).await?;
                 if !sync.streaming {
                     break;
                 }
@@ -287,70 +315,77 @@ impl Run<'_> {
                     ReadEvent::Records { ndjson, .. } => {
                         for line in ndjson.lines().filter(|l| !l.trim().is_empty()) {
                             self.counts.read += 1;
-                            match map_line(&mut mapper, line, now) {
-                                Ok(r) => pending.push(r),
-                                Err(Rejection(reason)) => rejects.push((reason, line.to_owned())),
+                            match pipeline::map_json_line(&mut mapper, line, now) {
+                                Ok(r) => pending.records.push(r),
+                                Err(Rejection { message, code: "not_json", .. }) => pending.rejects.push((
+                                    format!("the plugin sent a line that is not JSON: {message}"),
+                                    line.to_owned(),
+                                )),
+                                Err(r) => pending.rejects.push((r.message, line.to_owned())),
                             }
                         }
                     }
-                    ReadEvent::Checkpoint(c) => latest = Some(c),
+                    // The newest checkpoint read covers every record before
+                    // it, and all of those are pending or committed, so
+                    // committing the pending records with it is always safe
+                    // (records after it are read again after a crash and
+                    // dropped as duplicates).
+                    ReadEvent::Checkpoint(c) => pending.checkpoint = Some(c),
                 }
             }
-            if pending.len() >= BATCH {
-                self.commit_and_ack(&mut instance, &mut pending, &mut rejects, latest.take()).await?;
+            if pending.records.len() >= BATCH {
+                self.submit(instance, committer, std::mem::take(&mut pending)).await?;
             }
         }
-        instance.close().await?;
         Ok(())
     }
 
-    /// [`Run::commit`], then tells a streaming plugin its checkpoint is durable.
-    async fn commit_and_ack(
+    /// Hands `pending` to the committer, fenced by the lease, and accounts
+    /// the batch committed before it.
+    async fn submit(
         &mut self,
         instance: &mut crate::plugin::SourceInstance,
-        pending: &mut Vec<Record>,
-        rejects: &mut Vec<(String, String)>,
-        checkpoint: Option<String>,
+        committer: &mut Committer<Pending>,
+        pending: Pending,
     ) -> Result<(), SyncError> {
-        let ack = checkpoint.clone().filter(|_| self.sync.streaming);
-        self.commit(pending, rejects, checkpoint).await?;
-        if let Some(c) = ack {
-            instance.ack(&c).await?;
-        }
-        Ok(())
-    }
-
-    /// Commits the pending records with `checkpoint` (if any) in one
-    /// transaction fenced by the lease, then records the run's progress.
-    async fn commit(
-        &mut self,
-        pending: &mut Vec<Record>,
-        rejects: &mut Vec<(String, String)>,
-        checkpoint: Option<String>,
-    ) -> Result<(), SyncError> {
-        if pending.is_empty() && rejects.is_empty() && checkpoint.is_none() {
+        if pending.records.is_empty() && pending.rejects.is_empty() && pending.checkpoint.is_none() {
             return Ok(());
         }
-        let records = std::mem::take(pending);
-        let cfg = self.snap.identity.clone();
-        let batch = tokio::task::spawn_blocking(move || Batch::prepare(records, &cfg))
-            .await
-            .map_err(|e| StoreError::Invariant(format!("preparing a batch failed: {e}")))?;
         let stream = stream(&self.sync.name);
-        let cursor = checkpoint.as_deref().map(|c| (stream.as_str(), c));
-        let report = self.ctx.store.apply_batch_fenced(&self.snap.identity, batch, cursor, Some(&self.lease)).await?;
-        self.counts.accepted += report.accepted as u64;
-        self.counts.duplicates += report.duplicates as u64;
-        self.counts.rejected += rejects.len() as u64;
-        if !rejects.is_empty() {
-            self.ctx.store.add_rejects(self.run_id, self.rejects_kept, rejects).await?;
-            self.rejects_kept += rejects.len() as i64;
-            rejects.clear();
+        let job = Job {
+            records: std::mem::take(&mut { pending.records }),
+            cursor: pending.checkpoint.clone().map(|c| (stream, c)),
+            fence: Some(self.lease.clone()),
+            tag: Pending { records: Vec::new(), rejects: pending.rejects, checkpoint: pending.checkpoint },
+        };
+        let done = committer.submit(job).await;
+        self.account(instance, done).await
+    }
+
+    /// Records a committed batch in the run: counts, rejected records, the
+    /// checkpoint; then tells a streaming plugin its checkpoint is durable.
+    async fn account(
+        &mut self,
+        instance: &mut crate::plugin::SourceInstance,
+        done: Option<Result<(BatchReport, Pending), StoreError>>,
+    ) -> Result<(), SyncError> {
+        let Some(done) = done else { return Ok(()) };
+        let (report, mut batch) = done?;
+        self.counts.accepted += report.accepted;
+        self.counts.duplicates += report.duplicates;
+        self.counts.rejected += batch.rejects.len() as u64;
+        if !batch.rejects.is_empty() {
+            self.ctx.store.add_rejects(self.run_id, self.rejects_kept, &batch.rejects).await?;
+            self.rejects_kept += batch.rejects.len() as i64;
+            batch.rejects.clear();
         }
-        if checkpoint.is_some() {
-            self.checkpoint = checkpoint;
+        if batch.checkpoint.is_some() {
+            self.checkpoint = batch.checkpoint.clone();
         }
         self.ctx.store.update_run(self.run_id, &self.counts, self.checkpoint.as_deref()).await?;
+        if let Some(c) = batch.checkpoint.filter(|_| self.sync.streaming) {
+            instance.ack(&c).await?;
+        }
         Ok(())
     }
 
@@ -377,12 +412,6 @@ impl Run<'_> {
 /// again).
 fn retryable(e: &PluginError) -> bool {
     e.connector().is_some_and(|c| c.retryable)
-}
-
-fn map_line(mapper: &mut Mapper<'_>, line: &str, now: i64) -> Result<Record, Rejection> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| Rejection(format!("the plugin sent a line that is not JSON: {e}")))?;
-    mapper.map(&value, now)
 }
 
 /// How long to wait before retry `attempt` (1-based): the plugin's

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -34,10 +33,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::auth::KeyCache;
 use super::{AppState, error};
-use crate::ingest::{Mapper, Rejection, content_id, parse_time};
+use crate::ingest::pipeline::{Committer, Job};
+use crate::ingest::{Mapper, content_id, parse_time};
 use crate::metrics as m;
 use crate::runtime::Snapshot;
-use crate::store::ingest::{Batch, BatchReport};
+use crate::store::ingest::BatchReport;
 use crate::store::{Store, now_ms};
 
 /// Largest message, as Segment documents it.
@@ -241,7 +241,7 @@ async fn receive(
             tracing::error!(source, error = %e, "events could not be stored");
             unavailable("the events could not be stored; send them again")
         }
-        Err(_) => unavailable("the collector stopped before the events were stored; send them again"),
+        Err(_) => unavailable("the events were not stored; send them again"),
     }
 }
 
@@ -481,8 +481,10 @@ fn reason_label(reason: &str) -> &'static str {
 }
 
 /// Commits what arrived while the previous commit ran, in one transaction,
-/// and answers each request with its messages' outcomes.
+/// and answers each request with its messages' outcomes. While one group
+/// is committed the next is gathered and mapped.
 async fn committer(store: Arc<Store>, snapshot: watch::Receiver<Arc<Snapshot>>, mut rx: mpsc::Receiver<Submission>) {
+    let mut committer: Option<(String, Committer<Replies>)> = None;
     while let Some(first) = rx.recv().await {
         let mut n = first.messages.len();
         let mut group = vec![first];
@@ -496,22 +498,46 @@ async fn committer(store: Arc<Store>, snapshot: watch::Receiver<Arc<Snapshot>>, 
             }
         }
         let snap = snapshot.borrow().clone();
-        let started = Instant::now();
         let (records, outcomes) = map_group(&snap, &mut group);
-        let result = commit(&store, &snap, records).await;
-        match result {
-            Ok(report) => {
-                crate::metrics::batch_committed("collector", &report, started.elapsed().as_secs_f64());
-                for (s, o) in group.into_iter().zip(outcomes) {
-                    let _ = s.reply.send(Ok(o));
-                }
+        let replies: Replies = group.into_iter().map(|s| s.reply).zip(outcomes).collect();
+        // A reload with other identity rules gets its own committer, after
+        // the old one's batch is in.
+        if committer.as_ref().is_some_and(|(sha, _)| *sha != snap.sha256)
+            && let Some((_, mut old)) = committer.take()
+        {
+            answer_group(old.wait().await);
+        }
+        let (_, c) = committer.get_or_insert_with(|| {
+            (snap.sha256.clone(), Committer::new(store.clone(), snap.identity.clone(), "collector"))
+        });
+        let job = Job { records, cursor: None, fence: None, tag: replies };
+        answer_group(c.submit(job).await);
+        if rx.is_empty() {
+            // Nothing to gather meanwhile: answer this group now.
+            answer_group(c.wait().await);
+        }
+    }
+    if let Some((_, mut c)) = committer {
+        answer_group(c.wait().await);
+    }
+}
+
+/// Each request's reply channel and its messages' outcomes.
+type Replies = Vec<(oneshot::Sender<Result<Vec<Option<String>>, String>>, Vec<Option<String>>)>;
+
+/// Answers the requests of a committed (or failed) group.
+fn answer_group(done: Option<Result<(BatchReport, Replies), crate::store::StoreError>>) {
+    match done {
+        None => {}
+        Some(Ok((_, replies))) => {
+            for (reply, outcomes) in replies {
+                let _ = reply.send(Ok(outcomes));
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for s in group {
-                    let _ = s.reply.send(Err(msg.clone()));
-                }
-            }
+        }
+        Some(Err(e)) => {
+            // The replies went with the failed task; their requests see the
+            // channel close and answer 503, and the SDKs send them again.
+            tracing::error!(error = %e, "a collector commit failed");
         }
     }
 }
@@ -533,7 +559,7 @@ fn map_group(snap: &Snapshot, group: &mut [Submission]) -> (Vec<crate::ingest::R
                         records.push(r);
                         out.push(None);
                     }
-                    Err(Rejection(reason)) => out.push(Some(reason)),
+                    Err(r) => out.push(Some(r.message)),
                 },
                 Err(e) => out.push(Some(format!("the source is not in the running manifest: {e}"))),
             }
@@ -541,15 +567,6 @@ fn map_group(snap: &Snapshot, group: &mut [Submission]) -> (Vec<crate::ingest::R
         outcomes.push(out);
     }
     (records, outcomes)
-}
-
-async fn commit(store: &Store, snap: &Snapshot, records: Vec<crate::ingest::Record>) -> anyhow::Result<BatchReport> {
-    if records.is_empty() {
-        return Ok(BatchReport::default());
-    }
-    let cfg = snap.identity.clone();
-    let batch = tokio::task::spawn_blocking(move || Batch::prepare(records, &cfg)).await?;
-    Ok(store.apply_batch(&snap.identity, batch, None).await?)
 }
 
 #[cfg(test)]
