@@ -201,7 +201,11 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let position = last_line.to_string();
+        // Batches are prepared on the reader thread while the previous one
+        // commits, so a batch's time here is its commit.
+        let committing = Instant::now();
         let r = store.apply_batch(&cfg, recs, Some((&stream, &position))).await?;
+        crate::metrics::batch_committed("cli", &r, committing.elapsed().as_secs_f64());
         s.report.add(&r);
         progress.set_position(last_line);
         progress.set_message(format!("{} accepted, {} rejected", s.report.accepted, s.rejected));
