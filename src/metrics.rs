@@ -39,9 +39,11 @@ pub const SYNC_RUNS: &str = "cdp_sync_runs_total";
 pub const SYNC_DURATION: &str = "cdp_sync_run_duration_seconds";
 /// `{outcome}`: manifest reloads, `ok` or `failed`.
 pub const RELOADS: &str = "cdp_reloads_total";
-/// `{plugin, call}`: calls into plugin components.
+/// `{plugin, call}`: calls into plugin components (`instantiate`, `spec`,
+/// `check`, `open`, `next`, `ack`, `close`, `write`, `flush`, `delete`);
+/// `plugin` is the component file's stem.
 pub const PLUGIN_CALLS: &str = "cdp_plugin_calls_total";
-/// `{plugin}`: plugin calls that trapped.
+/// `{plugin}`: plugin calls that trapped (a crash, the memory cap, a host limit).
 pub const PLUGIN_TRAPS: &str = "cdp_plugin_traps_total";
 /// `{plugin}`: plugin calls stopped at their deadline.
 pub const PLUGIN_TIMEOUTS: &str = "cdp_plugin_timeouts_total";
@@ -83,7 +85,7 @@ fn describe() {
     describe_histogram!(SYNC_DURATION, Unit::Seconds, "Duration of source sync runs.");
     describe_counter!(RELOADS, "Manifest reloads by outcome.");
     describe_counter!(PLUGIN_CALLS, "Calls into plugin components.");
-    describe_counter!(PLUGIN_TRAPS, "Plugin calls that trapped.");
+    describe_counter!(PLUGIN_TRAPS, "Plugin calls that trapped (a crash, the memory cap, a host limit).");
     describe_counter!(PLUGIN_TIMEOUTS, "Plugin calls stopped at their deadline.");
     describe_counter!(AUDIT_ROWS, "Rows appended to the audit log.");
 }

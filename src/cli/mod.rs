@@ -19,6 +19,7 @@ macro_rules! out {
     }};
 }
 
+mod audit;
 mod export;
 mod ingest;
 mod plan;
@@ -125,9 +126,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
         format: ReportFormat,
     },
-    /// Golden records: look up, explain and split profiles.
+    /// Golden records: look up, explain and split profiles (each appends an audit row).
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// The audit log: who read personal data or changed state, when, and the outcome; oldest first.
+    Audit {
+        /// Rows at or after this time: RFC 3339, a date (`2026-12-01`), or how long ago (`24h`, `7d`).
+        #[arg(long, value_name = "T")]
+        since: Option<audit::Since>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = audit::DEFAULT_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
     /// Connector plugins: scaffold, build, inspect and test them.
     #[command(subcommand)]
     Plugin(PluginCmd),
@@ -447,6 +459,7 @@ pub fn run() -> ExitCode {
         Command::Status { format } => block_on(run::status(&file, format)),
         Command::Plan { format } => block_on(plan::run(&file, format)),
         Command::Test { dir } => block_on(test::run(&file, dir.as_deref())),
+        Command::Audit { since, limit, format } => block_on(audit::run(&file, since, limit, format)),
         Command::Profile(cmd) => block_on(async {
             match cmd {
                 ProfileCmd::Get { key_value, format, events } => profile::get(&file, &key_value, format, events).await,
@@ -510,6 +523,30 @@ pub(crate) async fn connect(m: &crate::manifest::Manifest, base: &Path) -> Resul
     crate::store::Store::connect(&m.storage.url, base)
         .await
         .with_context(|| format!("cannot open the store at {}", m.storage.url))
+}
+
+/// Opens the store a manifest file names, reading only `storage.url` from
+/// its YAML: for commands that read the store whatever state the rest of the
+/// file is in (`status` after a failed reload, `audit`). Returns the store
+/// and the directory relative paths resolve against.
+pub(crate) async fn connect_file(path: &Path) -> Result<(crate::store::Store, PathBuf)> {
+    use crate::manifest;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Some(doc) = manifest::yaml::parse(&text).value else {
+        bail!("cannot read `storage.url` from {}: fix its YAML syntax (see `cdp validate`)", path.display());
+    };
+    let url = match doc.pointer("/storage/url") {
+        None => manifest::types::Storage::default().url,
+        Some(serde_json::Value::String(u)) => u.clone(),
+        Some(_) => bail!("`storage.url` in {} is not a string (see `cdp validate`)", path.display()),
+    };
+    if manifest::env::is_reference(&url) {
+        bail!("storage.url needs an environment variable that is not set: {url}");
+    }
+    let store =
+        crate::store::Store::connect(&url, &base).await.with_context(|| format!("cannot open the store at {url}"))?;
+    Ok((store, base))
 }
 
 /// Records the manifest file as the one applied to `store` (`cdp ingest`

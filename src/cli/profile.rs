@@ -1,8 +1,14 @@
-//! `cdp profile get|explain|unmerge KEY=VALUE`.
+//! `cdp profile get|explain|unmerge KEY=VALUE`. Each appends a row to the
+//! audit log (actor `os:USER`, via `cli`, action `profile.get|explain|unmerge`,
+//! the target as typed, outcome `ok`, `not_found` or `error: …`) before it
+//! shows anything; when the row cannot be written the command shows nothing
+//! and fails.
 
 use super::{ReportFormat as Format, connect, load_manifest};
+use crate::store::Store;
 use crate::store::profile::LookupError;
 use anyhow::{Result, bail};
+use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -13,23 +19,93 @@ fn split(kv: &str) -> Result<(&str, &str)> {
     }
 }
 
-async fn find(store: &crate::store::Store, m: &crate::manifest::Manifest, kv: &str) -> Result<Option<i64>> {
+/// What a profile command found: something to show, or why nothing.
+enum Lookup<T> {
+    Found(T),
+    /// No profile has the identifier: the message for standard error.
+    NotFound(String),
+}
+
+async fn find(store: &Store, m: &crate::manifest::Manifest, kv: &str) -> Result<Lookup<i64>> {
     let (k, v) = split(kv)?;
     match store.find_profile(m, k, v).await {
-        Ok(p) => Ok(Some(p)),
-        Err(LookupError::NotFound(k, v)) => {
-            eprintln!("no profile has {k} `{v}`");
-            Ok(None)
-        }
+        Ok(p) => Ok(Lookup::Found(p)),
+        Err(e @ LookupError::NotFound(..)) => Ok(Lookup::NotFound(e.to_string())),
         Err(e) => Err(e.into()),
     }
 }
 
+/// Whether a command only reads, or changes state (committed before its
+/// audit row is written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Reads,
+    Changes,
+}
+
+/// Runs `work` — `action` on the profile `kv` names — and appends its audit
+/// row before handing back what it found: nothing reaches the screen unless
+/// the row is written.
+async fn audited<T>(
+    store: &Store,
+    effect: Effect,
+    action: &str,
+    kv: &str,
+    work: impl Future<Output = Result<Lookup<T>>>,
+) -> Result<Lookup<T>> {
+    let result = work.await;
+    let outcome = match &result {
+        Ok(Lookup::Found(_)) => "ok".to_owned(),
+        Ok(Lookup::NotFound(_)) => "not_found".to_owned(),
+        Err(e) => format!("error: {e:#}"),
+    };
+    if let Err(e) = super::audit::record(store, action, kv, &outcome).await {
+        let why = match (&result, effect) {
+            (Ok(Lookup::Found(_)), Effect::Changes) => {
+                format!("`{action} {kv}` was done, but the audit log cannot be written, so it has no row for it")
+            }
+            (Err(failed), _) => {
+                eprintln!("error: {action} {kv}: {failed:#}");
+                "cannot write the audit log".to_owned()
+            }
+            _ => "cannot write the audit log; nothing is shown without it".to_owned(),
+        };
+        return Err(anyhow::Error::new(e).context(why));
+    }
+    result
+}
+
+/// Looks up `kv` and reads what `read` makes of the profile, under the audit row of `action`.
+async fn read_audited<'a, T, F>(
+    store: &'a Store,
+    m: &'a crate::manifest::Manifest,
+    action: &str,
+    kv: &str,
+    read: impl FnOnce(i64) -> F,
+) -> Result<Lookup<T>>
+where
+    F: Future<Output = Result<T>> + 'a,
+{
+    audited(store, Effect::Reads, action, kv, async {
+        Ok(match find(store, m, kv).await? {
+            Lookup::Found(p) => Lookup::Found(read(p).await?),
+            Lookup::NotFound(why) => Lookup::NotFound(why),
+        })
+    })
+    .await
+}
+
 pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Result<ExitCode> {
     let (m, base) = load_manifest(manifest)?;
-    let store = connect(&m, &base).await?;
-    let Some(p) = find(&store, &m, kv).await? else { return Ok(ExitCode::from(1)) };
-    let g = store.golden(&m, p, events).await?;
+    let (store, m) = (&connect(&m, &base).await?, &m);
+    let read = |p| async move { Ok(store.golden(m, p, events).await?) };
+    let g = match read_audited(store, m, "profile.get", kv, read).await? {
+        Lookup::Found(g) => g,
+        Lookup::NotFound(why) => {
+            eprintln!("{why}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     if format == Format::Json {
         outln!("{}", serde_json::to_string_pretty(&g)?);
         return Ok(ExitCode::SUCCESS);
@@ -73,9 +149,15 @@ pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Re
 
 pub async fn explain(manifest: &Path, kv: &str, format: Format) -> Result<ExitCode> {
     let (m, base) = load_manifest(manifest)?;
-    let store = connect(&m, &base).await?;
-    let Some(p) = find(&store, &m, kv).await? else { return Ok(ExitCode::from(1)) };
-    let x = store.explain(p).await?;
+    let store = &connect(&m, &base).await?;
+    let read = |p| async move { Ok(store.explain(p).await?) };
+    let x = match read_audited(store, &m, "profile.explain", kv, read).await? {
+        Lookup::Found(x) => x,
+        Lookup::NotFound(why) => {
+            eprintln!("{why}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     if format == Format::Json {
         outln!("{}", serde_json::to_string_pretty(&x)?);
         return Ok(ExitCode::SUCCESS);
@@ -129,23 +211,40 @@ fn rule(link: &serde_json::Value) -> String {
     format!("{rule}, probability {p}, weights: {}", fields.join(", "))
 }
 
+/// What `unmerge` did.
+enum Unmerged {
+    /// Split off profile `.0` into the new profile `.1`.
+    Split(i64, i64),
+    /// The identifier (normalised) is already alone in this profile: nothing changed.
+    Already(String, String, i64),
+}
+
 pub async fn unmerge(manifest: &Path, kv: &str) -> Result<ExitCode> {
     let (m, base) = load_manifest(manifest)?;
     let store = connect(&m, &base).await?;
-    let (k, v) = split(kv)?;
-    match store.unmerge(&m, k, v).await {
-        Ok((from, to)) => {
-            outln!("split {k}={v} off profile {from} into profile {to}; records anchored on it moved with it");
-            Ok(ExitCode::SUCCESS)
+    // The split is committed before its audit row is written (the row holds
+    // its outcome); if the row then fails, the command says so and exits 1.
+    let done = audited(&store, Effect::Changes, "profile.unmerge", kv, async {
+        let (k, v) = split(kv)?;
+        match store.unmerge(&m, k, v).await {
+            Ok((from, to)) => Ok(Lookup::Found(Unmerged::Split(from, to))),
+            Err(e @ LookupError::NotFound(..)) => Ok(Lookup::NotFound(e.to_string())),
+            Err(LookupError::AlreadyIsolated(k, v, p)) => Ok(Lookup::Found(Unmerged::Already(k, v, p))),
+            Err(e) => Err(e.into()),
         }
-        Err(LookupError::NotFound(k, v)) => {
-            eprintln!("no profile has {k} `{v}`");
-            Ok(ExitCode::from(1))
+    })
+    .await?;
+    match done {
+        Lookup::Found(Unmerged::Split(from, to)) => {
+            outln!("split {kv} off profile {from} into profile {to}; records anchored on it moved with it");
         }
-        Err(LookupError::AlreadyIsolated(k, v, p)) => {
+        Lookup::Found(Unmerged::Already(k, v, p)) => {
             outln!("{k}={v} is already split off, alone in profile {p}; nothing changed");
-            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => Err(e.into()),
+        Lookup::NotFound(why) => {
+            eprintln!("{why}");
+            return Ok(ExitCode::from(1));
+        }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +13,6 @@ use super::{ReportFormat, load_manifest};
 use crate::manifest::{self, Options};
 use crate::runtime::sync::{self, Ctx, Trigger};
 use crate::runtime::{self, Snapshot};
-use crate::store::Store;
 
 /// `cdp run`.
 pub async fn run(manifest: &Path, drain: Duration, listen: Option<String>) -> Result<ExitCode> {
@@ -74,23 +73,9 @@ pub async fn sync(manifest: &Path, name: &str, full: bool) -> Result<ExitCode> {
 /// `cdp status`: every sync with its state, last run, next run and last
 /// error; the applied manifest; whether a runtime is alive; the last reload.
 pub async fn status(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
-    let base = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     // The file may be invalid (that is what `status` shows after a failed
     // reload), so only its storage URL is read from it, from the YAML alone.
-    let text = std::fs::read_to_string(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-    let Some(doc) = manifest::yaml::parse(&text).value else {
-        bail!("cannot read `storage.url` from {}: fix its YAML syntax (see `cdp validate`)", manifest.display());
-    };
-    let url = match doc.pointer("/storage/url") {
-        None => manifest::types::Storage::default().url,
-        Some(serde_json::Value::String(u)) => u.clone(),
-        Some(_) => bail!("`storage.url` in {} is not a string (see `cdp validate`)", manifest.display()),
-    };
-    let url = &url;
-    if manifest::env::is_reference(url) {
-        bail!("storage.url needs an environment variable that is not set: {url}");
-    }
-    let store = Store::connect(url, &base).await.with_context(|| format!("cannot open the store at {url}"))?;
+    let (store, base) = super::connect_file(manifest).await?;
     let applied = store.applied_manifest().await?;
     let running_manifest =
         match applied.as_ref().and_then(|a| manifest::load_str(&a.text, &Options::validate(&base)).manifest) {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{ResourceAny, ResourceTableError};
@@ -98,6 +99,8 @@ struct Core {
     store: Store<State>,
     timeout: Duration,
     poisoned: bool,
+    /// The plugin's metrics label ([`super::Plugin::label`]).
+    plugin: Arc<str>,
 }
 
 impl Core {
@@ -158,10 +161,14 @@ impl Core {
         PluginError::Trap { entry, call, message }
     }
 
+    /// Every call into the guest ends here: its error explained, and the
+    /// call counted in the plugin metrics.
     fn finish<T>(&mut self, call: &'static str, r: wasmtime::Result<T>) -> Result<T, PluginError> {
         let entry = self.store.data().entry.clone();
         self.store.data().recent.report_dropped(&entry, call);
-        r.map_err(|e| self.fail(call, e))
+        let r = r.map_err(|e| self.fail(call, e));
+        super::observe_call(&self.plugin, call, r.as_ref().err());
+        r
     }
 
     fn connector<T>(&self, call: &'static str, r: Result<T, types::ConnectorError>) -> Result<T, PluginError> {
@@ -269,8 +276,13 @@ pub struct SourceInstance {
 }
 
 impl SourceInstance {
-    pub(crate) fn new(store: Store<State>, bindings: source::SourceConnector, timeout: Duration) -> Self {
-        SourceInstance { core: Core { store, timeout, poisoned: false }, bindings, reader: None }
+    pub(crate) fn new(
+        store: Store<State>,
+        bindings: source::SourceConnector,
+        timeout: Duration,
+        plugin: Arc<str>,
+    ) -> Self {
+        SourceInstance { core: Core { store, timeout, poisoned: false, plugin }, bindings, reader: None }
     }
 
     instance_common!(cdp_connector_source);
@@ -397,8 +409,13 @@ pub struct DestinationInstance {
 }
 
 impl DestinationInstance {
-    pub(crate) fn new(store: Store<State>, bindings: destination::DestinationConnector, timeout: Duration) -> Self {
-        DestinationInstance { core: Core { store, timeout, poisoned: false }, bindings, writer: None }
+    pub(crate) fn new(
+        store: Store<State>,
+        bindings: destination::DestinationConnector,
+        timeout: Duration,
+        plugin: Arc<str>,
+    ) -> Self {
+        DestinationInstance { core: Core { store, timeout, poisoned: false, plugin }, bindings, writer: None }
     }
 
     instance_common!(cdp_connector_destination);

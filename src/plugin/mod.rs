@@ -354,6 +354,7 @@ impl Host {
                 origin,
                 load_time: started.elapsed(),
                 imports,
+                label: label_of(path),
                 pre,
             }),
         })
@@ -465,6 +466,7 @@ struct Loaded {
     origin: Origin,
     load_time: Duration,
     imports: Vec<String>,
+    label: Arc<str>,
     pre: Pre,
 }
 
@@ -505,6 +507,10 @@ impl Plugin {
     pub fn load_time(&self) -> Duration {
         self.inner.load_time
     }
+    /// How metrics name the plugin: its file's stem (`source_csv`).
+    pub fn label(&self) -> &str {
+        &self.inner.label
+    }
     /// The interfaces the component imports (WASI, `cdp:connector/…`).
     pub fn imports(&self) -> &[String] {
         &self.inner.imports
@@ -516,8 +522,8 @@ impl Plugin {
             return Err(PluginError::WrongKind { entry: entry.into(), found: self.kind(), wanted: Kind::Source });
         };
         let mut store = connector::new_store(pre.engine(), entry, grants)?;
-        let bindings = instantiate(entry, grants, pre.instantiate_async(&mut store)).await?;
-        Ok(SourceInstance::new(store, bindings, grants.timeout))
+        let bindings = instantiate(self.label(), entry, grants, pre.instantiate_async(&mut store)).await?;
+        Ok(SourceInstance::new(store, bindings, grants.timeout, self.inner.label.clone()))
     }
 
     /// Starts a destination instance for manifest entry `entry` with `grants`.
@@ -526,8 +532,8 @@ impl Plugin {
             return Err(PluginError::WrongKind { entry: entry.into(), found: self.kind(), wanted: Kind::Destination });
         };
         let mut store = connector::new_store(pre.engine(), entry, grants)?;
-        let bindings = instantiate(entry, grants, pre.instantiate_async(&mut store)).await?;
-        Ok(DestinationInstance::new(store, bindings, grants.timeout))
+        let bindings = instantiate(self.label(), entry, grants, pre.instantiate_async(&mut store)).await?;
+        Ok(DestinationInstance::new(store, bindings, grants.timeout, self.inner.label.clone()))
     }
 
     /// The plugin's spec, from a throwaway instance with no grants and the
@@ -557,13 +563,41 @@ impl Plugin {
 
 /// Instantiation within the call deadline (a guest's start code runs in it).
 async fn instantiate<T>(
+    plugin: &str,
     entry: &str,
     grants: &Grants,
     start: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> Result<T, PluginError> {
-    match tokio::time::timeout(grants.timeout + 2 * TICK, start).await {
+    let r = match tokio::time::timeout(grants.timeout + 2 * TICK, start).await {
         Ok(r) => r.map_err(|e| PluginError::Instantiate { entry: entry.into(), message: format!("{e:#}") }),
         Err(_) => Err(PluginError::Deadline { entry: entry.into(), call: "instantiate", timeout: grants.timeout }),
+    };
+    observe_call(plugin, "instantiate", r.as_ref().err());
+    r
+}
+
+/// A plugin's metrics label: its file's stem, which the operator chose
+/// (never a record's data), the same for every entry that uses the file.
+fn label_of(path: &Path) -> Arc<str> {
+    Arc::from(path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy()).as_ref())
+}
+
+/// Counts one call into a guest (`instantiate` or an export) of `plugin`,
+/// and the deadline or trap that ended it. Connector errors the plugin
+/// returned are answers, not failed calls.
+fn observe_call(plugin: &str, call: &'static str, error: Option<&PluginError>) {
+    use crate::metrics::{PLUGIN_CALLS, PLUGIN_TIMEOUTS, PLUGIN_TRAPS};
+    metrics::counter!(PLUGIN_CALLS, "plugin" => plugin.to_owned(), "call" => call).increment(1);
+    match error {
+        Some(PluginError::Deadline { .. }) => {
+            metrics::counter!(PLUGIN_TIMEOUTS, "plugin" => plugin.to_owned()).increment(1)
+        }
+        // What `Core::fail` makes of a call wasmtime stopped: the guest trapped,
+        // on its own or at the memory cap or a host limit.
+        Some(PluginError::Trap { .. } | PluginError::Memory { .. } | PluginError::Limit { .. }) => {
+            metrics::counter!(PLUGIN_TRAPS, "plugin" => plugin.to_owned()).increment(1)
+        }
+        _ => {}
     }
 }
 
@@ -587,5 +621,45 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), CAPABILITIES.len());
+    }
+
+    #[test]
+    fn calls_are_counted_with_their_traps_and_deadlines_by_file_stem() {
+        let plugin = label_of(Path::new("plugins/dist/source_csv.wasm"));
+        assert_eq!(&*plugin, "source_csv");
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let entry = || "loyalty".to_owned();
+        metrics::with_local_recorder(&recorder, || {
+            observe_call(&plugin, "next", None);
+            observe_call(
+                &plugin,
+                "next",
+                Some(&PluginError::Trap { entry: entry(), call: "next", message: "x".into() }),
+            );
+            let deadline = PluginError::Deadline { entry: entry(), call: "open", timeout: Duration::from_secs(1) };
+            observe_call(&plugin, "open", Some(&deadline));
+            let refused = ConnectorError {
+                class: ErrorClass::Auth,
+                retryable: false,
+                retry_after_ms: None,
+                code: "401".into(),
+                message: "no".into(),
+            };
+            observe_call(
+                &plugin,
+                "open",
+                Some(&PluginError::Connector { entry: entry(), call: "open", error: refused }),
+            );
+        });
+        let text = handle.render();
+        for line in [
+            r#"cdp_plugin_calls_total{plugin="source_csv",call="next"} 2"#,
+            r#"cdp_plugin_calls_total{plugin="source_csv",call="open"} 2"#,
+            r#"cdp_plugin_traps_total{plugin="source_csv"} 1"#,
+            r#"cdp_plugin_timeouts_total{plugin="source_csv"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
     }
 }

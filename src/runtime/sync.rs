@@ -156,6 +156,7 @@ pub async fn run(
         }
     };
     let run_id = ctx.store.start_run(name, trigger.as_str(), &ctx.holder).await?;
+    let started = Instant::now();
     tracing::info!(sync = name, run = run_id, trigger = trigger.as_str(), "sync started");
     let mut run = Run {
         ctx,
@@ -176,6 +177,7 @@ pub async fn run(
         Err(_) => "failed",
     };
     let error = result.err();
+    run_ended(name, state, started.elapsed());
     let err_fields = error.as_ref().map(|e| (e.class(), e.to_string()));
     ctx.store
         .finish_run(
@@ -221,6 +223,13 @@ struct Pending {
     rejects: Vec<(String, String)>,
     /// The newest checkpoint read.
     checkpoint: Option<String>,
+}
+
+/// Records a run that ended in `state` after `took`.
+fn run_ended(sync: &str, state: &'static str, took: Duration) {
+    use crate::metrics::{SYNC_DURATION, SYNC_RUNS};
+    metrics::counter!(SYNC_RUNS, "sync" => sync.to_owned(), "state" => state).increment(1);
+    metrics::histogram!(SYNC_DURATION, "sync" => sync.to_owned()).record(took.as_secs_f64());
 }
 
 /// A run in progress.
@@ -426,4 +435,36 @@ fn retry_wait(e: &PluginError, attempt: u32) -> Duration {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let jitter = crate::rng::Rng::new(seed).below(1_000) as f64 / 1_000.0;
     base.mul_f64(1.0 + jitter * 0.25)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ingest::BatchReport;
+
+    #[test]
+    fn a_run_and_its_batches_show_up_in_the_metrics() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            run_ended("loyalty", "succeeded", Duration::from_millis(1_500));
+            run_ended("loyalty", "failed", Duration::from_millis(500));
+            let report = BatchReport { accepted: 7, merges: 2, splits: 1, ..BatchReport::default() };
+            crate::metrics::batch_committed("sync", &report, 0.25);
+        });
+        let text = handle.render();
+        for line in [
+            r#"cdp_sync_runs_total{sync="loyalty",state="succeeded"} 1"#,
+            r#"cdp_sync_runs_total{sync="loyalty",state="failed"} 1"#,
+            r#"cdp_sync_run_duration_seconds_sum{sync="loyalty"} 2"#,
+            r#"cdp_sync_run_duration_seconds_count{sync="loyalty"} 2"#,
+            r#"cdp_ingest_batches_total{origin="sync"} 1"#,
+            r#"cdp_ingest_records_total{origin="sync"} 7"#,
+            r#"cdp_ingest_batch_duration_seconds_count{origin="sync"} 1"#,
+            "cdp_identity_merges_total 2",
+            "cdp_identity_splits_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
 }
