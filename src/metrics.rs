@@ -16,8 +16,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub const EVENTS_RECEIVED: &str = "cdp_events_received_total";
 /// `{source}`: events durably stored (duplicates included: they are acknowledged).
 pub const EVENTS_ACCEPTED: &str = "cdp_events_accepted_total";
-/// `{source, reason}`: events refused, by reason (`too_large`, `malformed`,
-/// `no_id`, `mapping`).
+/// `{source, reason}`: events refused, by rejection code
+/// ([`crate::ingest::REJECTION_CODES`]: `too_large`, `no_id`, `type`, and
+/// the map's codes such as `no_identifier` or `trait`).
 pub const EVENTS_REJECTED: &str = "cdp_events_rejected_total";
 /// `{route, status}`: HTTP requests answered.
 pub const HTTP_REQUESTS: &str = "cdp_http_requests_total";

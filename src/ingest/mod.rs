@@ -70,6 +70,11 @@ pub const REJECTION_CODES: &[(&str, &str)] = &[
     ("event", "the event is unknown or a property does not fit its type"),
     ("entity", "the entity row is unknown, lacks its key, or a field does not fit its type"),
     ("too_long", "a line or value is longer than its limit"),
+    // The collector's own checks, before the map.
+    ("too_large", "a collector message is larger than 32 KB"),
+    ("type", "a collector message has no `type`, or one the tracking API does not know"),
+    ("no_id", "a collector message has neither `userId` nor `anonymousId` (an alias: no `previousId`)"),
+    ("source", "the write key's source left the running manifest"),
 ];
 
 fn reject<T>(code: &'static str, field: Option<&str>, msg: impl Into<String>) -> Result<T, Rejection> {

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::auth::KeyCache;
 use super::{AppState, error};
 use crate::ingest::pipeline::{Committer, Job};
-use crate::ingest::{Mapper, content_id, parse_time};
+use crate::ingest::{Mapper, Rejection, content_id, parse_time};
 use crate::metrics as m;
 use crate::runtime::Snapshot;
 use crate::store::ingest::BatchReport;
@@ -69,7 +69,7 @@ impl Handle {
 struct Submission {
     source: String,
     messages: Vec<Value>,
-    reply: oneshot::Sender<Result<Vec<Option<String>>, String>>,
+    reply: oneshot::Sender<Result<Vec<Option<Rejection>>, String>>,
 }
 
 /// Starts the committer on `tracker`; it ends when every [`Handle`] is gone.
@@ -162,6 +162,9 @@ struct Rejected {
     index: usize,
     #[serde(rename = "messageId", skip_serializing_if = "Option::is_none")]
     message_id: Option<String>,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
     reason: String,
 }
 
@@ -213,8 +216,7 @@ async fn receive(
     let total = messages.len() + rejected.len();
     metrics::counter!(m::EVENTS_RECEIVED, "source" => source.clone()).increment(total as u64);
     for r in &rejected {
-        metrics::counter!(m::EVENTS_REJECTED, "source" => source.clone(), "reason" => reason_label(&r.reason))
-            .increment(1);
+        metrics::counter!(m::EVENTS_REJECTED, "source" => source.clone(), "reason" => r.code).increment(1);
     }
     if messages.is_empty() {
         return answer(&source, total, rejected, kind);
@@ -229,9 +231,15 @@ async fn receive(
         Ok(Ok(outcomes)) => {
             for ((index, message_id), outcome) in ids.into_iter().zip(outcomes) {
                 if let Some(reason) = outcome {
-                    metrics::counter!(m::EVENTS_REJECTED, "source" => source.clone(), "reason" => "mapping")
+                    metrics::counter!(m::EVENTS_REJECTED, "source" => source.clone(), "reason" => reason.code)
                         .increment(1);
-                    rejected.push(Rejected { index, message_id, reason });
+                    rejected.push(Rejected {
+                        index,
+                        message_id,
+                        code: reason.code,
+                        field: reason.field,
+                        reason: reason.message,
+                    });
                 }
             }
             rejected.sort_by_key(|r| r.index);
@@ -367,7 +375,9 @@ fn parse(
     for (index, r) in raws.into_iter().enumerate() {
         match message(r, index, kind, sent_at.as_ref(), context.as_ref(), received) {
             Ok(v) => good.push((index, v)),
-            Err(reason) => rejected.push(Rejected { index, message_id: None, reason }),
+            Err(r) => {
+                rejected.push(Rejected { index, message_id: None, code: r.code, field: r.field, reason: r.message })
+            }
         }
     }
     Ok((source, good, rejected))
@@ -381,21 +391,37 @@ fn message(
     batch_sent_at: Option<&Value>,
     batch_context: Option<&Value>,
     received: i64,
-) -> Result<Value, String> {
+) -> Result<Value, Rejection> {
     let at = || if kind.is_some() { "the message".to_owned() } else { format!("message {index}") };
     if raw.get().len() > MAX_MESSAGE_BYTES {
-        return Err(format!("{} is larger than {} KB, the limit for a message", at(), MAX_MESSAGE_BYTES / 1024));
+        return Err(Rejection::new(
+            "too_large",
+            None,
+            format!("{} is larger than {} KB, the limit for a message", at(), MAX_MESSAGE_BYTES / 1024),
+        ));
     }
     let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(raw.get()) else {
-        return Err(format!("{} is not a JSON object", at()));
+        return Err(Rejection::new("not_object", None, format!("{} is not a JSON object", at())));
     };
     match (kind, msg.get("type").and_then(Value::as_str)) {
         (Some(k), _) => {
             msg.insert("type".into(), Value::String(k.into()));
         }
         (None, Some(t)) if KINDS.contains(&t) => {}
-        (None, Some(t)) => return Err(format!("{} has `type` `{t}`; it must be one of {}", at(), KINDS.join(", "))),
-        (None, None) => return Err(format!("{} has no `type`; it must be one of {}", at(), KINDS.join(", "))),
+        (None, Some(t)) => {
+            return Err(Rejection::new(
+                "type",
+                Some("type"),
+                format!("{} has `type` `{t}`; it must be one of {}", at(), KINDS.join(", ")),
+            ));
+        }
+        (None, None) => {
+            return Err(Rejection::new(
+                "type",
+                Some("type"),
+                format!("{} has no `type`; it must be one of {}", at(), KINDS.join(", ")),
+            ));
+        }
     }
     let id_present = |f: &str| match msg.get(f) {
         Some(Value::String(s)) => !s.trim().is_empty(),
@@ -403,10 +429,14 @@ fn message(
         _ => false,
     };
     if !id_present("userId") && !id_present("anonymousId") {
-        return Err(format!("{} has neither `userId` nor `anonymousId`", at()));
+        return Err(Rejection::new(
+            "no_id",
+            Some("userId"),
+            format!("{} has neither `userId` nor `anonymousId`", at()),
+        ));
     }
     if msg.get("type").and_then(Value::as_str) == Some("alias") && !id_present("previousId") {
-        return Err(format!("{} is an alias without `previousId`", at()));
+        return Err(Rejection::new("no_id", Some("previousId"), format!("{} is an alias without `previousId`", at())));
     }
     // Alias links a previous id (usually the anonymous one) to the user id.
     if msg.get("type").and_then(Value::as_str) == Some("alias")
@@ -469,17 +499,6 @@ fn message_id(v: &Value) -> Option<String> {
     v.get("messageId").and_then(Value::as_str).map(str::to_owned)
 }
 
-/// A rejection reason as a low-cardinality metric label.
-fn reason_label(reason: &str) -> &'static str {
-    if reason.contains("larger than") {
-        "too_large"
-    } else if reason.contains("neither `userId`") || reason.contains("without `previousId`") {
-        "no_id"
-    } else {
-        "malformed"
-    }
-}
-
 /// Commits what arrived while the previous commit ran, in one transaction,
 /// and answers each request with its messages' outcomes. While one group
 /// is committed the next is gathered and mapped.
@@ -523,7 +542,7 @@ async fn committer(store: Arc<Store>, snapshot: watch::Receiver<Arc<Snapshot>>, 
 }
 
 /// Each request's reply channel and its messages' outcomes.
-type Replies = Vec<(oneshot::Sender<Result<Vec<Option<String>>, String>>, Vec<Option<String>>)>;
+type Replies = Vec<(oneshot::Sender<Result<Vec<Option<Rejection>>, String>>, Vec<Option<Rejection>>)>;
 
 /// Answers the requests of a committed (or failed) group.
 fn answer_group(done: Option<Result<(BatchReport, Replies), crate::store::StoreError>>) {
@@ -544,7 +563,7 @@ fn answer_group(done: Option<Result<(BatchReport, Replies), crate::store::StoreE
 
 /// Maps every message of the group by its source's `map`: the records to
 /// store, and per request each message's rejection (or `None`).
-fn map_group(snap: &Snapshot, group: &mut [Submission]) -> (Vec<crate::ingest::Record>, Vec<Vec<Option<String>>>) {
+fn map_group(snap: &Snapshot, group: &mut [Submission]) -> (Vec<crate::ingest::Record>, Vec<Vec<Option<Rejection>>>) {
     let now = now_ms();
     let mut mappers: HashMap<String, Result<Mapper<'_>, String>> = HashMap::new();
     let mut records = Vec::new();
@@ -559,9 +578,13 @@ fn map_group(snap: &Snapshot, group: &mut [Submission]) -> (Vec<crate::ingest::R
                         records.push(r);
                         out.push(None);
                     }
-                    Err(r) => out.push(Some(r.message)),
+                    Err(r) => out.push(Some(r)),
                 },
-                Err(e) => out.push(Some(format!("the source is not in the running manifest: {e}"))),
+                Err(e) => out.push(Some(Rejection::new(
+                    "source",
+                    None,
+                    format!("the source is not in the running manifest: {e}"),
+                ))),
             }
         }
         outcomes.push(out);
@@ -595,10 +618,11 @@ mod tests {
     fn messages_need_an_id_and_a_known_type() {
         let none = json!({"type": "track", "event": "x"});
         let e = message(&raw(&none), 3, None, None, None, 0).expect_err("no id");
-        assert!(e.contains("message 3 has neither `userId` nor `anonymousId`"), "{e}");
+        assert!(e.message.contains("message 3 has neither `userId` nor `anonymousId`"), "{e}");
+        assert_eq!((e.code, e.field.as_deref()), ("no_id", Some("userId")));
         let bad = json!({"type": "tracked", "userId": "u"});
         let e = message(&raw(&bad), 0, None, None, None, 0).expect_err("bad type");
-        assert!(e.contains("`tracked`"), "{e}");
+        assert!(e.message.contains("`tracked`"), "{e}");
         // On a single-message route the route decides the type.
         let v = message(&raw(&json!({"userId": 7})), 0, Some("identify"), None, None, 0).expect("ok");
         assert_eq!(v["type"], "identify");
