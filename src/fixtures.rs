@@ -29,9 +29,9 @@ use serde_json::{Map, Value};
 
 use crate::ingest::Mapper;
 use crate::manifest::{Manifest, yaml};
+use crate::profile::GoldenRecord;
 use crate::store::Store;
 use crate::store::ingest::IdentityConfig;
-use crate::store::profile::GoldenRecord;
 
 /// What one fixture file found.
 #[derive(Debug, Default)]

@@ -7,18 +7,22 @@
 //! Modules, in the order dependencies point: [`manifest`] (the typed manifest
 //! and its validation) ← pure domain: [`audience`] (the rule language),
 //! [`identity`] (normalisation and resolution), [`ingest`] (mapping records
-//! onto the model) ← [`store`] (SQLite/PostgreSQL), [`plugin`] (the Wasm host)
-//! ← [`runtime`] (`cdp run`: schedules, syncs, reload) ← [`cli`], [`bench`].
+//! onto the model), [`profile`] (the golden record: trait merge, computed
+//! traits), [`consent`] (purpose decisions) ← [`store`] (SQLite/PostgreSQL:
+//! rows in, rows out), [`plugin`] (the Wasm host) ← [`runtime`] (`cdp run`:
+//! schedules, syncs, reload) ← [`cli`], [`bench`].
 
 pub mod audience;
 pub mod bench;
 pub mod cli;
+pub mod consent;
 pub mod fixtures;
 pub mod identity;
 pub mod ingest;
 pub mod manifest;
 pub mod metrics;
 pub mod plugin;
+pub mod profile;
 pub mod rng;
 pub mod runtime;
 pub mod server;

@@ -118,8 +118,8 @@ fn splice(doc: &str, name: &str, body: &str) -> String {
 fn readme_tables_are_generated_from_the_code() {
     let path = root().join("README.md");
     let readme = std::fs::read_to_string(&path).expect("README.md");
-    let want = splice(&readme, "codes", &cdp::manifest::schema::codes_markdown());
-    let want = splice(&want, "reference", &cdp::manifest::schema::reference_markdown());
+    let want = splice(&readme, "codes", &cdp::cli::schema::codes_markdown());
+    let want = splice(&want, "reference", &cdp::cli::schema::reference_markdown());
     if std::env::var_os("CDP_BLESS").is_some() {
         std::fs::write(&path, &want).expect("write README");
         return;

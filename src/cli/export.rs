@@ -6,9 +6,9 @@
 
 use super::{connect, load_manifest};
 use crate::manifest::Manifest;
+use crate::profile::GoldenRecord;
 use crate::store::Store;
 use crate::store::export::RecordRow;
-use crate::store::profile::GoldenRecord;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use serde_json::{Value, json};

@@ -25,7 +25,9 @@ mod ingest;
 mod plan;
 mod plugin;
 mod profile;
+mod render;
 mod run;
+pub mod schema;
 mod test;
 mod validate;
 
@@ -353,14 +355,7 @@ pub fn run() -> ExitCode {
     let file = cli.file;
     let result = match cli.command {
         Command::Validate { format } => return validate::run(&file, format),
-        Command::Schema { markdown } => (|| {
-            if markdown {
-                out!("{}", crate::manifest::schema::reference_markdown());
-            } else {
-                out!("{}", crate::manifest::schema::schema_text());
-            }
-            Ok(ExitCode::SUCCESS)
-        })(),
+        Command::Schema { markdown } => schema::run(markdown),
         Command::Bench(Bench::Validate { lines, runs }) => {
             print!("{}", crate::bench::validate::run(lines, runs));
             Ok(ExitCode::SUCCESS)
@@ -505,10 +500,7 @@ pub(crate) fn load_manifest(path: &Path) -> Result<(crate::manifest::Manifest, P
     let loaded = crate::manifest::load_file(path, &crate::manifest::Options::validate(&base))?;
     if loaded.has_errors() {
         let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
-        eprint!(
-            "{}",
-            crate::manifest::diag::render_human(&path.display().to_string(), loaded.source.as_deref(), &errors)
-        );
+        eprint!("{}", render::human(&path.display().to_string(), loaded.source.as_deref(), &errors));
         bail!("{} is invalid; fix it (see `cdp validate`) and run again", path.display());
     }
     let m = loaded.manifest.context("manifest")?;

@@ -9,27 +9,33 @@ use anyhow::{Result, bail};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{ReportFormat, load_manifest};
+use super::{ReportFormat, load_manifest, render};
 use crate::manifest::{self, Options};
 use crate::runtime::sync::{self, Ctx, Trigger};
 use crate::runtime::{self, Snapshot};
 
 /// `cdp run`.
 pub async fn run(manifest: &Path, drain: Duration, listen: Option<String>) -> Result<ExitCode> {
-    runtime::run(runtime::Options { manifest: manifest.to_path_buf(), drain, listen }).await?;
+    let host = std::sync::Arc::new(crate::plugin::Host::with_default_cache()?);
+    let Some(snap) = snapshot(manifest, &host).await else {
+        bail!("{} cannot run: fix it (see `cdp validate`) and start again", manifest.display());
+    };
+    runtime::run(runtime::Options { manifest: manifest.to_path_buf(), drain, listen }, host, snap).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The manifest as the runtime runs it; when it cannot be, its errors are
+/// shown on stderr as `cdp validate` shows them.
+async fn snapshot(manifest: &Path, host: &crate::plugin::Host) -> Option<Snapshot> {
+    Snapshot::load(manifest, host).await.inspect_err(|e| eprint!("{}", render::load_error(e))).ok()
 }
 
 /// `cdp sync NAME [--full]`: one run of a source sync now, through the code
 /// `cdp run` uses. Exit 1 when it failed or runs elsewhere.
 pub async fn sync(manifest: &Path, name: &str, full: bool) -> Result<ExitCode> {
     let host = crate::plugin::Host::with_default_cache()?;
-    let snap = match Snapshot::load(manifest, &host).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprint!("{}", e.render());
-            bail!("{} is invalid; fix it (see `cdp validate`) and run again", manifest.display());
-        }
+    let Some(snap) = snapshot(manifest, &host).await else {
+        bail!("{} is invalid; fix it (see `cdp validate`) and run again", manifest.display());
     };
     if !snap.sources.contains_key(name) {
         let known: Vec<&str> = snap.sources.keys().map(String::as_str).collect();

@@ -1,6 +1,6 @@
 //! `cdp validate`: exit 0 valid (warnings allowed), 1 invalid, 2 could not run.
 
-use super::Format;
+use super::{Format, render};
 use crate::manifest::{self, Options, diag};
 use std::io::Read;
 use std::path::Path;
@@ -38,9 +38,9 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
     }
     let name = if stdin { "<stdin>".to_owned() } else { file.display().to_string() };
     let out = match format {
-        Format::Human => diag::render_human(&name, loaded.source.as_deref(), &loaded.diagnostics),
-        Format::Json => diag::render_json(&loaded.diagnostics) + "\n",
-        Format::Github => diag::render_github(&name, &loaded.diagnostics),
+        Format::Human => render::human(&name, loaded.source.as_deref(), &loaded.diagnostics),
+        Format::Json => render::json(&loaded.diagnostics) + "\n",
+        Format::Github => render::github(&name, &loaded.diagnostics),
     };
     let verdict = if loaded.has_errors() { ExitCode::from(1) } else { ExitCode::SUCCESS };
     match write_stdout(&out) {
@@ -67,8 +67,8 @@ fn unreadable(file: &Path, e: &manifest::ReadError, format: Format) -> ExitCode 
             eprintln!("error[{}]: {e}\nhint: {hint}", diag::READ);
             return ExitCode::from(2);
         }
-        Format::Json => diag::render_json(std::slice::from_ref(&d)) + "\n",
-        Format::Github => diag::render_github(&name, std::slice::from_ref(&d)),
+        Format::Json => render::json(std::slice::from_ref(&d)) + "\n",
+        Format::Github => render::github(&name, std::slice::from_ref(&d)),
     };
     let _ = write_stdout(&out);
     ExitCode::from(2)

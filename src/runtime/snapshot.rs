@@ -54,19 +54,11 @@ pub enum LoadError {
     Invalid { path: String, source_text: Option<String>, diagnostics: Vec<Diagnostic> },
 }
 
+/// The CLI shows an `Invalid` error as `cdp validate` does, from its
+/// diagnostics and the manifest's text; the runtime logs and records
+/// [`LoadError::lines`].
 impl LoadError {
-    /// The errors as `cdp validate` prints them.
-    pub fn render(&self) -> String {
-        match self {
-            LoadError::Read { .. } => format!("error: {self}\n"),
-            LoadError::Invalid { path, source_text, diagnostics } => {
-                let errors: Vec<_> = diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
-                diag::render_human(path, source_text.as_deref(), &errors)
-            }
-        }
-    }
-
-    /// One line per error, for status documents.
+    /// One line per error, for status documents and the log.
     pub fn lines(&self) -> Vec<String> {
         match self {
             LoadError::Read { .. } => vec![self.to_string()],

@@ -55,16 +55,10 @@ struct Running {
     handle: JoinHandle<()>,
 }
 
-/// Runs the manifest at `opts.manifest` until SIGINT or SIGTERM.
-pub async fn run(opts: Options) -> Result<()> {
-    let host = Arc::new(Host::with_default_cache()?);
-    let mut snap = match Snapshot::load(&opts.manifest, &host).await {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            eprint!("{}", e.render());
-            bail!("{} cannot run: fix it (see `cdp validate`) and start again", opts.manifest.display());
-        }
-    };
+/// Runs `snap`, loaded from `opts.manifest` by `host`, until SIGINT or
+/// SIGTERM, loading the manifest again with `host` whenever it changes.
+pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
+    let mut snap = Arc::new(snap);
     let store = Arc::new(connect(&snap).await?);
     let ctx = Ctx { store: store.clone(), holder: super::holder() };
     store.record_manifest(&snap.sha256, &snap.text, &ctx.holder).await?;
@@ -121,9 +115,10 @@ pub async fn run(opts: Options) -> Result<()> {
                         watcher.follow(&snap)?;
                     }
                     Err(e) => {
-                        tracing::error!(why, "the changed manifest is invalid; the running one stays:\n{}", e.render());
+                        let errors = e.lines();
+                        tracing::error!(why, "the changed manifest is invalid; the running one stays:\n{}", errors.join("\n"));
                         metrics::counter!(crate::metrics::RELOADS, "outcome" => "failed").increment(1);
-                        store.put_status("reload", &reload_doc(&snap, why, Some(e.lines()))).await?;
+                        store.put_status("reload", &reload_doc(&snap, why, Some(errors))).await?;
                     }
                 }
             }

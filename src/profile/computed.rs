@@ -1,0 +1,163 @@
+//! Computed traits: aggregates over a profile's events that the manifest
+//! declares under `model.computed` (`count`, `sum`, `avg`, `min`, `max`,
+//! `first`, `last`, `distinct`, `last_seen`), optionally within a time
+//! window and over the events an expression selects. Evaluated when the
+//! golden record is read, from all of the profile's events.
+
+use indexmap::IndexMap;
+use serde_json::Value;
+
+use super::{EventView, number};
+use crate::audience::{self, Val};
+use crate::manifest::{Computed, EventType, FieldType, Manifest};
+
+/// Every computed trait of the model, in its order, from the profile's
+/// events (newest first).
+pub fn computed_traits(m: &Manifest, events: &[EventView], now: i64) -> IndexMap<String, Value> {
+    let mut out = IndexMap::new();
+    for (name, c) in &m.model.computed {
+        if let Some(v) = computed_trait(m, c, events, now) {
+            out.insert(name.clone(), v);
+        }
+    }
+    out
+}
+
+/// One computed trait; `None` when it names no aggregate or an unknown
+/// event (validation refuses both).
+fn computed_trait(m: &Manifest, c: &Computed, events: &[EventView], now: i64) -> Option<Value> {
+    let (agg, spec) = c.aggregates().into_iter().next()?;
+    let (event, prop) = spec.split_once('.').map_or((spec.as_str(), None), |(e, p)| (e, Some(p)));
+    let et = m.model.events.get(event)?;
+    let since = c
+        .within
+        .as_deref()
+        .and_then(|w| crate::manifest::units::parse_duration(w).ok())
+        .map(|d| now - d.as_millis() as i64);
+    let filter = c.filter.as_deref().and_then(|f| {
+        let mut scope = audience::Scope::new();
+        for (p, t) in &et.properties {
+            scope.var(p.clone(), crate::manifest::rules::field_type(*t));
+        }
+        audience::compile(f, &scope).ok()
+    });
+    let matching: Vec<&EventView> = events
+        .iter()
+        .filter(|e| e.name == event)
+        .filter(|e| {
+            let at = audience::program::parse_timestamp(&e.at).unwrap_or(0);
+            since.is_none_or(|s| at >= s)
+                && filter.as_ref().is_none_or(|p| {
+                    let vals: Vec<Val> = p
+                        .vars
+                        .iter()
+                        .map(|v| {
+                            e.properties
+                                .get(v)
+                                .map_or(Val::Null, |x| audience::json_val(x, et.properties.get(v).copied()))
+                        })
+                        .collect();
+                    p.matches(&vals, now)
+                })
+        })
+        .collect();
+    Some(aggregate(agg, prop, et, &matching))
+}
+
+/// An aggregate over the matching events (newest first) or over their
+/// property `prop`.
+fn aggregate(agg: &str, prop: Option<&str>, et: &EventType, matching: &[&EventView]) -> Value {
+    let values = || -> Vec<&Value> { matching.iter().filter_map(|e| prop.and_then(|p| e.properties.get(p))).collect() };
+    match agg {
+        "count" => Value::from(matching.len() as i64),
+        "last_seen" => matching.first().map_or(Value::Null, |e| Value::String(e.at.clone())),
+        "sum" | "avg" | "min" | "max" => {
+            let nums: Vec<f64> = values().into_iter().filter_map(Value::as_f64).collect();
+            let total = nums.iter().fold(0.0, |a, b| a + b);
+            let r = match agg {
+                "sum" => Some(total),
+                "avg" if !nums.is_empty() => Some(total / nums.len() as f64),
+                "min" => nums.iter().copied().reduce(f64::min),
+                "max" => nums.iter().copied().reduce(f64::max),
+                _ => None,
+            };
+            let integer = agg != "avg" && prop.and_then(|p| et.properties.get(p)) == Some(&FieldType::Integer);
+            r.map_or(Value::Null, |x| number(x, integer))
+        }
+        "first" => values().last().map_or(Value::Null, |v| (*v).clone()),
+        "last" => values().first().map_or(Value::Null, |v| (*v).clone()),
+        _ => {
+            let mut vs: Vec<String> = values().into_iter().map(Value::to_string).collect();
+            vs.sort();
+            vs.dedup();
+            Value::from(vs.len() as i64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Options, load_str};
+    use serde_json::json;
+
+    const DAY: i64 = 86_400_000;
+
+    fn manifest() -> Manifest {
+        let text = r#"
+version: 1
+name: t
+identity:
+  keys:
+    email: { normalize: email }
+model:
+  events:
+    order: { properties: { total: number, items: integer, channel: string } }
+  computed:
+    orders: { count: order }
+    spend: { sum: order.total }
+    items: { sum: order.items }
+    avg_total: { avg: order.total }
+    recent_orders: { count: order, within: 7d }
+    store_orders: { count: order, where: 'channel == "store"' }
+    channels: { distinct: order.channel }
+    first_channel: { first: order.channel }
+    last_channel: { last: order.channel }
+    last_order_at: { last_seen: order }
+"#;
+        let l = load_str(text, &Options::validate("."));
+        assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+        l.manifest.expect("manifest")
+    }
+
+    fn order(day: i64, total: f64, items: i64, channel: &str) -> EventView {
+        EventView {
+            name: "order".into(),
+            at: super::super::iso(day * DAY),
+            source: "pos".into(),
+            message_id: format!("o-{day}"),
+            properties: json!({ "total": total, "items": items, "channel": channel }),
+        }
+    }
+
+    #[test]
+    fn aggregates_over_the_events_given_newest_first() {
+        let events = [order(20, 10.5, 2, "web"), order(10, 4.0, 1, "store"), order(1, 0.5, 3, "store")];
+        let c = computed_traits(&manifest(), &events, 21 * DAY);
+        let want = json!({
+            "orders": 3, "spend": 15.0, "items": 6, "avg_total": 5.0, "recent_orders": 1, "store_orders": 2,
+            "channels": 2, "first_channel": "store", "last_channel": "web", "last_order_at": "1970-01-21T00:00:00Z",
+        });
+        assert_eq!(serde_json::to_value(&c).expect("json"), want);
+    }
+
+    #[test]
+    fn no_events_count_zero_and_have_no_values() {
+        let c = computed_traits(&manifest(), &[], 0);
+        assert_eq!(c["orders"], json!(0));
+        assert_eq!(c["spend"], json!(0.0));
+        assert_eq!(c["avg_total"], Value::Null);
+        assert_eq!(c["last_channel"], Value::Null);
+        assert_eq!(c["last_order_at"], Value::Null);
+    }
+}

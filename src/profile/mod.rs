@@ -1,0 +1,359 @@
+//! The golden record: one profile as `cdp profile get`, `cdp export`,
+//! `cdp test` and the admin API show it. The store reads a profile's rows
+//! ([`ProfileRows`]: identifiers, folded trait observations, consent ledger,
+//! events, entities); [`golden_record`] turns them into the record: traits
+//! merged by each trait's policy ([`merge`]), consent decided ([`crate::consent`]),
+//! computed traits over the events ([`computed`]) and audience membership
+//! ([`crate::audience::members`]). Pure: rows and the time in, a record out.
+
+pub mod computed;
+pub mod merge;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::audience::{self, Val};
+use crate::consent::{self, Basis, Decision, LedgerRow};
+use crate::manifest::{FieldType, Manifest, TraitType};
+pub use computed::computed_traits;
+pub use merge::TraitObs;
+
+/// One identifier of the profile, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRow {
+    pub id: i64,
+    pub key: String,
+    pub value: String,
+    /// When it was first seen, milliseconds since the epoch.
+    pub first_at: i64,
+    /// The record that first carried it.
+    pub source: String,
+    pub message_id: String,
+    /// Split off by hand (`cdp profile unmerge`): alone in its profile for good.
+    pub isolated: bool,
+}
+
+/// One event of the profile, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub name: Option<String>,
+    pub at: i64,
+    pub source: String,
+    pub message_id: String,
+    /// The event's properties, JSON text.
+    pub payload: String,
+}
+
+/// One related entity (an order, a booking, …) of the profile, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityRow {
+    pub entity: String,
+    pub key: String,
+    /// Its fields, JSON text.
+    pub fields: String,
+    pub at: i64,
+}
+
+/// Everything the store holds of one profile.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileRows {
+    pub profile: i64,
+    /// Ordered by first seen.
+    pub identities: Vec<IdentityRow>,
+    pub traits: Vec<TraitObs>,
+    pub consent: Vec<LedgerRow>,
+    pub events: Vec<EventRow>,
+    /// Ordered by entity, then key.
+    pub entities: Vec<EntityRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IdentityView {
+    #[serde(rename = "type")]
+    pub key: String,
+    pub value: String,
+    pub first_seen: String,
+    pub source: String,
+    pub message_id: String,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TraitValue {
+    pub value: Value,
+    pub source: String,
+    pub observed_at: String,
+    pub policy: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsentView {
+    pub granted: bool,
+    /// `recorded` when the person answered, `expired` when their grant
+    /// lapsed, `default` when they never answered.
+    pub basis: Basis,
+    pub at: Option<String>,
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub name: String,
+    pub at: String,
+    pub source: String,
+    pub message_id: String,
+    pub properties: Value,
+}
+
+/// The golden record, in the stable shape of `cdp profile get --format json`.
+#[derive(Debug, Serialize)]
+pub struct GoldenRecord {
+    pub profile_id: String,
+    pub identities: Vec<IdentityView>,
+    pub traits: IndexMap<String, TraitValue>,
+    pub computed: IndexMap<String, Value>,
+    pub consent: IndexMap<String, ConsentView>,
+    pub audiences: Vec<String>,
+    pub events: Vec<EventView>,
+    pub entities: Vec<Value>,
+}
+
+/// The golden record of a profile from its rows, evaluated at `now`
+/// (milliseconds since the epoch), with its `recent_events` newest events.
+/// Computed traits and audiences read all of its events.
+pub fn golden_record(m: &Manifest, rows: ProfileRows, recent_events: usize, now: i64) -> GoldenRecord {
+    let traits = merge::merged_traits(m, &rows.traits);
+    let decisions = consent::decide(m, &rows.consent, now);
+    let identities: Vec<IdentityView> = rows.identities.into_iter().map(IdentityView::from).collect();
+    let mut events: Vec<EventView> = rows.events.into_iter().map(EventView::from).collect();
+    events.sort_by(|a, b| (&b.at, &b.message_id).cmp(&(&a.at, &a.message_id)));
+    let computed = computed_traits(m, &events, now);
+    let audiences = audience::members(m, now, |v| audience_value(m, v, &traits, &computed, &decisions, &identities));
+    events.truncate(recent_events);
+    GoldenRecord {
+        profile_id: rows.profile.to_string(),
+        identities,
+        traits,
+        computed,
+        consent: decisions.into_iter().map(|(p, d)| (p, ConsentView::from(d))).collect(),
+        audiences,
+        events,
+        entities: rows.entities.into_iter().map(entity_json).collect(),
+    }
+}
+
+/// The profile's value of a name an audience rule reads.
+fn audience_value(
+    m: &Manifest,
+    var: &str,
+    traits: &IndexMap<String, TraitValue>,
+    computed: &IndexMap<String, Value>,
+    consent: &IndexMap<String, Decision>,
+    identities: &[IdentityView],
+) -> Option<Val> {
+    if let Some(t) = traits.get(var) {
+        return Some(audience::json_val(&t.value, m.model.traits.get(var).and_then(|d| trait_field(d.kind))));
+    }
+    if let Some(c) = computed.get(var) {
+        let is_ts = m.model.computed.get(var).is_some_and(|c| c.last_seen.is_some());
+        return Some(audience::json_val(c, is_ts.then_some(FieldType::Timestamp)));
+    }
+    if let Some(p) = var.strip_prefix("consent.") {
+        return Some(Val::Bool(consent.get(p).is_some_and(|c| c.granted)));
+    }
+    let k = var.strip_prefix("identities.")?;
+    Some(Val::List(identities.iter().filter(|i| i.key == k).map(|i| Val::Str(i.value.as_str().into())).collect()))
+}
+
+/// The field type a trait's values are read as by rules (lists have none).
+fn trait_field(t: TraitType) -> Option<FieldType> {
+    match t {
+        TraitType::String => Some(FieldType::String),
+        TraitType::Number => Some(FieldType::Number),
+        TraitType::Integer => Some(FieldType::Integer),
+        TraitType::Boolean => Some(FieldType::Boolean),
+        TraitType::Date => Some(FieldType::Date),
+        TraitType::Timestamp => Some(FieldType::Timestamp),
+        TraitType::List => None,
+    }
+}
+
+impl From<IdentityRow> for IdentityView {
+    fn from(r: IdentityRow) -> Self {
+        IdentityView {
+            key: r.key,
+            value: r.value,
+            first_seen: iso(r.first_at),
+            source: r.source,
+            message_id: r.message_id,
+        }
+    }
+}
+
+impl From<EventRow> for EventView {
+    fn from(r: EventRow) -> Self {
+        EventView {
+            name: r.name.unwrap_or_default(),
+            at: iso(r.at),
+            source: r.source,
+            message_id: r.message_id,
+            properties: parse_json(&r.payload),
+        }
+    }
+}
+
+impl From<Decision> for ConsentView {
+    fn from(d: Decision) -> Self {
+        ConsentView { granted: d.granted, basis: d.basis, at: d.at.map(iso), source: d.source }
+    }
+}
+
+fn entity_json(r: EntityRow) -> Value {
+    json!({
+        "entity": r.entity,
+        "key": r.key,
+        "fields": parse_json(&r.fields),
+        "updated_at": iso(r.at),
+    })
+}
+
+/// A time in the golden record and `cdp profile explain`: RFC 3339 in UTC,
+/// to the second.
+pub fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Stored JSON text as a value (null if it is not JSON).
+fn parse_json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+/// A number as shown and sent: a whole value of an integer field as an
+/// integer (`6`, not `6.0`), and never negative zero (an empty sum is `0`).
+fn number(x: f64, integer: bool) -> Value {
+    let x = x + 0.0; // -0.0 + 0.0 is +0.0
+    if integer && x.fract() == 0.0 && x.abs() < 9.0e15 {
+        return Value::from(x as i64);
+    }
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Options, load_str};
+
+    const DAY: i64 = 86_400_000;
+
+    fn manifest() -> Manifest {
+        let text = r#"
+version: 1
+name: t
+identity:
+  keys:
+    email: { normalize: email }
+    loyalty_id: {}
+model:
+  traits:
+    tier: { type: string }
+  events:
+    order: { properties: { total: number } }
+  computed:
+    spend: { sum: order.total }
+consent:
+  purposes: [email_marketing]
+audiences:
+  big_spenders:
+    where: 'spend >= 100 && consent.email_marketing'
+  gold:
+    where: 'tier == "gold" && "L-1" in identities.loyalty_id'
+"#;
+        let l = load_str(text, &Options::validate("."));
+        assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+        l.manifest.expect("manifest")
+    }
+
+    fn rows() -> ProfileRows {
+        let id = |id: i64, key: &str, value: &str| IdentityRow {
+            id,
+            key: key.into(),
+            value: value.into(),
+            first_at: id * DAY,
+            source: "crm".into(),
+            message_id: format!("c-{id}"),
+            isolated: false,
+        };
+        let order = |day: i64, total: f64| EventRow {
+            name: Some("order".into()),
+            at: day * DAY,
+            source: "pos".into(),
+            message_id: format!("o-{day}"),
+            payload: json!({ "total": total }).to_string(),
+        };
+        ProfileRows {
+            profile: 7,
+            identities: vec![id(1, "email", "ada@example.org"), id(2, "loyalty_id", "L-1")],
+            traits: vec![TraitObs {
+                name: "tier".into(),
+                source: "crm".into(),
+                first: (DAY, "\"gold\"".into()),
+                last: (DAY, "\"gold\"".into()),
+                min: "\"gold\"".into(),
+                max: "\"gold\"".into(),
+                sum: None,
+                nmin: None,
+                nmax: None,
+            }],
+            consent: vec![LedgerRow {
+                purpose: "email_marketing".into(),
+                granted: true,
+                at: DAY,
+                source: "web".into(),
+            }],
+            events: vec![order(3, 60.0), order(5, 50.0), order(4, 1.0)],
+            entities: vec![EntityRow {
+                entity: "order".into(),
+                key: "o-3".into(),
+                fields: "{\"n\":1}".into(),
+                at: 3 * DAY,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_record_assembles_every_part_from_the_rows() {
+        let g = golden_record(&manifest(), rows(), 2, 10 * DAY);
+        assert_eq!(g.profile_id, "7");
+        assert_eq!(g.identities[1].first_seen, "1970-01-03T00:00:00Z");
+        assert_eq!(g.traits["tier"].value, json!("gold"));
+        assert_eq!(g.computed["spend"], json!(111.0));
+        assert_eq!((g.consent["email_marketing"].granted, g.consent["email_marketing"].basis), (true, Basis::Recorded));
+        assert_eq!(g.audiences, ["big_spenders", "gold"]);
+        // The newest events, newest first; computed traits read them all.
+        let shown: Vec<&str> = g.events.iter().map(|e| e.message_id.as_str()).collect();
+        assert_eq!(shown, ["o-5", "o-4"]);
+        assert_eq!(serde_json::to_value(&g.entities).expect("json")[0]["updated_at"], "1970-01-04T00:00:00Z");
+    }
+
+    #[test]
+    fn withdrawn_consent_takes_a_profile_out_of_an_audience_that_needs_it() {
+        let mut r = rows();
+        r.consent.push(LedgerRow {
+            purpose: "email_marketing".into(),
+            granted: false,
+            at: 2 * DAY,
+            source: "crm".into(),
+        });
+        let g = golden_record(&manifest(), r, 0, 10 * DAY);
+        assert_eq!(g.audiences, ["gold"]);
+        assert!(g.events.is_empty());
+    }
+
+    #[test]
+    fn numbers_are_never_negative_zero_and_whole_integers_lose_their_fraction() {
+        assert_eq!(number(-0.0, false).to_string(), "0.0");
+        assert_eq!(number(6.0, true), json!(6));
+        assert_eq!(number(6.5, true), json!(6.5));
+    }
+}
