@@ -184,3 +184,20 @@ fn a_profile_command_whose_row_cannot_be_written_shows_nothing() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("was done, but the audit log cannot be written"), "{}", text(&o));
 }
+
+#[test]
+fn an_export_is_audited_before_and_after() {
+    let dir = workspace();
+    let d = dir.path();
+    let out = cdp(d, &["export", "profiles", "--format", "jsonl", "--quiet"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let rows = summary(&audit_json(d, &[]));
+    assert_eq!(
+        rows,
+        vec![
+            row("os:ada-ops", "export.profiles", "stdout", "started"),
+            row("os:ada-ops", "export.profiles", "stdout", "ok: 2 profiles"),
+        ]
+    );
+}

@@ -88,6 +88,13 @@ pub async fn run(a: Args<'_>) -> Result<()> {
         What::Profiles => (store.profile_count().await?, "profiles"),
         What::Records => (store.record_count().await?, "records"),
     };
+    // A bulk read of personal data: the audit row comes first, and without
+    // it nothing is exported.
+    let action = format!("export.{noun}");
+    let target = a.out.map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+    super::audit::record(&store, &action, &target, "started")
+        .await
+        .context("cannot write the audit log; nothing is exported without it")?;
     let progress = progress_bar(total.max(0) as u64, noun, a.quiet);
     let mut sink = Sink::open(a.out)?;
     let written = match a.what {
@@ -96,6 +103,9 @@ pub async fn run(a: Args<'_>) -> Result<()> {
     };
     sink.finish(a.out)?;
     progress.finish_and_clear();
+    if let Err(e) = super::audit::record(&store, &action, &target, &format!("ok: {written} {noun}")).await {
+        tracing::warn!(error = %e, "the export finished but its closing audit row could not be written");
+    }
     if !a.quiet {
         let secs = started.elapsed().as_secs_f64();
         let to = a.out.map_or_else(|| "standard output".to_owned(), |p| p.display().to_string());
