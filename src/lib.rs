@@ -27,3 +27,5 @@ pub mod rng;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod text;
+pub mod units;

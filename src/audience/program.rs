@@ -5,7 +5,7 @@
 //! once, evaluated against a profile's values without any lookup by name.
 
 use super::expr::{self, Ast, AstKind, BinaryOp, UnaryOp};
-use crate::manifest::units::parse_duration;
+use crate::units::parse_duration;
 use chrono::{DateTime, NaiveDate};
 use indexmap::IndexMap;
 use std::fmt;
@@ -83,7 +83,7 @@ impl Scope {
     }
 
     fn closest(&self, name: &str, prefix: &str) -> Option<String> {
-        crate::manifest::suggest(name, self.vars.keys().filter(|k| k.starts_with(prefix)).map(|k| &k[prefix.len()..]))
+        crate::text::suggest(name, self.vars.keys().filter(|k| k.starts_with(prefix)).map(|k| &k[prefix.len()..]))
     }
 }
 

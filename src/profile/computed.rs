@@ -54,7 +54,7 @@ fn computed_trait(m: &Manifest, c: &Computed, events: &[EventView], now: i64) ->
                         .map(|v| {
                             e.properties
                                 .get(v)
-                                .map_or(Val::Null, |x| audience::json_val(x, et.properties.get(v).copied()))
+                                .map_or(Val::Null, |x| super::audiences::json_val(x, et.properties.get(v).copied()))
                         })
                         .collect();
                     p.matches(&vals, now)

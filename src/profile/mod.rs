@@ -4,8 +4,9 @@
 //! events, entities); [`golden_record`] turns them into the record: traits
 //! merged by each trait's policy ([`merge`]), consent decided ([`crate::consent`]),
 //! computed traits over the events ([`computed`]) and audience membership
-//! ([`crate::audience::members`]). Pure: rows and the time in, a record out.
+//! ([`audiences`]). Pure: rows and the time in, a record out.
 
+pub mod audiences;
 pub mod computed;
 pub mod merge;
 
@@ -13,7 +14,7 @@ use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::audience::{self, Val};
+use crate::audience::Val;
 use crate::consent::{self, Basis, Decision, LedgerRow};
 use crate::manifest::{FieldType, Manifest, TraitType};
 pub use computed::computed_traits;
@@ -128,7 +129,7 @@ pub fn golden_record(m: &Manifest, rows: ProfileRows, recent_events: usize, now:
     let mut events: Vec<EventView> = rows.events.into_iter().map(EventView::from).collect();
     events.sort_by(|a, b| (&b.at, &b.message_id).cmp(&(&a.at, &a.message_id)));
     let computed = computed_traits(m, &events, now);
-    let audiences = audience::members(m, now, |v| audience_value(m, v, &traits, &computed, &decisions, &identities));
+    let audiences = audiences::members(m, now, |v| audience_value(m, v, &traits, &computed, &decisions, &identities));
     events.truncate(recent_events);
     GoldenRecord {
         profile_id: rows.profile.to_string(),
@@ -152,11 +153,11 @@ fn audience_value(
     identities: &[IdentityView],
 ) -> Option<Val> {
     if let Some(t) = traits.get(var) {
-        return Some(audience::json_val(&t.value, m.model.traits.get(var).and_then(|d| trait_field(d.kind))));
+        return Some(audiences::json_val(&t.value, m.model.traits.get(var).and_then(|d| trait_field(d.kind))));
     }
     if let Some(c) = computed.get(var) {
         let is_ts = m.model.computed.get(var).is_some_and(|c| c.last_seen.is_some());
-        return Some(audience::json_val(c, is_ts.then_some(FieldType::Timestamp)));
+        return Some(audiences::json_val(c, is_ts.then_some(FieldType::Timestamp)));
     }
     if let Some(p) = var.strip_prefix("consent.") {
         return Some(Val::Bool(consent.get(p).is_some_and(|c| c.granted)));

@@ -1,13 +1,13 @@
 //! Membership: which of the manifest's audiences one profile is in now.
-//! The caller (the golden record, in `profile`) says what each name a rule
+//! The caller (the golden record, [`super::golden_record`]) says what each name a rule
 //! reads is worth for the profile; this module compiles the rules, evaluates
 //! them and settles audiences that refer to other audiences. Pure: values
 //! in, audience names out.
 
 use serde_json::Value;
 
-use super::program::{parse_date, parse_timestamp};
-use super::{Program, Val, compile};
+use crate::audience::program::{parse_date, parse_timestamp};
+use crate::audience::{Program, Val, compile};
 use crate::manifest::{FieldType, Manifest};
 
 /// The audiences whose rules match, in the manifest's order. `value` gives
