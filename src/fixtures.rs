@@ -148,6 +148,7 @@ async fn expect(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome)
     let empty = Map::new();
     let expect = fixture.get("expect").and_then(Value::as_object).unwrap_or(&empty);
     let profiles = store.live_profiles().await.map_err(|e| e.to_string())?;
+    let model = crate::profile::Model::new(m);
     if let Some(n) = expect.get("profiles") {
         out.check(n.as_u64() == Some(profiles.len() as u64), || {
             ("number of profiles".into(), n.to_string(), profiles.len().to_string())
@@ -160,14 +161,14 @@ async fn expect(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome)
             out.check(false, || (what.clone(), format!("a profile with {lookup}"), "none".into()));
             continue;
         };
-        let g = store.golden(m, id, 0).await.map_err(|e| e.to_string())?;
+        let g = store.golden_with(m, &model, id, 0).await.map_err(|e| e.to_string())?;
         check_profile(p, &g, &what, out);
     }
     if let Some(auds) = expect.get("audiences").and_then(Value::as_object) {
         let mut members: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
         let mut names: BTreeMap<i64, String> = BTreeMap::new();
         for id in &profiles {
-            let g = store.golden(m, *id, 0).await.map_err(|e| e.to_string())?;
+            let g = store.golden_with(m, &model, *id, 0).await.map_err(|e| e.to_string())?;
             for a in &g.audiences {
                 members.entry(a.clone()).or_default().insert(*id);
             }

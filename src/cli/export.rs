@@ -172,6 +172,7 @@ async fn profiles(
     progress: &indicatif::ProgressBar,
 ) -> Result<u64> {
     let columns = ProfileColumns::new(m);
+    let model = crate::profile::Model::new(m);
     let mut rows = Rows::new(format, out, &columns.header)?;
     let mut after = i64::MIN;
     let mut written = 0u64;
@@ -180,7 +181,7 @@ async fn profiles(
         let Some(last) = page.last() else { break };
         after = *last;
         for id in page {
-            let g = store.golden(m, id, 0).await?;
+            let g = store.golden_with(m, &model, id, 0).await?;
             rows.row(|| columns.row(&g), || profile_json(&g))?;
             written += 1;
         }

@@ -142,11 +142,13 @@ async fn evaluate(
     }
     let mut moves: BTreeMap<String, Moves> = audiences.iter().map(|a| (a.clone(), Moves::default())).collect();
     let mut sends: BTreeMap<String, u64> = destinations.iter().map(|c| (c.name.clone(), 0)).collect();
+    let new_model = crate::profile::Model::new(new);
+    let old_model = old.map(crate::profile::Model::new);
     for id in profiles {
-        let after = store.golden(new, id, 0).await?;
-        let before: BTreeSet<String> = match old {
-            Some(m) => store.golden(m, id, 0).await?.audiences.into_iter().collect(),
-            None => BTreeSet::new(),
+        let after = store.golden_with(new, &new_model, id, 0).await?;
+        let before: BTreeSet<String> = match (old, &old_model) {
+            (Some(m), Some(model)) => store.golden_with(m, model, id, 0).await?.audiences.into_iter().collect(),
+            _ => BTreeSet::new(),
         };
         let now: BTreeSet<&str> = after.audiences.iter().map(String::as_str).collect();
         let example =

@@ -62,11 +62,20 @@ pub struct Decision {
     pub source: Option<String>,
 }
 
+/// `consent.expiry`, parsed (validation refuses one that does not parse).
+pub fn expiry(m: &Manifest) -> Option<std::time::Duration> {
+    m.consent.expiry.as_deref().and_then(|e| crate::units::parse_duration(e).ok())
+}
+
 /// Every declared purpose's state, in the manifest's order, from the
-/// profile's ledger rows. The latest answer wins (at one instant, a grant
+/// profile's ledger rows (`expiry` from [`expiry`]). The latest answer wins (at one instant, a grant
 /// over a withdrawal); a grant older than `consent.expiry` has lapsed.
-pub fn decide(m: &Manifest, rows: &[LedgerRow], now: i64) -> IndexMap<String, Decision> {
-    let expiry = m.consent.expiry.as_deref().and_then(|e| crate::manifest::units::parse_duration(e).ok());
+pub fn decide(
+    m: &Manifest,
+    expiry: Option<std::time::Duration>,
+    rows: &[LedgerRow],
+    now: i64,
+) -> IndexMap<String, Decision> {
     let mut out = IndexMap::new();
     for p in &m.consent.purposes {
         let latest = rows.iter().filter(|r| r.purpose == *p).max_by_key(|r| (r.at, r.granted));
@@ -120,7 +129,7 @@ mod tests {
             row("advertising", false, 5 * DAY, "web"),
             row("advertising", true, 5 * DAY, "app"),
         ];
-        let d = decide(&m, &rows, 30 * DAY);
+        let d = decide(&m, expiry(&m), &rows, 30 * DAY);
         assert_eq!(d.keys().collect::<Vec<_>>(), ["email_marketing", "advertising", "analytics"]);
         let email = &d["email_marketing"];
         assert_eq!(
@@ -136,9 +145,9 @@ mod tests {
     fn a_grant_lapses_after_the_expiry_and_an_opt_out_default_grants() {
         let m = manifest("  purposes: [email_marketing, analytics]\n  default: granted\n  expiry: 30d\n");
         let rows = [row("email_marketing", true, 0, "web")];
-        assert_eq!(decide(&m, &rows, 30 * DAY)["email_marketing"].basis, Basis::Recorded);
-        let lapsed = &decide(&m, &rows, 30 * DAY + 1)["email_marketing"];
+        assert_eq!(decide(&m, expiry(&m), &rows, 30 * DAY)["email_marketing"].basis, Basis::Recorded);
+        let lapsed = &decide(&m, expiry(&m), &rows, 30 * DAY + 1)["email_marketing"];
         assert_eq!((lapsed.granted, lapsed.basis, lapsed.at), (false, Basis::Expired, Some(0)));
-        assert!(decide(&m, &rows, 0)["analytics"].granted);
+        assert!(decide(&m, expiry(&m), &rows, 0)["analytics"].granted);
     }
 }

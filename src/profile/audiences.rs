@@ -10,20 +10,25 @@ use crate::audience::program::{parse_date, parse_timestamp};
 use crate::audience::{Program, Val, compile};
 use crate::manifest::{FieldType, Manifest};
 
+/// Every audience's rule compiled against the manifest's model, in the
+/// manifest's order (a rule that does not compile is left out: validation
+/// refuses it).
+pub fn programs(m: &Manifest) -> Vec<(String, Program)> {
+    let scope = crate::manifest::rules::audience_scope(m);
+    m.audiences.iter().filter_map(|(n, a)| compile(&a.rule, &scope).ok().map(|p| (n.clone(), p))).collect()
+}
+
 /// The audiences whose rules match, in the manifest's order. `value` gives
 /// the profile's value of a name a rule reads (a trait, `consent.<purpose>`,
 /// `identities.<key>`, …), `None` for a name it does not know;
 /// `audiences.<name>` is answered here from the other rules.
-pub fn members(m: &Manifest, now: i64, value: impl Fn(&str) -> Option<Val>) -> Vec<String> {
-    let scope = crate::manifest::rules::audience_scope(m);
-    let programs: Vec<(&String, Program)> =
-        m.audiences.iter().filter_map(|(n, a)| compile(&a.rule, &scope).ok().map(|p| (n, p))).collect();
+pub fn members(programs: &[(String, Program)], now: i64, value: impl Fn(&str) -> Option<Val>) -> Vec<String> {
     let mut member: indexmap::IndexMap<String, bool> = indexmap::IndexMap::new();
     // Audiences may depend on audiences (no cycles: validation refuses them);
     // evaluate until nothing changes.
     for _ in 0..=programs.len() {
         let mut changed = false;
-        for (name, p) in &programs {
+        for (name, p) in programs {
             let vals: Vec<Val> = p
                 .vars
                 .iter()
@@ -36,7 +41,7 @@ pub fn members(m: &Manifest, now: i64, value: impl Fn(&str) -> Option<Val>) -> V
                 })
                 .collect();
             let now_in = p.matches(&vals, now);
-            if member.insert((*name).clone(), now_in) != Some(now_in) {
+            if member.insert(name.clone(), now_in) != Some(now_in) {
                 changed = true;
             }
         }
@@ -97,8 +102,8 @@ mod tests {
                 _ => None,
             }
         };
-        assert_eq!(members(&m, 0, value(500)), ["top", "gold"]);
-        assert_eq!(members(&m, 0, value(50)), ["gold"]);
+        assert_eq!(members(&programs(&m), 0, value(500)), ["top", "gold"]);
+        assert_eq!(members(&programs(&m), 0, value(50)), ["gold"]);
     }
 
     #[test]

@@ -8,46 +8,73 @@ use indexmap::IndexMap;
 use serde_json::Value;
 
 use super::{EventView, number};
-use crate::audience::{self, Val};
+use crate::audience::{self, Program, Val};
 use crate::manifest::{Computed, EventType, FieldType, Manifest};
+
+/// One computed trait resolved from the manifest once: its aggregate, the
+/// event and property it reads, its window and its compiled filter.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    agg: String,
+    event: String,
+    prop: Option<String>,
+    /// `within`, in milliseconds.
+    window: Option<i64>,
+    filter: Option<Program>,
+}
+
+impl Spec {
+    /// `None` when `c` names no aggregate or an unknown event, or its window
+    /// or filter does not parse (validation refuses all of these).
+    pub fn resolve(m: &Manifest, c: &Computed) -> Option<Spec> {
+        let (agg, spec) = c.aggregates().into_iter().next()?;
+        let (event, prop) = spec.split_once('.').map_or((spec.as_str(), None), |(e, p)| (e, Some(p)));
+        let et = m.model.events.get(event)?;
+        let window = match c.within.as_deref() {
+            None => None,
+            Some(w) => Some(crate::units::parse_duration(w).ok()?.as_millis() as i64),
+        };
+        let filter = match c.filter.as_deref() {
+            None => None,
+            Some(f) => {
+                let mut scope = audience::Scope::new();
+                for (p, t) in &et.properties {
+                    scope.var(p.clone(), crate::manifest::rules::field_type(*t));
+                }
+                Some(audience::compile(f, &scope).ok()?)
+            }
+        };
+        Some(Spec { agg: agg.to_owned(), event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
+    }
+}
 
 /// Every computed trait of the model, in its order, from the profile's
 /// events (newest first).
-pub fn computed_traits(m: &Manifest, events: &[EventView], now: i64) -> IndexMap<String, Value> {
+pub fn computed_traits(
+    m: &Manifest,
+    specs: &[(String, Spec)],
+    events: &[EventView],
+    now: i64,
+) -> IndexMap<String, Value> {
     let mut out = IndexMap::new();
-    for (name, c) in &m.model.computed {
-        if let Some(v) = computed_trait(m, c, events, now) {
-            out.insert(name.clone(), v);
+    for (name, spec) in specs {
+        if let Some(et) = m.model.events.get(&spec.event) {
+            out.insert(name.clone(), computed_trait(spec, et, events, now));
         }
     }
     out
 }
 
-/// One computed trait; `None` when it names no aggregate or an unknown
-/// event (validation refuses both).
-fn computed_trait(m: &Manifest, c: &Computed, events: &[EventView], now: i64) -> Option<Value> {
-    let (agg, spec) = c.aggregates().into_iter().next()?;
-    let (event, prop) = spec.split_once('.').map_or((spec.as_str(), None), |(e, p)| (e, Some(p)));
-    let et = m.model.events.get(event)?;
-    let since = c
-        .within
-        .as_deref()
-        .and_then(|w| crate::manifest::units::parse_duration(w).ok())
-        .map(|d| now - d.as_millis() as i64);
-    let filter = c.filter.as_deref().and_then(|f| {
-        let mut scope = audience::Scope::new();
-        for (p, t) in &et.properties {
-            scope.var(p.clone(), crate::manifest::rules::field_type(*t));
-        }
-        audience::compile(f, &scope).ok()
-    });
+/// One computed trait over the profile's events.
+fn computed_trait(spec: &Spec, et: &EventType, events: &[EventView], now: i64) -> Value {
+    let since = spec.window.map(|w| now - w);
     let matching: Vec<&EventView> = events
         .iter()
-        .filter(|e| e.name == event)
+        .filter(|e| e.name == spec.event)
         .filter(|e| {
             let at = audience::program::parse_timestamp(&e.at).unwrap_or(0);
             since.is_none_or(|s| at >= s)
-                && filter.as_ref().is_none_or(|p| {
+                && spec.filter.as_ref().is_none_or(|p| {
                     let vals: Vec<Val> = p
                         .vars
                         .iter()
@@ -61,7 +88,7 @@ fn computed_trait(m: &Manifest, c: &Computed, events: &[EventView], now: i64) ->
                 })
         })
         .collect();
-    Some(aggregate(agg, prop, et, &matching))
+    aggregate(&spec.agg, spec.prop.as_deref(), et, &matching)
 }
 
 /// An aggregate over the matching events (newest first) or over their
@@ -100,6 +127,10 @@ mod tests {
     use super::*;
     use crate::manifest::{Options, load_str};
     use serde_json::json;
+
+    fn specs(m: &Manifest) -> Vec<(String, Spec)> {
+        m.model.computed.iter().filter_map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s))).collect()
+    }
 
     const DAY: i64 = 86_400_000;
 
@@ -143,7 +174,8 @@ model:
     #[test]
     fn aggregates_over_the_events_given_newest_first() {
         let events = [order(20, 10.5, 2, "web"), order(10, 4.0, 1, "store"), order(1, 0.5, 3, "store")];
-        let c = computed_traits(&manifest(), &events, 21 * DAY);
+        let m = manifest();
+        let c = computed_traits(&m, &specs(&m), &events, 21 * DAY);
         let want = json!({
             "orders": 3, "spend": 15.0, "items": 6, "avg_total": 5.0, "recent_orders": 1, "store_orders": 2,
             "channels": 2, "first_channel": "store", "last_channel": "web", "last_order_at": "1970-01-21T00:00:00Z",
@@ -153,7 +185,8 @@ model:
 
     #[test]
     fn no_events_count_zero_and_have_no_values() {
-        let c = computed_traits(&manifest(), &[], 0);
+        let m = manifest();
+        let c = computed_traits(&m, &specs(&m), &[], 0);
         assert_eq!(c["orders"], json!(0));
         assert_eq!(c["spend"], json!(0.0));
         assert_eq!(c["avg_total"], Value::Null);

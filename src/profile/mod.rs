@@ -119,17 +119,46 @@ pub struct GoldenRecord {
     pub entities: Vec<Value>,
 }
 
+/// What the golden record evaluates, resolved from a manifest once: each
+/// computed trait's window parsed and filter compiled, each audience's rule
+/// compiled, the consent expiry parsed. Build it when the manifest is
+/// loaded; evaluate any number of profiles with it.
+#[derive(Debug, Clone)]
+pub struct Model {
+    computed: Vec<(String, computed::Spec)>,
+    audiences: Vec<(String, crate::audience::Program)>,
+    consent_expiry: Option<std::time::Duration>,
+}
+
+impl Model {
+    pub fn new(m: &Manifest) -> Model {
+        Model {
+            computed: m
+                .model
+                .computed
+                .iter()
+                .filter_map(|(n, c)| computed::Spec::resolve(m, c).map(|s| (n.clone(), s)))
+                .collect(),
+            audiences: audiences::programs(m),
+            consent_expiry: consent::expiry(m),
+        }
+    }
+}
+
 /// The golden record of a profile from its rows, evaluated at `now`
 /// (milliseconds since the epoch), with its `recent_events` newest events.
-/// Computed traits and audiences read all of its events.
-pub fn golden_record(m: &Manifest, rows: ProfileRows, recent_events: usize, now: i64) -> GoldenRecord {
+/// Computed traits and audiences read all of its events. `model` is
+/// [`Model::new`] of `m`.
+pub fn golden_record(m: &Manifest, model: &Model, rows: ProfileRows, recent_events: usize, now: i64) -> GoldenRecord {
     let traits = merge::merged_traits(m, &rows.traits);
-    let decisions = consent::decide(m, &rows.consent, now);
+    let decisions = consent::decide(m, model.consent_expiry, &rows.consent, now);
     let identities: Vec<IdentityView> = rows.identities.into_iter().map(IdentityView::from).collect();
     let mut events: Vec<EventView> = rows.events.into_iter().map(EventView::from).collect();
     events.sort_by(|a, b| (&b.at, &b.message_id).cmp(&(&a.at, &a.message_id)));
-    let computed = computed_traits(m, &events, now);
-    let audiences = audiences::members(m, now, |v| audience_value(m, v, &traits, &computed, &decisions, &identities));
+    let computed = computed_traits(m, &model.computed, &events, now);
+    let audiences = audiences::members(&model.audiences, now, |v| {
+        audience_value(m, v, &traits, &computed, &decisions, &identities)
+    });
     events.truncate(recent_events);
     GoldenRecord {
         profile_id: rows.profile.to_string(),
@@ -324,7 +353,8 @@ audiences:
 
     #[test]
     fn the_record_assembles_every_part_from_the_rows() {
-        let g = golden_record(&manifest(), rows(), 2, 10 * DAY);
+        let m = manifest();
+        let g = golden_record(&m, &Model::new(&m), rows(), 2, 10 * DAY);
         assert_eq!(g.profile_id, "7");
         assert_eq!(g.identities[1].first_seen, "1970-01-03T00:00:00Z");
         assert_eq!(g.traits["tier"].value, json!("gold"));
@@ -346,7 +376,8 @@ audiences:
             at: 2 * DAY,
             source: "crm".into(),
         });
-        let g = golden_record(&manifest(), r, 0, 10 * DAY);
+        let m = manifest();
+        let g = golden_record(&m, &Model::new(&m), r, 0, 10 * DAY);
         assert_eq!(g.audiences, ["gold"]);
         assert!(g.events.is_empty());
     }

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub text: String,
     pub sha256: String,
     pub identity: IdentityConfig,
+    /// Computed traits, audience rules and consent expiry, resolved once.
+    pub model: crate::profile::Model,
     pub sources: IndexMap<String, SourceSync>,
 }
 
@@ -110,6 +112,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             identity: IdentityConfig::from_manifest(&m),
+            model: crate::profile::Model::new(&m),
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             manifest: Arc::new(m),
             base,

@@ -174,7 +174,7 @@ async fn profile(
         Ok(p) => p,
         Err(e) => return lookup_error(e),
     };
-    match state.store.golden(&snap.manifest, p, events).await {
+    match state.store.golden_with(&snap.manifest, &snap.model, p, events).await {
         Ok(g) => axum::Json(g).into_response(),
         Err(e) => internal(e),
     }

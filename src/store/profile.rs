@@ -93,9 +93,22 @@ impl Store {
     }
 
     /// The golden record of a profile, with its `recent_events` newest events.
+    /// Resolves `m`'s model for this one read; to read many profiles, resolve
+    /// it once and use [`Store::golden_with`].
     pub async fn golden(&self, m: &Manifest, profile: i64, recent_events: usize) -> Result<GoldenRecord> {
+        self.golden_with(m, &profile::Model::new(m), profile, recent_events).await
+    }
+
+    /// [`Store::golden`] with the model already resolved.
+    pub async fn golden_with(
+        &self,
+        m: &Manifest,
+        model: &profile::Model,
+        profile: i64,
+        recent_events: usize,
+    ) -> Result<GoldenRecord> {
         let rows = self.profile_rows(profile).await?;
-        Ok(profile::golden_record(m, rows, recent_events, now_ms()))
+        Ok(profile::golden_record(m, model, rows, recent_events, now_ms()))
     }
 
     /// Everything stored of a profile: the rows its golden record is made of.
