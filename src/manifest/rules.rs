@@ -899,7 +899,7 @@ impl<'a> Ctx<'a> {
             let base = ptr(&["model", "computed", name]);
             let aggs = c.aggregates();
             if aggs.len() != 1 {
-                let set: Vec<&str> = aggs.iter().map(|(k, _)| *k).collect();
+                let set: Vec<&str> = aggs.iter().map(|(k, _)| k.as_str()).collect();
                 let msg = if set.is_empty() {
                     format!("computed trait `{name}` has no aggregate")
                 } else {
@@ -910,18 +910,20 @@ impl<'a> Ctx<'a> {
             }
             let mut event_name = None;
             for (agg, spec) in &aggs {
-                let p = format!("{base}/{agg}");
-                if matches!(*agg, "count" | "last_seen") {
+                let p = format!("{base}/{}", agg.as_str());
+                if agg.of_events() {
                     if self.event_ref(&p, spec).is_some() {
                         event_name = Some(spec.as_str());
                     }
                 } else if let Some(t) = self.property_ref(&p, spec) {
                     event_name = spec.split_once('.').map(|(e, _)| e);
-                    if matches!(*agg, "sum" | "avg") && !matches!(t, FieldType::Number | FieldType::Integer) {
+                    if matches!(*agg, Aggregate::Sum | Aggregate::Avg)
+                        && !matches!(t, FieldType::Number | FieldType::Integer)
+                    {
                         self.err(
                             diag::AGGREGATE,
                             &p,
-                            format!("`{agg}` needs a numeric property; `{spec}` is a {t:?}").to_lowercase(),
+                            format!("`{}` needs a numeric property; `{spec}` is a {t:?}", agg.as_str()).to_lowercase(),
                         );
                     }
                 }

@@ -620,20 +620,55 @@ pub struct Computed {
     pub filter: Option<String>,
 }
 
+/// The aggregate a computed trait takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    First,
+    Last,
+    Distinct,
+    LastSeen,
+}
+
+impl Aggregate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregate::Count => "count",
+            Aggregate::Sum => "sum",
+            Aggregate::Avg => "avg",
+            Aggregate::Min => "min",
+            Aggregate::Max => "max",
+            Aggregate::First => "first",
+            Aggregate::Last => "last",
+            Aggregate::Distinct => "distinct",
+            Aggregate::LastSeen => "last_seen",
+        }
+    }
+
+    /// Whether it reads an event (`count`, `last_seen`) rather than an event's property.
+    pub fn of_events(self) -> bool {
+        matches!(self, Aggregate::Count | Aggregate::LastSeen)
+    }
+}
+
 impl Computed {
-    /// The aggregates that are set, by name (`count`, `sum`, …); exactly one
-    /// in a valid manifest.
-    pub fn aggregates(&self) -> Vec<(&'static str, &String)> {
+    /// The aggregates that are set, with what each reads (`event` or
+    /// `event.property`); exactly one in a valid manifest.
+    pub fn aggregates(&self) -> Vec<(Aggregate, &String)> {
         [
-            ("count", &self.count),
-            ("sum", &self.sum),
-            ("avg", &self.avg),
-            ("min", &self.min),
-            ("max", &self.max),
-            ("first", &self.first),
-            ("last", &self.last),
-            ("distinct", &self.distinct),
-            ("last_seen", &self.last_seen),
+            (Aggregate::Count, &self.count),
+            (Aggregate::Sum, &self.sum),
+            (Aggregate::Avg, &self.avg),
+            (Aggregate::Min, &self.min),
+            (Aggregate::Max, &self.max),
+            (Aggregate::First, &self.first),
+            (Aggregate::Last, &self.last),
+            (Aggregate::Distinct, &self.distinct),
+            (Aggregate::LastSeen, &self.last_seen),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))

@@ -9,13 +9,14 @@ use serde_json::Value;
 
 use super::{EventView, number};
 use crate::audience::{self, Program, Val};
+use crate::manifest::types::Aggregate;
 use crate::manifest::{Computed, EventType, FieldType, Manifest};
 
 /// One computed trait resolved from the manifest once: its aggregate, the
 /// event and property it reads, its window and its compiled filter.
 #[derive(Debug, Clone)]
 pub struct Spec {
-    agg: String,
+    agg: Aggregate,
     event: String,
     prop: Option<String>,
     /// `within`, in milliseconds.
@@ -44,7 +45,7 @@ impl Spec {
                 Some(audience::compile(f, &scope).ok()?)
             }
         };
-        Some(Spec { agg: agg.to_owned(), event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
+        Some(Spec { agg, event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
     }
 }
 
@@ -88,32 +89,29 @@ fn computed_trait(spec: &Spec, et: &EventType, events: &[EventView], now: i64) -
                 })
         })
         .collect();
-    aggregate(&spec.agg, spec.prop.as_deref(), et, &matching)
+    aggregate(spec.agg, spec.prop.as_deref(), et, &matching)
 }
 
 /// An aggregate over the matching events (newest first) or over their
 /// property `prop`.
-fn aggregate(agg: &str, prop: Option<&str>, et: &EventType, matching: &[&EventView]) -> Value {
+fn aggregate(agg: Aggregate, prop: Option<&str>, et: &EventType, matching: &[&EventView]) -> Value {
     let values = || -> Vec<&Value> { matching.iter().filter_map(|e| prop.and_then(|p| e.properties.get(p))).collect() };
+    let numbers = || -> Vec<f64> { values().into_iter().filter_map(Value::as_f64).collect() };
+    let integer = prop.and_then(|p| et.properties.get(p)) == Some(&FieldType::Integer);
+    let num = |x: Option<f64>, integer: bool| x.map_or(Value::Null, |x| number(x, integer));
     match agg {
-        "count" => Value::from(matching.len() as i64),
-        "last_seen" => matching.first().map_or(Value::Null, |e| Value::String(e.at.clone())),
-        "sum" | "avg" | "min" | "max" => {
-            let nums: Vec<f64> = values().into_iter().filter_map(Value::as_f64).collect();
-            let total = nums.iter().fold(0.0, |a, b| a + b);
-            let r = match agg {
-                "sum" => Some(total),
-                "avg" if !nums.is_empty() => Some(total / nums.len() as f64),
-                "min" => nums.iter().copied().reduce(f64::min),
-                "max" => nums.iter().copied().reduce(f64::max),
-                _ => None,
-            };
-            let integer = agg != "avg" && prop.and_then(|p| et.properties.get(p)) == Some(&FieldType::Integer);
-            r.map_or(Value::Null, |x| number(x, integer))
+        Aggregate::Count => Value::from(matching.len() as i64),
+        Aggregate::LastSeen => matching.first().map_or(Value::Null, |e| Value::String(e.at.clone())),
+        Aggregate::Sum => num(Some(numbers().iter().fold(0.0, |a, b| a + b)), integer),
+        Aggregate::Avg => {
+            let n = numbers();
+            num((!n.is_empty()).then(|| n.iter().fold(0.0, |a, b| a + b) / n.len() as f64), false)
         }
-        "first" => values().last().map_or(Value::Null, |v| (*v).clone()),
-        "last" => values().first().map_or(Value::Null, |v| (*v).clone()),
-        _ => {
+        Aggregate::Min => num(numbers().into_iter().reduce(f64::min), integer),
+        Aggregate::Max => num(numbers().into_iter().reduce(f64::max), integer),
+        Aggregate::First => values().last().map_or(Value::Null, |v| (*v).clone()),
+        Aggregate::Last => values().first().map_or(Value::Null, |v| (*v).clone()),
+        Aggregate::Distinct => {
             let mut vs: Vec<String> = values().into_iter().map(Value::to_string).collect();
             vs.sort();
             vs.dedup();
