@@ -128,13 +128,11 @@ pub async fn run(events: usize, connections: usize, runs: usize, dir: &Path) -> 
             }
         }
     }
-    ingest.sort();
-    collector.sort();
+    let (mi, ingest_runs) = super::median_of(&mut ingest);
+    let (mc, collector_runs) = super::median_of(&mut collector);
     latencies.sort();
-    let (mi, mc) = (ingest[ingest.len() / 2], collector[collector.len() / 2]);
     let rate = |d: Duration| events as f64 / d.as_secs_f64();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let all = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
     let mut out = String::new();
     writeln!(
         out,
@@ -146,14 +144,14 @@ pub async fn run(events: usize, connections: usize, runs: usize, dir: &Path) -> 
         "  cdp ingest --file (baseline)  median {:>7.2} s  {:>8.0} events/s  runs: {} s",
         mi.as_secs_f64(),
         rate(mi),
-        all(&ingest)
+        ingest_runs
     )?;
     writeln!(
         out,
         "  collector (HTTP, durable 200) median {:>7.2} s  {:>8.0} events/s  runs: {} s",
         mc.as_secs_f64(),
         rate(mc),
-        all(&collector)
+        collector_runs
     )?;
     writeln!(
         out,

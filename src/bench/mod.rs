@@ -12,6 +12,14 @@ pub mod validate;
 
 use std::time::{Duration, Instant};
 
+/// The median of `times` (sorted in place) and every time in seconds, in
+/// order, for a report line (`2.27, 2.32, 2.71`).
+pub fn median_of(times: &mut [Duration]) -> (Duration, String) {
+    times.sort();
+    let all = times.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
+    (times.get(times.len() / 2).copied().unwrap_or_default(), all)
+}
+
 /// Runs `f` `runs` times and returns the median duration and the last result.
 pub fn median<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     let mut times = Vec::with_capacity(runs);

@@ -128,11 +128,9 @@ pub fn run(rows: usize, runs: usize, plugin: Option<&Path>, dir: &Path) -> Resul
             if which == "ingest" { ingest.push(took) } else { sync.push(took) }
         }
     }
-    ingest.sort();
-    sync.sort();
-    let (mi, ms) = (ingest[ingest.len() / 2], sync[sync.len() / 2]);
+    let (mi, ingest_runs) = super::median_of(&mut ingest);
+    let (ms, sync_runs) = super::median_of(&mut sync);
     let rate = |d: Duration| rows as f64 / d.as_secs_f64();
-    let all = |v: &[Duration]| v.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(", ");
     let mut out = String::new();
     writeln!(
         out,
@@ -144,14 +142,14 @@ pub fn run(rows: usize, runs: usize, plugin: Option<&Path>, dir: &Path) -> Resul
         "  cdp ingest --file (baseline)     median {:>8.2} s  {:>9.0} rows/s  runs: {} s",
         mi.as_secs_f64(),
         rate(mi),
-        all(&ingest)
+        ingest_runs
     )?;
     writeln!(
         out,
         "  cdp sync (source-csv, sandboxed) median {:>8.2} s  {:>9.0} rows/s  runs: {} s",
         ms.as_secs_f64(),
         rate(ms),
-        all(&sync)
+        sync_runs
     )?;
     writeln!(out, "  sync / ingest                    {:.0} %", 100.0 * rate(ms) / rate(mi))?;
     Ok(out)

@@ -120,9 +120,4 @@ impl<T: Send + 'static> Committer<T> {
         let h = self.in_flight.take()?;
         Some(h.await.unwrap_or_else(|e| Err(StoreError::Invariant(format!("a batch commit task failed: {e}")))))
     }
-
-    /// Whether a batch is being committed.
-    pub fn busy(&self) -> bool {
-        self.in_flight.is_some()
-    }
 }

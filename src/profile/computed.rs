@@ -49,6 +49,11 @@ impl Spec {
     }
 }
 
+/// Every computed trait of `m`'s model that resolves, in its order.
+pub fn specs(m: &Manifest) -> Vec<(String, Spec)> {
+    m.model.computed.iter().filter_map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s))).collect()
+}
+
 /// Every computed trait of the model, in its order, from the profile's
 /// events (newest first).
 pub fn computed_traits(
@@ -125,10 +130,6 @@ mod tests {
     use super::*;
     use crate::manifest::{Options, load_str};
     use serde_json::json;
-
-    fn specs(m: &Manifest) -> Vec<(String, Spec)> {
-        m.model.computed.iter().filter_map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s))).collect()
-    }
 
     const DAY: i64 = 86_400_000;
 

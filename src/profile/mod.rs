@@ -132,16 +132,7 @@ pub struct Model {
 
 impl Model {
     pub fn new(m: &Manifest) -> Model {
-        Model {
-            computed: m
-                .model
-                .computed
-                .iter()
-                .filter_map(|(n, c)| computed::Spec::resolve(m, c).map(|s| (n.clone(), s)))
-                .collect(),
-            audiences: audiences::programs(m),
-            consent_expiry: consent::expiry(m),
-        }
+        Model { computed: computed::specs(m), audiences: audiences::programs(m), consent_expiry: consent::expiry(m) }
     }
 }
 

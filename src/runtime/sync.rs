@@ -219,7 +219,13 @@ pub async fn run(
 #[derive(Debug, Default)]
 struct Pending {
     records: Vec<Record>,
-    /// `(reason, line)` of the lines rejected among them.
+    after: Accounting,
+}
+
+/// What a batch leaves to the run's accounting once it is committed.
+#[derive(Debug, Default)]
+struct Accounting {
+    /// `(reason, line)` of the lines rejected among the batch's records.
     rejects: Vec<(String, String)>,
     /// The newest checkpoint read.
     checkpoint: Option<String>,
@@ -291,7 +297,7 @@ impl Run<'_> {
     async fn read_all(
         &mut self,
         instance: &mut crate::plugin::SourceInstance,
-        committer: &mut Committer<Pending>,
+        committer: &mut Committer<Accounting>,
         cancel: &CancellationToken,
     ) -> Result<(), SyncError> {
         let sync = self.sync;
@@ -326,11 +332,11 @@ impl Run<'_> {
                             self.counts.read += 1;
                             match pipeline::map_json_line(&mut mapper, line, now) {
                                 Ok(r) => pending.records.push(r),
-                                Err(Rejection { message, code: "not_json", .. }) => pending.rejects.push((
+                                Err(Rejection { message, code: "not_json", .. }) => pending.after.rejects.push((
                                     format!("the plugin sent a line that is not JSON: {message}"),
                                     line.to_owned(),
                                 )),
-                                Err(r) => pending.rejects.push((r.message, line.to_owned())),
+                                Err(r) => pending.after.rejects.push((r.message, line.to_owned())),
                             }
                         }
                     }
@@ -339,7 +345,7 @@ impl Run<'_> {
                     // committing the pending records with it is always safe
                     // (records after it are read again after a crash and
                     // dropped as duplicates).
-                    ReadEvent::Checkpoint(c) => pending.checkpoint = Some(c),
+                    ReadEvent::Checkpoint(c) => pending.after.checkpoint = Some(c),
                 }
             }
             if pending.records.len() >= BATCH {
@@ -354,18 +360,18 @@ impl Run<'_> {
     async fn submit(
         &mut self,
         instance: &mut crate::plugin::SourceInstance,
-        committer: &mut Committer<Pending>,
+        committer: &mut Committer<Accounting>,
         pending: Pending,
     ) -> Result<(), SyncError> {
-        if pending.records.is_empty() && pending.rejects.is_empty() && pending.checkpoint.is_none() {
+        let Pending { records, after } = pending;
+        if records.is_empty() && after.rejects.is_empty() && after.checkpoint.is_none() {
             return Ok(());
         }
-        let stream = stream(&self.sync.name);
         let job = Job {
-            records: std::mem::take(&mut { pending.records }),
-            cursor: pending.checkpoint.clone().map(|c| (stream, c)),
+            records,
+            cursor: after.checkpoint.clone().map(|c| (stream(&self.sync.name), c)),
             fence: Some(self.lease.clone()),
-            tag: Pending { records: Vec::new(), rejects: pending.rejects, checkpoint: pending.checkpoint },
+            tag: after,
         };
         let done = committer.submit(job).await;
         self.account(instance, done).await
@@ -376,17 +382,16 @@ impl Run<'_> {
     async fn account(
         &mut self,
         instance: &mut crate::plugin::SourceInstance,
-        done: Option<Result<(BatchReport, Pending), StoreError>>,
+        done: Option<Result<(BatchReport, Accounting), StoreError>>,
     ) -> Result<(), SyncError> {
         let Some(done) = done else { return Ok(()) };
-        let (report, mut batch) = done?;
+        let (report, batch) = done?;
         self.counts.accepted += report.accepted;
         self.counts.duplicates += report.duplicates;
         self.counts.rejected += batch.rejects.len() as u64;
         if !batch.rejects.is_empty() {
             self.ctx.store.add_rejects(self.run_id, self.rejects_kept, &batch.rejects).await?;
             self.rejects_kept += batch.rejects.len() as i64;
-            batch.rejects.clear();
         }
         if batch.checkpoint.is_some() {
             self.checkpoint = batch.checkpoint.clone();

@@ -151,15 +151,17 @@ fn lookup_error(e: LookupError) -> Response {
     }
 }
 
-async fn status(State(state): State<AppState>) -> Response {
+/// The status document of the running manifest (`cdp status --format json`).
+async fn status_document(state: &AppState) -> Result<Value, Response> {
     let snap = state.snap();
-    let applied = match state.store.applied_manifest().await {
-        Ok(a) => a,
-        Err(e) => return internal(e),
-    };
-    match crate::runtime::status::document(&state.store, &snap.manifest, applied.as_ref()).await {
+    let applied = state.store.applied_manifest().await.map_err(internal)?;
+    crate::runtime::status::document(&state.store, &snap.manifest, applied.as_ref()).await.map_err(internal)
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match status_document(&state).await {
         Ok(doc) => axum::Json(doc).into_response(),
-        Err(e) => internal(e),
+        Err(r) => r,
     }
 }
 
@@ -210,14 +212,9 @@ async fn audiences(State(state): State<AppState>) -> Response {
 }
 
 async fn syncs(State(state): State<AppState>) -> Response {
-    let snap = state.snap();
-    let applied = match state.store.applied_manifest().await {
-        Ok(a) => a,
-        Err(e) => return internal(e),
-    };
-    match crate::runtime::status::document(&state.store, &snap.manifest, applied.as_ref()).await {
+    match status_document(&state).await {
         Ok(doc) => axum::Json(json!({"syncs": doc["syncs"]})).into_response(),
-        Err(e) => internal(e),
+        Err(r) => r,
     }
 }
 
