@@ -12,6 +12,7 @@
 //! rows in, rows out), [`plugin`] (the Wasm host) ← [`runtime`] (`cdp run`:
 //! schedules, syncs, reload) ← [`cli`], [`bench`].
 
+pub mod activation;
 pub mod audience;
 pub mod bench;
 pub mod cli;

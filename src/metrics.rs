@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Unit, describe_counter, describe_histogram};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// `{source}`: events that reached the collector with a valid write key.
@@ -51,6 +51,19 @@ pub const PLUGIN_TIMEOUTS: &str = "cdp_plugin_timeouts_total";
 /// `{action}`: rows appended to the audit log.
 pub const AUDIT_ROWS: &str = "cdp_audit_rows_total";
 
+/// `{destination, outcome}`: delivery records settled: `delivered`,
+/// `retried`, `dead`, `suppressed` (consent denied at send time),
+/// `superseded` (a later record replaced it).
+pub const DELIVERIES: &str = "cdp_deliveries_total";
+/// `{destination}`: seconds from the commit of the change to its delivery.
+pub const DELIVERY_LATENCY: &str = "cdp_delivery_latency_seconds";
+/// `{destination}`: records waiting to be sent (ready or being sent).
+pub const DELIVERY_QUEUE: &str = "cdp_delivery_queue_depth";
+/// `{destination}`: records in the dead-letter store.
+pub const DEAD_LETTERS: &str = "cdp_dead_letters";
+/// `{audience, change}`: audience entries and exits (`entered`, `exited`).
+pub const AUDIENCE_CHANGES: &str = "cdp_audience_changes_total";
+
 /// Histogram buckets for request and batch latencies, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -89,6 +102,11 @@ fn describe() {
     describe_counter!(PLUGIN_TRAPS, "Plugin calls that trapped (a crash, the memory cap, a host limit).");
     describe_counter!(PLUGIN_TIMEOUTS, "Plugin calls stopped at their deadline.");
     describe_counter!(AUDIT_ROWS, "Rows appended to the audit log.");
+    describe_counter!(DELIVERIES, "Delivery records settled, by destination and outcome.");
+    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "Time from a committed change to its delivery.");
+    describe_gauge!(DELIVERY_QUEUE, "Delivery records waiting to be sent, by destination.");
+    describe_gauge!(DEAD_LETTERS, "Delivery records in the dead-letter store, by destination.");
+    describe_counter!(AUDIENCE_CHANGES, "Audience entries and exits.");
 }
 
 /// Records one committed ingest batch.

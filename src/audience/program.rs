@@ -587,6 +587,36 @@ impl Program {
     pub fn matches(&self, values: &[Val], now_ms: i64) -> bool {
         matches!(self.eval(values, now_ms), Val::Bool(true))
     }
+
+    /// Whether the rule reads the clock (`now`): its result can change with
+    /// time alone, so only a scheduled re-evaluation keeps it current.
+    pub fn reads_clock(&self) -> bool {
+        fn walk(n: &Node) -> bool {
+            match n {
+                Node::Now => true,
+                Node::Const(_) | Node::Var(_) | Node::Has(_) => false,
+                Node::Not(a)
+                | Node::Neg(a)
+                | Node::Size(a)
+                | Node::Matches(a, _)
+                | Node::Lower(a)
+                | Node::Upper(a)
+                | Node::ToInt(a)
+                | Node::ToNum(a)
+                | Node::ToStr(a) => walk(a),
+                Node::And(a, b)
+                | Node::Or(a, b)
+                | Node::Cmp(_, a, b)
+                | Node::In(a, b)
+                | Node::Arith(_, a, b)
+                | Node::Index(a, b)
+                | Node::StrFn(_, a, b) => walk(a) || walk(b),
+                Node::Cond(a, b, c) => walk(a) || walk(b) || walk(c),
+                Node::List(items) => items.iter().any(walk),
+            }
+        }
+        walk(&self.root)
+    }
 }
 
 fn truthy(v: &Val) -> bool {

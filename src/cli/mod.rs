@@ -19,6 +19,7 @@ macro_rules! out {
     }};
 }
 
+mod activation;
 mod audit;
 mod export;
 mod ingest;
@@ -103,14 +104,24 @@ pub enum Command {
         #[arg(long, env = "CDP_LISTEN", value_name = "HOST:PORT")]
         listen: Option<String>,
     },
-    /// Run one source sync now, through the same code `cdp run` uses.
+    /// Run one source sync now, through the same code `cdp run` uses; `cdp sync resume NAME`
+    /// releases a destination the shrink guard paused.
+    #[command(args_conflicts_with_subcommands = true)]
     Sync {
+        #[command(subcommand)]
+        action: Option<SyncCmd>,
         /// The source (from `sources`, one that runs a plugin).
-        name: String,
+        name: Option<String>,
         /// Ignore the stored checkpoint and read everything again (stored records are skipped).
         #[arg(long)]
         full: bool,
     },
+    /// Audiences: size, mode, recent entries and exits, members.
+    #[command(subcommand)]
+    Audience(AudienceCmd),
+    /// The dead-letter store: deliveries that failed for good, and replaying them.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
     /// What applying the manifest would change, against the manifest applied to the store, and
     /// what it would do to the data. Exit 0 no change, 2 changes, 1 error.
     Plan {
@@ -236,6 +247,55 @@ pub enum ProfileCmd {
     },
     /// Split one identifier off its profile for good (recorded in the ledger).
     Unmerge { key_value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncCmd {
+    /// Release a destination the shrink guard paused: its held-back changes are sent.
+    Resume {
+        /// The destination (from `destinations`).
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AudienceCmd {
+    /// Every audience: mode, members, entries and exits in the last 24 h, last evaluation.
+    List {
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+    /// One audience: its rule, size, recent changes and destinations; `--members` lists
+    /// members (appends an audit row).
+    Show {
+        name: String,
+        #[arg(long)]
+        members: bool,
+        /// At most this many members.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// Dead letters, oldest first, with the reason each failed.
+    List {
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+    /// Queue dead letters again (same idempotency keys); consent and supersession are
+    /// checked again when they are sent.
+    Replay {
+        #[arg(long)]
+        destination: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -450,7 +510,19 @@ pub fn run() -> ExitCode {
             let drain = crate::manifest::units::parse_duration(&drain).map_err(|e| anyhow::anyhow!("--drain: {e}"))?;
             run::run(&file, drain, listen).await
         }),
-        Command::Sync { name, full } => block_on(run::sync(&file, &name, full)),
+        Command::Sync { action: Some(SyncCmd::Resume { name }), .. } => block_on(activation::resume(&file, &name)),
+        Command::Sync { action: None, name: Some(name), full } => block_on(run::sync(&file, &name, full)),
+        Command::Sync { action: None, name: None, .. } => {
+            Err(anyhow::anyhow!("name the source to sync: `cdp sync NAME` (or `cdp sync resume DESTINATION`)"))
+        }
+        Command::Audience(AudienceCmd::List { format }) => block_on(activation::list(&file, format)),
+        Command::Audience(AudienceCmd::Show { name, members, limit, format }) => {
+            block_on(activation::show(&file, &name, members, limit, format))
+        }
+        Command::Dlq(DlqCmd::List { destination, limit, format }) => {
+            block_on(activation::dlq_list(&file, destination.as_deref(), limit, format))
+        }
+        Command::Dlq(DlqCmd::Replay { destination }) => block_on(activation::dlq_replay(&file, destination.as_deref())),
         Command::Status { format } => block_on(run::status(&file, format)),
         Command::Plan { format } => block_on(plan::run(&file, format)),
         Command::Test { dir } => block_on(test::run(&file, dir.as_deref())),

@@ -191,5 +191,30 @@ fn render_status(doc: &Value) -> String {
             );
         }
     }
+    let destinations = doc["destinations"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !destinations.is_empty() {
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "{:<20} {:<8} {:>9} {:>8} {:>10} {:>6} {:>10}",
+            "destination", "state", "members", "queued", "delivered", "dead", "suppressed"
+        );
+        for d in destinations {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<8} {:>9} {:>8} {:>10} {:>6} {:>10}",
+                d["name"].as_str().unwrap_or(""),
+                d["state"].as_str().unwrap_or(""),
+                d["members"],
+                d["queued"],
+                d["delivered"],
+                d["dead"],
+                d["suppressed"]
+            );
+            if let Some(r) = d["reason"].as_str() {
+                let _ = writeln!(out, "{:<20} PAUSED: {r}", "");
+            }
+        }
+    }
     out
 }

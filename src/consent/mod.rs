@@ -5,13 +5,21 @@
 //! as the golden record shows it and audience rules read it
 //! (`consent.<purpose>`). Pure: rows in, decisions out; no store, no clock
 //! (the caller passes `now`).
+//!
+//! It also decides what may leave for a destination ([`release`]): nothing
+//! unless the profile's state for the destination's purpose is granted
+//! (fail-closed: no recorded grant and a `denied` default is no basis), and
+//! of the destination's `fields` only those no label policy denies for that
+//! purpose, hashed where the destination hashes them. `cdp validate` refuses
+//! a label flow with the same rule ([`field_use`]), so a denied field is
+//! caught before the manifest runs and dropped again at delivery.
 
 use std::fmt;
 
 use indexmap::IndexMap;
 use serde::Serialize;
 
-use crate::manifest::{ConsentDefault, Manifest};
+use crate::manifest::{ConsentDefault, Destination, Manifest, PolicyException};
 
 /// One answer in the consent ledger of one of the profile's identifiers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +107,172 @@ pub fn decide(
         out.insert(p.clone(), decision);
     }
     out
+}
+
+/// Labels a profile field carries: a trait's own labels; an identity key
+/// without a trait of its name is personal data by nature and carries `pii`.
+pub fn field_labels<'m>(m: &'m Manifest, field: &str) -> Vec<&'m str> {
+    match m.model.traits.get(field) {
+        Some(t) => t.labels.iter().map(String::as_str).collect(),
+        None if m.identity.keys.contains_key(field) => vec!["pii"],
+        None => Vec::new(),
+    }
+}
+
+/// How one field may leave for a purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldUse<'m> {
+    /// As it is.
+    Send,
+    /// As the SHA-256 of its normalised value.
+    Hash,
+    /// Not at all: `policy` (index in `consent.policies`) denies `label` for the purpose.
+    Deny { label: &'m str, policy: usize },
+}
+
+/// How `field` may leave for `purpose` when the destination lists it under
+/// `hash` (`hashed`) or not. A policy denies a field one of whose labels it
+/// lists, for the purposes it lists, unless it says `unless: hashed` and the
+/// field is hashed.
+pub fn field_use<'m>(m: &'m Manifest, purpose: &str, field: &str, hashed: bool) -> FieldUse<'m> {
+    let labels = field_labels(m, field);
+    for (i, pol) in m.consent.policies.iter().enumerate() {
+        if !pol.purposes.iter().any(|p| p == purpose) {
+            continue;
+        }
+        if pol.unless == Some(PolicyException::Hashed) && hashed {
+            continue;
+        }
+        if let Some(label) = labels.iter().find(|l| pol.deny_labels.iter().any(|x| x == *l)) {
+            return FieldUse::Deny { label, policy: i };
+        }
+    }
+    if hashed { FieldUse::Hash } else { FieldUse::Send }
+}
+
+/// What may be sent of one profile to one destination.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Release {
+    /// Identity values by key, in the destination's field order; hashed
+    /// values are lowercase hex SHA-256.
+    pub identities: IndexMap<String, Vec<String>>,
+    /// Trait values (merged and computed) by name, in the destination's field order.
+    pub traits: serde_json::Map<String, serde_json::Value>,
+    /// Fields left out because a label policy denies them for the purpose.
+    pub dropped: Vec<String>,
+}
+
+/// Why nothing may be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// The purpose is not one `consent.purposes` declares.
+    UnknownPurpose(String),
+    /// The person never answered and `consent.default` is `denied`.
+    NoBasis(String),
+    /// The person withdrew the purpose (or never granted it) at `at` via `source`.
+    Withdrawn { purpose: String, at: Option<i64>, source: Option<String> },
+    /// The person's grant lapsed under `consent.expiry`.
+    Expired { purpose: String, at: Option<i64> },
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::UnknownPurpose(p) => write!(f, "purpose `{p}` is not declared in consent.purposes"),
+            Denial::NoBasis(p) => write!(f, "no consent recorded for `{p}` and consent.default is denied"),
+            Denial::Withdrawn { purpose, at, source } => {
+                write!(f, "consent for `{purpose}` denied")?;
+                if let Some(at) = at {
+                    write!(f, " at {}", crate::profile::iso(*at))?;
+                }
+                if let Some(s) = source {
+                    write!(f, " by source `{s}`")?;
+                }
+                Ok(())
+            }
+            Denial::Expired { purpose, at } => {
+                write!(f, "consent for `{purpose}` expired")?;
+                if let Some(at) = at {
+                    write!(f, " (granted {})", crate::profile::iso(*at))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether `decisions` give a basis to use the profile for `purpose`:
+/// only a granted state does (an undeclared purpose has none).
+pub fn basis(decisions: &IndexMap<String, Decision>, purpose: &str) -> Result<(), Denial> {
+    let Some(d) = decisions.get(purpose) else {
+        return Err(Denial::UnknownPurpose(purpose.to_owned()));
+    };
+    if d.granted {
+        return Ok(());
+    }
+    Err(match d.basis {
+        Basis::Default => Denial::NoBasis(purpose.to_owned()),
+        Basis::Expired => Denial::Expired { purpose: purpose.to_owned(), at: d.at },
+        Basis::Recorded => Denial::Withdrawn { purpose: purpose.to_owned(), at: d.at, source: d.source.clone() },
+    })
+}
+
+/// The one decision on sending a profile to a destination: the consent
+/// state of the destination's purpose from `decisions` ([`decide`]), then
+/// each of its `fields` by [`field_use`]. `identities` are the profile's
+/// (key, value) pairs, `value` gives a trait's (merged or computed) value.
+pub fn release<'a>(
+    m: &Manifest,
+    dest: &Destination,
+    decisions: &IndexMap<String, Decision>,
+    identities: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    value: impl Fn(&str) -> Option<serde_json::Value>,
+) -> Result<Release, Denial> {
+    let purpose = &dest.purpose;
+    basis(decisions, purpose)?;
+    let mut out = Release::default();
+    for field in &dest.fields {
+        let hashed = dest.hash.iter().any(|h| h == field);
+        let how = field_use(m, purpose, field, hashed);
+        if matches!(how, FieldUse::Deny { .. }) {
+            out.dropped.push(field.clone());
+            continue;
+        }
+        let hash = how == FieldUse::Hash;
+        if m.identity.keys.contains_key(field) && !m.model.traits.contains_key(field) {
+            let values: Vec<String> = identities
+                .clone()
+                .into_iter()
+                .filter(|(k, _)| *k == field)
+                .map(|(_, v)| if hash { hash_text(v) } else { v.to_owned() })
+                .collect();
+            out.identities.insert(field.clone(), values);
+        } else {
+            let v = value(field).unwrap_or(serde_json::Value::Null);
+            let v = if hash { hash_value(&v) } else { v };
+            out.traits.insert(field.clone(), v);
+        }
+    }
+    Ok(out)
+}
+
+/// SHA-256 hex of a normalised text value: trimmed and lowercased, as ad
+/// platforms match hashed identifiers.
+pub fn hash_text(v: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(v.trim().to_lowercase().as_bytes()))
+}
+
+/// A trait value hashed: text and numbers by [`hash_text`] of their text,
+/// lists element by element; null stays null (there is nothing to match).
+fn hash_value(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Null => Value::Null,
+        Value::String(s) => Value::String(hash_text(s)),
+        Value::Array(a) => Value::Array(a.iter().map(hash_value).collect()),
+        other => Value::String(hash_text(&other.to_string())),
+    }
 }
 
 #[cfg(test)]

@@ -1161,16 +1161,6 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Labels a profile field carries. Identity keys without a trait of their
-    /// own name are personal data by nature: they carry `pii`.
-    fn field_labels(&self, name: &str, kind: FieldKind) -> Vec<&'a str> {
-        match (kind, self.m.model.traits.get(name)) {
-            (_, Some(t)) => t.labels.iter().map(String::as_str).collect(),
-            (FieldKind::Identity, None) => vec!["pii"],
-            _ => Vec::new(),
-        }
-    }
-
     fn destinations(&mut self) {
         let m = self.m;
         for (name, d) in &m.destinations {
@@ -1210,31 +1200,28 @@ impl<'a> Ctx<'a> {
                     self.hint(format!("add `{h}` to `fields`"));
                 }
             }
-            // Label flows: a field whose labels a policy denies for this purpose.
-            for (i, pol) in m.consent.policies.iter().enumerate() {
-                if !pol.purposes.contains(&d.purpose) {
+            // Label flows: a field whose labels a policy denies for this
+            // purpose (the rule activation applies to each delivery).
+            for (f, (_, p)) in &kinds {
+                let hashed = d.hash.iter().any(|h| h == f);
+                let crate::consent::FieldUse::Deny { label, policy } =
+                    crate::consent::field_use(m, &d.purpose, f, hashed)
+                else {
                     continue;
-                }
-                for (f, (kind, p)) in &kinds {
-                    let labels = self.field_labels(f, *kind);
-                    let Some(label) = labels.iter().find(|l| pol.deny_labels.iter().any(|x| x == *l)) else { continue };
-                    if pol.unless == Some(PolicyException::Hashed) && d.hash.iter().any(|h| h == f) {
-                        continue;
-                    }
-                    let policy_line = self.spans.value(&format!("/consent/policies/{i}")).line;
-                    self.err(
-                        diag::LABEL_DENIED,
-                        p,
-                        format!(
-                            "field `{f}` is labelled `{label}`, which the policy on line {policy_line} denies for purpose `{}`",
-                            d.purpose
-                        ),
-                    );
-                    if pol.unless == Some(PolicyException::Hashed) {
-                        self.hint(format!("send it hashed: add `hash: [{f}]`, or remove it from `fields`"));
-                    } else {
-                        self.hint("remove the field, or send to a destination with another purpose");
-                    }
+                };
+                let policy_line = self.spans.value(&format!("/consent/policies/{policy}")).line;
+                self.err(
+                    diag::LABEL_DENIED,
+                    p,
+                    format!(
+                        "field `{f}` is labelled `{label}`, which the policy on line {policy_line} denies for purpose `{}`",
+                        d.purpose
+                    ),
+                );
+                if m.consent.policies[policy].unless == Some(PolicyException::Hashed) {
+                    self.hint(format!("send it hashed: add `hash: [{f}]`, or remove it from `fields`"));
+                } else {
+                    self.hint("remove the field, or send to a destination with another purpose");
                 }
             }
             if let Some(b) = &d.batch

@@ -10,6 +10,7 @@
 //! A sync never runs twice at once, across processes too: each run holds
 //! the sync's lease in the store, and every commit is fenced by it.
 
+pub mod activation;
 pub mod schedule;
 pub mod snapshot;
 pub mod status;

@@ -45,6 +45,17 @@ pub struct Snapshot {
     /// Computed traits, audience rules and consent expiry, resolved once.
     pub model: crate::profile::Model,
     pub sources: IndexMap<String, SourceSync>,
+    /// Every destination, with its plugin loaded.
+    pub destinations: IndexMap<String, DestinationSync>,
+}
+
+/// One destination the runtime delivers to.
+#[derive(Debug, Clone)]
+pub struct DestinationSync {
+    pub plugin: Plugin,
+    pub grants: Grants,
+    pub config: Value,
+    pub target: crate::activation::Target,
 }
 
 /// Why a manifest could not become a snapshot.
@@ -110,7 +121,18 @@ impl Snapshot {
                 });
             }
         };
+        let destinations = match destination_syncs(&m, &base, host) {
+            Ok(d) => d,
+            Err(message) => {
+                return Err(LoadError::Invalid {
+                    path: shown,
+                    source_text: Some(text),
+                    diagnostics: vec![Diagnostic::error(diag::PLUGIN_LOAD, "", message)],
+                });
+            }
+        };
         Ok(Snapshot {
+            destinations,
             identity: IdentityConfig::from_manifest(&m),
             model: crate::profile::Model::new(&m),
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
@@ -120,6 +142,22 @@ impl Snapshot {
             sources,
         })
     }
+}
+
+/// Every destination, with its plugin loaded and its delivery settings resolved.
+fn destination_syncs(m: &Manifest, base: &Path, host: &Host) -> Result<IndexMap<String, DestinationSync>, String> {
+    let mut out = IndexMap::new();
+    for entry in entries::entries(m) {
+        if entry.kind != crate::plugin::Kind::Destination {
+            continue;
+        }
+        let plugin =
+            entries::load(host, m, base, entry.plugin).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
+        let grants = entry.grants(m, base).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
+        let target = crate::activation::Target::resolve(m, entry.name, &m.destinations[entry.name]);
+        out.insert(entry.name.to_owned(), DestinationSync { plugin, grants, config: entry.config.clone(), target });
+    }
+    Ok(out)
 }
 
 /// Every source that runs a plugin, with its plugin loaded.

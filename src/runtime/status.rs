@@ -62,12 +62,60 @@ pub async fn document(
             "last_run": runs.first().map(run_json), "next_run": next_run, "last_error": last_error,
         }));
     }
+    let (audiences, destinations) = activation(store, m).await?;
     Ok(json!({
+        "audiences": audiences,
+        "destinations": destinations,
         "manifest": applied.map(|a| json!({"sha256": a.sha256, "applied_at": a.applied_at, "applied_by": a.applied_by})),
         "runtime": runtime,
         "reload": reload,
         "syncs": syncs,
     }))
+}
+
+/// Every audience (size, last evaluation) and destination (paused or
+/// active, what it holds, its queue and dead letters).
+async fn activation(store: &Store, m: &Manifest) -> Result<(Vec<Value>, Vec<Value>)> {
+    let states = store.audience_states().await?;
+    let audiences = m
+        .audiences
+        .iter()
+        .map(|(name, a)| {
+            let s = states.get(name);
+            json!({
+                "name": name,
+                "mode": if a.refresh.is_some() { "scheduled" } else { "realtime" },
+                "refresh": a.refresh,
+                "members": s.map(|s| s.members),
+                "evaluated_at": s.map(|s| s.evaluated_at),
+                "full_evaluation_at": s.map(|s| s.full_at),
+            })
+        })
+        .collect();
+    let dstates = store.destination_states().await?;
+    let counts = store.delivery_counts().await?;
+    let sizes = store.destination_sizes().await?;
+    let destinations = m
+        .destinations
+        .iter()
+        .map(|(name, d)| {
+            let s = dstates.get(name);
+            let of = |state: &str| counts.iter().filter(|c| c.0 == *name && c.1 == state).map(|c| c.2).sum::<i64>();
+            let state = match s {
+                Some(s) if s.paused => "paused",
+                Some(_) => "active",
+                None => "pending",
+            };
+            json!({
+                "name": name, "plugin": d.plugin, "audience": d.audience, "purpose": d.purpose,
+                "state": state, "reason": s.and_then(|s| s.reason.clone()),
+                "members": sizes.get(name).copied().unwrap_or(0),
+                "queued": of("ready") + of("running"), "delivered": of("delivered"), "dead": of("dead"),
+                "suppressed": of("suppressed"), "superseded": of("superseded"),
+            })
+        })
+        .collect();
+    Ok((audiences, destinations))
 }
 
 pub fn run_json(r: &RunRow) -> Value {

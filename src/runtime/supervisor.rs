@@ -75,6 +75,14 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
     let metrics =
         crate::metrics::install().inspect_err(|e| tracing::warn!(error = %e, "metrics are not recorded")).ok();
     let collector = server::collector::start(store.clone(), snap_rx.clone(), &tracker);
+    let mut activation = super::activation::Activation::start(
+        store.clone(),
+        snap_rx.clone(),
+        &snap,
+        ctx.holder.clone(),
+        &root,
+        &tracker,
+    );
     let state = server::AppState { store: store.clone(), snapshot: snap_rx, collector, metrics, control: control_tx };
     tracker.spawn(bound.serve(state, root.clone()));
     tracker.spawn(signals(root.clone(), reload_tx.clone()));
@@ -111,6 +119,7 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
                         metrics::counter!(crate::metrics::RELOADS, "outcome" => "ok").increment(1);
                         tracing::info!(why, sha256 = %new.sha256, "manifest reloaded");
                         let _ = snap_tx.send(new.clone());
+                        activation.apply(&new);
                         snap = new;
                         watcher.follow(&snap)?;
                     }

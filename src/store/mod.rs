@@ -7,6 +7,7 @@
 //! half-applies a batch. SQLite runs in WAL mode with `synchronous=FULL`: a
 //! committed batch survives power loss.
 
+pub mod activation;
 pub mod audit;
 pub mod export;
 pub mod ingest;

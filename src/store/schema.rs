@@ -352,4 +352,79 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX audit_log_at ON audit_log (at)",
         ],
     ),
+    (
+        6,
+        "activation: audience membership and history, destination holdings, delivery queue",
+        &[
+            // Who is in each audience now, and since when.
+            "CREATE TABLE audience_members (
+            audience TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            since BIGINT NOT NULL,
+            PRIMARY KEY (audience, profile_id)
+        )",
+            "CREATE INDEX audience_members_profile ON audience_members (profile_id)",
+            // Every entry and exit, with its time.
+            "CREATE TABLE audience_changes (
+            id {id},
+            audience TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            entered BIGINT NOT NULL,
+            at BIGINT NOT NULL
+        )",
+            "CREATE INDEX audience_changes_audience ON audience_changes (audience, at)",
+            // The rule each audience was last evaluated with, and when.
+            "CREATE TABLE audience_state (
+            audience TEXT PRIMARY KEY,
+            rule TEXT NOT NULL,
+            members BIGINT NOT NULL,
+            evaluated_at BIGINT NOT NULL,
+            full_at BIGINT NOT NULL
+        )",
+            // What each destination holds: the profiles sent to it and not
+            // removed since, with a digest of the fields sent and the
+            // identities a removal is addressed with.
+            "CREATE TABLE destination_members (
+            destination TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            digest TEXT NOT NULL,
+            identities TEXT NOT NULL,
+            since BIGINT NOT NULL,
+            PRIMARY KEY (destination, profile_id)
+        )",
+            "CREATE INDEX destination_members_profile ON destination_members (profile_id)",
+            // Per destination: the definition last reconciled, and whether
+            // the shrink guard paused it (and why).
+            "CREATE TABLE destination_state (
+            destination TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            paused BIGINT NOT NULL DEFAULT 0,
+            reason TEXT,
+            reconcile BIGINT NOT NULL DEFAULT 0,
+            updated_at BIGINT NOT NULL
+        )",
+            // The delivery queue: one row per record for a destination, with
+            // its idempotency key, its outcome and, for dead letters, why.
+            "CREATE TABLE deliveries (
+            id {id},
+            destination TEXT NOT NULL,
+            profile_id BIGINT NOT NULL,
+            op TEXT NOT NULL,
+            audience TEXT,
+            key TEXT NOT NULL,
+            record TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            run_at BIGINT NOT NULL,
+            claimed_by TEXT,
+            claimed_until BIGINT,
+            last_error TEXT,
+            origin_at BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            done_at BIGINT
+        )",
+            "CREATE INDEX deliveries_due ON deliveries (destination, state, run_at)",
+            "CREATE INDEX deliveries_profile ON deliveries (destination, profile_id, id)",
+        ],
+    ),
 ];

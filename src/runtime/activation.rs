@@ -1,0 +1,744 @@
+//! Activation in `cdp run`: one evaluator that turns profile changes into
+//! audience membership and destination records, and one delivery worker per
+//! destination that sends them.
+//!
+//! The evaluator follows the outbox (every committed ingest transaction's
+//! changed profiles) and evaluates those profiles ([`crate::activation`]);
+//! it runs a full pass instead when an audience's rule or a destination's
+//! definition changed, an operator resumed a paused destination, a
+//! `refresh:` schedule is due, or a rule that reads the clock has not been
+//! swept for an hour. Only one process evaluates at a time (the store's
+//! `activation` lease); every process delivers, sharing the queue.
+//!
+//! A delivery worker claims due records of its destination in batches of
+//! `batch.max_records` (waiting up to `batch.max_wait` for a batch to fill),
+//! paced by `rate_limit`, checks consent again at send time, and hands them
+//! to the destination plugin. Refused records go to the dead-letter store;
+//! a failed call is retried with backoff until `retry.max_attempts`, then
+//! dead-lettered. A failing destination holds up only its own records.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use indexmap::IndexMap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::schedule::Schedule;
+use super::snapshot::{DestinationSync, Snapshot};
+use crate::activation::delivery::{Bucket, guard_trips};
+use crate::activation::{self, Dependencies, Held, Op, Outgoing, ProfileState, Target};
+use crate::plugin::{DestinationInstance, PluginError};
+use crate::store::activation::{ActivationWrite, Delivery, Settle};
+use crate::store::{Store, now_ms};
+
+/// The outbox reader and lease name of the evaluator.
+const READER: &str = "activation";
+const LEASE_TTL: Duration = Duration::from_secs(30);
+/// How often an idle evaluator or worker looks for work.
+const POLL: Duration = Duration::from_millis(20);
+/// Profiles per evaluation transaction.
+const PAGE: usize = 500;
+/// Outbox entries read per step.
+const ENTRIES: usize = 256;
+/// Rules that read the clock are re-evaluated in full this often.
+const CLOCK_SWEEP: i64 = 3_600_000;
+/// How long a claim on a delivery lasts (longer than any plugin call).
+const CLAIM_TTL: Duration = Duration::from_secs(180);
+/// Finished deliveries kept per destination (dead letters are all kept).
+const KEEP_FINISHED: i64 = 10_000;
+
+/// The activation tasks of one `cdp run`.
+pub struct Activation {
+    store: Arc<Store>,
+    holder: String,
+    root: CancellationToken,
+    tracker: TaskTracker,
+    workers: IndexMap<String, (String, CancellationToken)>,
+}
+
+impl Activation {
+    /// Starts the evaluator (which follows `snap_rx`) and a worker per destination of `snap`.
+    pub fn start(
+        store: Arc<Store>,
+        snap_rx: watch::Receiver<Arc<Snapshot>>,
+        snap: &Arc<Snapshot>,
+        holder: String,
+        root: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Activation {
+        tracker.spawn(evaluate(store.clone(), snap_rx, holder.clone(), root.clone()));
+        let mut a =
+            Activation { store, holder, root: root.clone(), tracker: tracker.clone(), workers: IndexMap::new() };
+        a.apply(snap);
+        a
+    }
+
+    /// Starts, restarts and stops delivery workers to match `snap`: a
+    /// destination whose plugin, config or delivery settings changed gets a
+    /// new worker (the old one finishes the batch it is sending).
+    pub fn apply(&mut self, snap: &Arc<Snapshot>) {
+        let mut next = IndexMap::new();
+        for (name, d) in &snap.destinations {
+            let fp = worker_fingerprint(d);
+            match self.workers.shift_remove(name) {
+                Some((old, cancel)) if old == fp => {
+                    next.insert(name.clone(), (old, cancel));
+                }
+                old => {
+                    if let Some((_, cancel)) = old {
+                        cancel.cancel();
+                    }
+                    let cancel = self.root.child_token();
+                    let w = Worker {
+                        store: self.store.clone(),
+                        snap: snap.clone(),
+                        name: name.clone(),
+                        holder: self.holder.clone(),
+                        cancel: cancel.clone(),
+                    };
+                    self.tracker.spawn(w.run());
+                    next.insert(name.clone(), (fp, cancel));
+                }
+            }
+        }
+        for (_, (_, cancel)) in self.workers.drain(..) {
+            cancel.cancel();
+        }
+        self.workers = next;
+    }
+}
+
+fn worker_fingerprint(d: &DestinationSync) -> String {
+    let t = &d.target;
+    format!(
+        "{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}",
+        d.plugin.sha256(),
+        d.config,
+        t.fingerprint,
+        t.rate,
+        t.retry,
+        t.max_records,
+        t.max_wait,
+        serde_json::to_string(&(&t.def.allow_hosts, &t.def.mount)).unwrap_or_default()
+    )
+}
+
+/// Sleeps `d` unless cancelled first; `false` when cancelled.
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// The evaluator: holds the `activation` lease and evaluates until cancelled.
+async fn evaluate(
+    store: Arc<Store>,
+    snap_rx: watch::Receiver<Arc<Snapshot>>,
+    holder: String,
+    cancel: CancellationToken,
+) {
+    let mut lease = None;
+    let mut renewed = 0;
+    let mut failures = 0u32;
+    let mut ev: Option<Evaluator> = None;
+    while !cancel.is_cancelled() {
+        let now = now_ms();
+        let held = match lease.take() {
+            None => store.try_acquire_lease(READER, &holder, LEASE_TTL).await,
+            Some(l) if now - renewed > (LEASE_TTL.as_millis() / 3) as i64 => store.renew_lease(&l, LEASE_TTL).await,
+            Some(l) => Ok(Some(l)),
+        };
+        match held {
+            Ok(Some(l)) => {
+                if now - renewed > (LEASE_TTL.as_millis() / 3) as i64 {
+                    renewed = now;
+                }
+                lease = Some(l);
+            }
+            Ok(None) => {
+                // Another process evaluates.
+                if !pause(&cancel, Duration::from_secs(1)).await {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "activation: cannot take the evaluation lease");
+                if !pause(&cancel, Duration::from_secs(1)).await {
+                    break;
+                }
+                continue;
+            }
+        }
+        let snap = snap_rx.borrow().clone();
+        if ev.as_ref().is_none_or(|e| e.snap.sha256 != snap.sha256) {
+            ev = Some(Evaluator::new(snap));
+        }
+        let Some(e) = ev.as_mut() else { continue };
+        match e.step(&store).await {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                failures = 0;
+                if !pause(&cancel, POLL).await {
+                    break;
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                let wait = Duration::from_millis(250 << failures.min(7));
+                tracing::error!(error = %err, retry_in_ms = wait.as_millis() as u64, "activation: evaluation failed");
+                if !pause(&cancel, wait).await {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(l) = lease {
+        let _ = store.release_lease(&l).await;
+    }
+}
+
+/// What the evaluator needs of one snapshot, resolved once.
+struct Evaluator {
+    snap: Arc<Snapshot>,
+    deps: Dependencies,
+    /// Audiences evaluated when their profiles change (no `refresh:`).
+    realtime: Vec<String>,
+    /// Audiences with a `refresh:` schedule.
+    scheduled: Vec<(String, Schedule)>,
+}
+
+/// What a full pass covers.
+#[derive(Debug, Default)]
+struct Scope {
+    audiences: BTreeSet<String>,
+    targets: BTreeSet<String>,
+    /// Targets reconciled without the shrink guard (an operator resumed them).
+    forced: BTreeSet<String>,
+}
+
+impl Evaluator {
+    fn new(snap: Arc<Snapshot>) -> Evaluator {
+        let m = &snap.manifest;
+        let deps = Dependencies::new(m);
+        let mut realtime = Vec::new();
+        let mut scheduled = Vec::new();
+        for (name, a) in &m.audiences {
+            match a.refresh.as_deref().map(Schedule::parse) {
+                Some(Ok(s)) => scheduled.push((name.clone(), s)),
+                Some(Err(e)) => {
+                    tracing::warn!(audience = %name, error = %e, "activation: refresh schedule unreadable; evaluated in realtime");
+                    realtime.push(name.clone());
+                }
+                None => realtime.push(name.clone()),
+            }
+        }
+        Evaluator { snap, deps, realtime, scheduled }
+    }
+
+    fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.snap.destinations.values().map(|d| &d.target)
+    }
+
+    /// One unit of work: a full pass when one is due, else the next outbox
+    /// entries. `false` when there was nothing to do.
+    async fn step(&mut self, store: &Store) -> Result<bool> {
+        let scope = self.due(store).await?;
+        if !scope.audiences.is_empty() || !scope.targets.is_empty() {
+            self.full_pass(store, scope).await?;
+            return Ok(true);
+        }
+        self.follow(store).await
+    }
+
+    /// Which audiences and destinations need a full pass now.
+    async fn due(&self, store: &Store) -> Result<Scope> {
+        let m = &self.snap.manifest;
+        let now = now_ms();
+        let states = store.audience_states().await?;
+        let dstates = store.destination_states().await?;
+        let mut scope = Scope::default();
+        for (name, a) in &m.audiences {
+            let due = match states.get(name) {
+                None => true,
+                Some(s) if s.rule != a.rule => true,
+                Some(s) => match self.scheduled.iter().find(|(n, _)| n == name) {
+                    Some((_, sched)) => sched.next_after(s.full_at).is_some_and(|t| t <= now),
+                    None => self.deps.clocked(name) && now - s.full_at >= CLOCK_SWEEP,
+                },
+            };
+            if due {
+                scope.audiences.insert(name.clone());
+            }
+        }
+        for t in self.targets() {
+            match dstates.get(&t.name) {
+                Some(s) if s.reconcile => {
+                    scope.targets.insert(t.name.clone());
+                    scope.forced.insert(t.name.clone());
+                }
+                Some(s) if s.fingerprint == t.fingerprint => {}
+                _ => {
+                    scope.targets.insert(t.name.clone());
+                }
+            }
+        }
+        Ok(scope)
+    }
+
+    /// Evaluates the profiles of the next outbox entries.
+    async fn follow(&mut self, store: &Store) -> Result<bool> {
+        let entries = store.outbox_read(READER, ENTRIES).await?;
+        let Some(last) = entries.last() else { return Ok(false) };
+        let (last_seq, origin_at) = (last.seq, last.at);
+        let mut changed: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        for e in &entries {
+            for (p, fields) in &e.changes {
+                let f = changed.entry(*p).or_default();
+                for x in fields {
+                    if !f.contains(x) {
+                        f.push(x.clone());
+                    }
+                }
+            }
+        }
+        let paused = paused(store).await?;
+        let profiles: Vec<i64> = changed.keys().copied().collect();
+        let pages: Vec<&[i64]> = profiles.chunks(PAGE).collect();
+        let origin = format!("outbox:{last_seq}");
+        let realtime: Vec<&String> = self.realtime.iter().collect();
+        for (i, page) in pages.iter().enumerate() {
+            let states = load(store, &self.snap, page).await?;
+            let stored = store.activation_stored(page).await?;
+            let mut w = ActivationWrite { origin_at, ..ActivationWrite::default() };
+            for s in &states {
+                let before = stored.audiences.get(&s.profile).cloned().unwrap_or_default();
+                let mut after = before.clone();
+                let fields = &changed[&s.profile];
+                for a in self.snap.manifest.audiences.keys() {
+                    let evaluate = realtime.contains(&a) && self.deps.touches(a, fields);
+                    if !s.live || (evaluate && !s.audiences.contains(a)) {
+                        after.remove(a);
+                    } else if evaluate {
+                        after.insert(a.clone());
+                    }
+                }
+                self.emit(s, &before, &after, &stored.held, &paused, None, &origin, &mut w);
+            }
+            if i + 1 == pages.len() {
+                w.outbox = Some(last_seq);
+            }
+            store.apply_activation(&w).await?;
+        }
+        if pages.is_empty() {
+            store.apply_activation(&ActivationWrite { outbox: Some(last_seq), ..ActivationWrite::default() }).await?;
+        }
+        Ok(true)
+    }
+
+    /// Membership changes of one profile (`before` → `after`) and the
+    /// records for every destination (`only`: just these), into `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        s: &ProfileState,
+        before: &BTreeSet<String>,
+        after: &BTreeSet<String>,
+        held: &HashMap<(String, i64), Held>,
+        paused: &HashSet<String>,
+        only: Option<&BTreeSet<String>>,
+        origin: &str,
+        w: &mut ActivationWrite,
+    ) {
+        let m = &self.snap.manifest;
+        for (a, entered) in activation::audience_diff(m.audiences.keys(), before, after) {
+            w.audience_changes.push((a, s.profile, entered));
+        }
+        for t in self.targets() {
+            if paused.contains(&t.name) || only.is_some_and(|o| !o.contains(&t.name)) {
+                continue;
+            }
+            let in_audience = match &t.def.audience {
+                Some(a) => after.contains(a),
+                None => s.live,
+            };
+            let h = held.get(&(t.name.clone(), s.profile));
+            if let Some(o) = activation::plan(m, t, s, in_audience, h, w.origin_at) {
+                let key = activation::idempotency_key(&o, origin);
+                w.outgoing.push((o, key));
+            }
+        }
+    }
+
+    /// Re-evaluates `scope`'s audiences for every profile and reconciles
+    /// its destinations (and those of its audiences) with what they hold.
+    async fn full_pass(&mut self, store: &Store, scope: Scope) -> Result<()> {
+        let m = self.snap.manifest.clone();
+        let now = now_ms();
+        let paused = paused(store).await?;
+        let mut targets: BTreeSet<String> = scope.targets.clone();
+        for t in self.targets() {
+            if t.def.audience.as_ref().is_some_and(|a| scope.audiences.contains(a))
+                && (!paused.contains(&t.name) || scope.forced.contains(&t.name))
+            {
+                targets.insert(t.name.clone());
+            }
+        }
+        let skip: HashSet<String> =
+            paused.iter().filter(|p| !scope.forced.contains(*p) && !scope.targets.contains(*p)).cloned().collect();
+        let guarded: HashMap<String, f64> = self
+            .targets()
+            .filter(|t| targets.contains(&t.name) && !scope.forced.contains(&t.name))
+            .filter_map(|t| t.guard.map(|g| (t.name.clone(), g)))
+            .collect();
+        tracing::info!(
+            audiences = ?scope.audiences, destinations = ?targets, "activation: full evaluation"
+        );
+        let mut profiles: BTreeSet<i64> = store.live_profiles().await?.into_iter().collect();
+        for a in &scope.audiences {
+            profiles.extend(store.audience_member_ids(a).await?);
+        }
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        for t in &targets {
+            let held = store.destination_held(t).await?;
+            sizes.insert(t.clone(), held.len());
+            profiles.extend(held.into_keys());
+        }
+        let profiles: Vec<i64> = profiles.into_iter().collect();
+        let origin = format!("full:{now}");
+        let mut buffered: HashMap<String, Vec<(Outgoing, String)>> = HashMap::new();
+        let started = std::time::Instant::now();
+        for page in profiles.chunks(PAGE) {
+            let states = load(store, &self.snap, page).await?;
+            let stored = store.activation_stored(page).await?;
+            let mut w = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
+            for s in &states {
+                let before = stored.audiences.get(&s.profile).cloned().unwrap_or_default();
+                let mut after = before.clone();
+                for a in &scope.audiences {
+                    if s.live && s.audiences.contains(a) {
+                        after.insert(a.clone());
+                    } else {
+                        after.remove(a);
+                    }
+                }
+                self.emit(s, &before, &after, &stored.held, &skip, Some(&targets), &origin, &mut w);
+            }
+            let (keep, hold): (Vec<_>, Vec<_>) =
+                w.outgoing.drain(..).partition(|(o, _)| !guarded.contains_key(&o.destination));
+            w.outgoing = keep;
+            for (o, k) in hold {
+                buffered.entry(o.destination.clone()).or_default().push((o, k));
+            }
+            store.apply_activation(&w).await?;
+        }
+        let mut last = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
+        for t in self.targets() {
+            if !targets.contains(&t.name) {
+                continue;
+            }
+            let records = buffered.remove(&t.name).unwrap_or_default();
+            let exits = records.iter().filter(|(o, _)| o.op == Op::Exit).count();
+            let reason = guarded.get(&t.name).and_then(|g| guard_trips(*g, sizes[&t.name], exits));
+            match reason {
+                Some(reason) => {
+                    tracing::warn!(destination = %t.name, "{reason}");
+                    last.paused.push((t.name.clone(), t.fingerprint.clone(), reason));
+                }
+                None => {
+                    last.outgoing.extend(records);
+                    last.reconciled.push((t.name.clone(), t.fingerprint.clone()));
+                }
+            }
+        }
+        for a in &scope.audiences {
+            last.evaluated.push((a.clone(), m.audiences[a].rule.clone(), true));
+        }
+        store.apply_activation(&last).await?;
+        tracing::info!(
+            profiles = profiles.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "activation: full evaluation done"
+        );
+        Ok(())
+    }
+}
+
+async fn paused(store: &Store) -> Result<HashSet<String>> {
+    Ok(store.destination_states().await?.into_values().filter(|s| s.paused).map(|s| s.destination).collect())
+}
+
+/// The state of each of `profiles` now.
+async fn load(store: &Store, snap: &Snapshot, profiles: &[i64]) -> Result<Vec<ProfileState>> {
+    let now = now_ms();
+    let mut out = Vec::with_capacity(profiles.len());
+    for p in profiles {
+        let rows = store.profile_rows(*p).await?;
+        out.push(activation::state_of(&snap.manifest, &snap.model, rows, now));
+    }
+    Ok(out)
+}
+
+/// One destination's delivery worker.
+struct Worker {
+    store: Arc<Store>,
+    snap: Arc<Snapshot>,
+    name: String,
+    holder: String,
+    cancel: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self) {
+        let Some(d) = self.snap.destinations.get(&self.name).cloned() else { return };
+        let t = d.target.clone();
+        let mut instance: Option<DestinationInstance> = None;
+        let mut bucket = t.rate.map(|r| Bucket::new(r, now_ms()));
+        let mut rng = crate::rng::Rng::new(now_ms() as u64 ^ u64::from(std::process::id()));
+        let mut settled = 0u64;
+        let mut failures = 0u32;
+        let mut gauges_at = 0;
+        while !self.cancel.is_cancelled() {
+            let now = now_ms();
+            if now - gauges_at > 1000 {
+                gauges_at = now;
+                self.gauges().await;
+            }
+            let wait = match self.store.due_deliveries(&self.name).await {
+                Ok((_, 0)) => Some(POLL),
+                Ok((Some(oldest), n)) if (n as usize) < t.max_records => {
+                    let full_at = oldest + t.max_wait.as_millis() as i64;
+                    (full_at > now).then(|| POLL.min(Duration::from_millis((full_at - now) as u64)))
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(destination = %self.name, error = %e, "delivery: cannot read the queue");
+                    Some(Duration::from_secs(1))
+                }
+            };
+            if let Some(w) = wait {
+                if !pause(&self.cancel, w).await {
+                    break;
+                }
+                continue;
+            }
+            let mut n = t.max_records;
+            if let Some(b) = bucket.as_mut() {
+                let k = b.take(n, now);
+                if k == 0 {
+                    let w = b.wait(now);
+                    if !pause(&self.cancel, w).await {
+                        break;
+                    }
+                    continue;
+                }
+                n = k;
+            }
+            let claimed = match self.store.claim_deliveries(&self.name, &self.holder, n, CLAIM_TTL).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(destination = %self.name, error = %e, "delivery: cannot claim records");
+                    if !pause(&self.cancel, Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                if !pause(&self.cancel, POLL).await {
+                    break;
+                }
+                continue;
+            }
+            let outcomes = self.send(&d, &mut instance, claimed, &mut rng).await;
+            let count = outcomes.len() as u64;
+            match self.store.settle_deliveries(&self.holder, &outcomes).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    // The claims run out and the records are sent again
+                    // with the same keys.
+                    failures += 1;
+                    tracing::error!(destination = %self.name, error = %e, "delivery: cannot record outcomes");
+                    if !pause(&self.cancel, Duration::from_millis(250 << failures.min(7))).await {
+                        break;
+                    }
+                }
+            }
+            settled += count;
+            if settled >= 1000 {
+                settled = 0;
+                if let Err(e) = self.store.prune_deliveries(&self.name, KEEP_FINISHED).await {
+                    tracing::warn!(destination = %self.name, error = %e, "delivery: cannot prune finished records");
+                }
+            }
+        }
+        if let Some(mut i) = instance {
+            let _ = i.close().await;
+        }
+    }
+
+    async fn gauges(&self) {
+        if let Ok(counts) = self.store.delivery_counts().await {
+            let of = |state: &str| {
+                counts.iter().filter(|(d, s, _)| *d == self.name && s == state).map(|c| c.2).sum::<i64>() as f64
+            };
+            metrics::gauge!(crate::metrics::DELIVERY_QUEUE, "destination" => self.name.clone())
+                .set(of("ready") + of("running"));
+            metrics::gauge!(crate::metrics::DEAD_LETTERS, "destination" => self.name.clone()).set(of("dead"));
+        }
+    }
+
+    /// Sends one claimed batch and says how each record ended.
+    async fn send(
+        &self,
+        d: &DestinationSync,
+        instance: &mut Option<DestinationInstance>,
+        claimed: Vec<Delivery>,
+        rng: &mut crate::rng::Rng,
+    ) -> Vec<(i64, Settle)> {
+        let m = &self.snap.manifest;
+        let t = &d.target;
+        let now = now_ms();
+        let mut out: Vec<(i64, Settle)> = Vec::with_capacity(claimed.len());
+        let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        let superseded: HashSet<i64> = match self.store.superseded(&ids).await {
+            Ok(s) => s.into_iter().collect(),
+            Err(e) => return retry_all(t, &claimed, &format!("cannot read the queue: {e}"), None, rng),
+        };
+        let adds: Vec<i64> = claimed.iter().filter(|c| c.op != Op::Exit.as_str()).map(|c| c.profile).collect();
+        let (ledger, live) = match self.store.consent_now(&adds).await {
+            Ok(x) => x,
+            Err(e) => return retry_all(t, &claimed, &format!("cannot read consent: {e}"), None, rng),
+        };
+        let expiry = crate::consent::expiry(m);
+        let mut sending: Vec<&Delivery> = Vec::new();
+        for c in &claimed {
+            if superseded.contains(&c.id) {
+                out.push((c.id, Settle::Superseded));
+                continue;
+            }
+            if c.op != Op::Exit.as_str() {
+                if !live.contains(&c.profile) {
+                    out.push((c.id, Settle::Suppressed("the profile was merged or erased before sending".into())));
+                    continue;
+                }
+                let rows = ledger.get(&c.profile).map(Vec::as_slice).unwrap_or_default();
+                let decisions = crate::consent::decide(m, expiry, rows, now);
+                if let Err(why) = crate::consent::basis(&decisions, &t.def.purpose) {
+                    out.push((c.id, Settle::Suppressed(format!("at send time: {why}"))));
+                    continue;
+                }
+            }
+            sending.push(c);
+        }
+        if !sending.is_empty() {
+            let mut ndjson = String::new();
+            for c in &sending {
+                ndjson.push_str(&c.record);
+                ndjson.push('\n');
+            }
+            match self.write(d, instance, ndjson, sending.len() as u32).await {
+                Ok(ack) => {
+                    let rejected: HashMap<u32, &crate::plugin::ConnectorError> =
+                        ack.rejected.iter().map(|(i, e)| (*i, e)).collect();
+                    for (i, c) in sending.iter().enumerate() {
+                        let settle = match rejected.get(&(i as u32)) {
+                            None => {
+                                metrics::histogram!(crate::metrics::DELIVERY_LATENCY, "destination" => self.name.clone())
+                                    .record((now_ms() - c.origin_at).max(0) as f64 / 1e3);
+                                Settle::Delivered
+                            }
+                            Some(e) => {
+                                let msg = format!("refused by the destination: {}: {}", e.code, e.message);
+                                let after = e.retry_after_ms.map(Duration::from_millis);
+                                if e.retryable { retry_one(t, c, &msg, after, rng) } else { Settle::Dead(msg) }
+                            }
+                        };
+                        out.push((c.id, settle));
+                    }
+                }
+                Err(e) => {
+                    let retryable = e.retryable()
+                        || matches!(
+                            e,
+                            PluginError::Trap { .. }
+                                | PluginError::Poisoned { .. }
+                                | PluginError::Limit { .. }
+                                | PluginError::Memory { .. }
+                                | PluginError::Instantiate { .. }
+                        );
+                    if instance.as_ref().is_none_or(DestinationInstance::is_poisoned) || !e.retryable() {
+                        *instance = None;
+                    }
+                    let after = e.connector().and_then(|c| c.retry_after_ms).map(Duration::from_millis);
+                    tracing::warn!(destination = %self.name, records = sending.len(), error = %e, "delivery failed");
+                    for c in &sending {
+                        let settle = if retryable {
+                            retry_one(t, c, &e.to_string(), after, rng)
+                        } else {
+                            Settle::Dead(e.to_string())
+                        };
+                        out.push((c.id, settle));
+                    }
+                }
+            }
+        }
+        for (_, s) in &out {
+            let outcome = match s {
+                Settle::Delivered => "delivered",
+                Settle::Retry { .. } => "retried",
+                Settle::Dead(_) => "dead",
+                Settle::Suppressed(_) => "suppressed",
+                Settle::Superseded => "superseded",
+            };
+            metrics::counter!(crate::metrics::DELIVERIES, "destination" => self.name.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        out
+    }
+
+    /// Writes and flushes one batch, opening the plugin instance when needed.
+    async fn write(
+        &self,
+        d: &DestinationSync,
+        instance: &mut Option<DestinationInstance>,
+        ndjson: String,
+        records: u32,
+    ) -> Result<crate::plugin::WriteAck, PluginError> {
+        if instance.as_ref().is_none_or(DestinationInstance::is_poisoned) {
+            let mut i = d.plugin.destination(&self.name, &d.grants).await?;
+            i.open(&d.config).await?;
+            *instance = Some(i);
+        }
+        let Some(i) = instance.as_mut() else {
+            return Err(PluginError::NotOpen { entry: self.name.clone(), call: "write", what: "writer" });
+        };
+        let ack = i.write(ndjson, records).await?;
+        i.flush().await?;
+        Ok(ack)
+    }
+}
+
+fn retry_one(t: &Target, c: &Delivery, error: &str, after: Option<Duration>, rng: &mut crate::rng::Rng) -> Settle {
+    let attempts = u32::try_from(c.attempts).unwrap_or(u32::MAX);
+    let jitter = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    match t.retry.next(attempts, after, jitter) {
+        Some(wait) => Settle::Retry { at: now_ms() + wait.as_millis() as i64, error: error.to_owned() },
+        None => Settle::Dead(format!("gave up after {attempts} attempts: {error}")),
+    }
+}
+
+fn retry_all(
+    t: &Target,
+    claimed: &[Delivery],
+    error: &str,
+    after: Option<Duration>,
+    rng: &mut crate::rng::Rng,
+) -> Vec<(i64, Settle)> {
+    claimed.iter().map(|c| (c.id, retry_one(t, c, error, after, rng))).collect()
+}
