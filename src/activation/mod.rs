@@ -290,10 +290,11 @@ impl Dependencies {
     }
 
     /// Whether a change of `changed` fields can change membership of `audience`.
-    /// A merge (`merged`) can change anything.
+    /// A merge (`merged`) or a new identifier (`identities`: its traits,
+    /// events and consent join the profile) can change anything.
     pub fn touches(&self, audience: &str, changed: &[String]) -> bool {
         let Some(fields) = self.by_audience.get(audience) else { return true };
-        changed.iter().any(|c| c == "merged" || fields.contains(c))
+        changed.iter().any(|c| c == "merged" || c == "identities" || fields.contains(c))
     }
 
     /// Whether `audience`'s membership can change with time alone (its rule

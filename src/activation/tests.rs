@@ -113,6 +113,7 @@ fn dependencies_follow_rules_through_audiences() {
     assert!(d.touches("spenders", &["tier".into()]), "through audiences.gold");
     assert!(d.touches("spenders", &["points".into()]));
     assert!(d.touches("gold", &["merged".into()]));
+    assert!(d.touches("gold", &["identities".into()]), "a joined identifier brings its traits");
     assert!(!d.clocked("gold"));
 }
 

@@ -31,6 +31,7 @@ use super::schedule::Schedule;
 use super::snapshot::{DestinationSync, Snapshot};
 use crate::activation::delivery::{Bucket, guard_trips};
 use crate::activation::{self, Dependencies, Held, Op, Outgoing, ProfileState, Target};
+use crate::manifest::Manifest;
 use crate::plugin::{DestinationInstance, PluginError};
 use crate::store::activation::{ActivationWrite, Delivery, Settle};
 use crate::store::{Store, now_ms};
@@ -176,8 +177,8 @@ async fn evaluate(
             }
         }
         let snap = snap_rx.borrow().clone();
-        if ev.as_ref().is_none_or(|e| e.snap.sha256 != snap.sha256) {
-            ev = Some(Evaluator::new(snap));
+        if ev.as_ref().is_none_or(|e| e.sha256 != snap.sha256) {
+            ev = Some(Evaluator::of(&snap));
         }
         let Some(e) = ev.as_mut() else { continue };
         match e.step(&store).await {
@@ -203,9 +204,12 @@ async fn evaluate(
     }
 }
 
-/// What the evaluator needs of one snapshot, resolved once.
-struct Evaluator {
-    snap: Arc<Snapshot>,
+/// Evaluates audiences and plans deliveries for one manifest, resolved once.
+pub struct Evaluator {
+    m: Arc<Manifest>,
+    model: crate::profile::Model,
+    targets: Vec<Target>,
+    sha256: String,
     deps: Dependencies,
     /// Audiences evaluated when their profiles change (no `refresh:`).
     realtime: Vec<String>,
@@ -223,9 +227,15 @@ struct Scope {
 }
 
 impl Evaluator {
-    fn new(snap: Arc<Snapshot>) -> Evaluator {
-        let m = &snap.manifest;
-        let deps = Dependencies::new(m);
+    fn of(snap: &Snapshot) -> Evaluator {
+        let targets = snap.destinations.values().map(|d| d.target.clone()).collect();
+        Evaluator::new(snap.manifest.clone(), targets, &snap.sha256)
+    }
+
+    /// An evaluator of `m` delivering to `targets` (`sha256` names the manifest).
+    pub fn new(m: Arc<Manifest>, targets: Vec<Target>, sha256: &str) -> Evaluator {
+        let model = crate::profile::Model::new(&m);
+        let deps = Dependencies::new(&m);
         let mut realtime = Vec::new();
         let mut scheduled = Vec::new();
         for (name, a) in &m.audiences {
@@ -238,16 +248,16 @@ impl Evaluator {
                 None => realtime.push(name.clone()),
             }
         }
-        Evaluator { snap, deps, realtime, scheduled }
+        Evaluator { m, model, targets, sha256: sha256.to_owned(), deps, realtime, scheduled }
     }
 
     fn targets(&self) -> impl Iterator<Item = &Target> {
-        self.snap.destinations.values().map(|d| &d.target)
+        self.targets.iter()
     }
 
     /// One unit of work: a full pass when one is due, else the next outbox
     /// entries. `false` when there was nothing to do.
-    async fn step(&mut self, store: &Store) -> Result<bool> {
+    pub async fn step(&mut self, store: &Store) -> Result<bool> {
         let scope = self.due(store).await?;
         if !scope.audiences.is_empty() || !scope.targets.is_empty() {
             self.full_pass(store, scope).await?;
@@ -258,7 +268,7 @@ impl Evaluator {
 
     /// Which audiences and destinations need a full pass now.
     async fn due(&self, store: &Store) -> Result<Scope> {
-        let m = &self.snap.manifest;
+        let m = &self.m;
         let now = now_ms();
         let states = store.audience_states().await?;
         let dstates = store.destination_states().await?;
@@ -313,14 +323,14 @@ impl Evaluator {
         let origin = format!("outbox:{last_seq}");
         let realtime: Vec<&String> = self.realtime.iter().collect();
         for (i, page) in pages.iter().enumerate() {
-            let states = load(store, &self.snap, page).await?;
+            let states = load(store, &self.m, &self.model, page).await?;
             let stored = store.activation_stored(page).await?;
             let mut w = ActivationWrite { origin_at, ..ActivationWrite::default() };
             for s in &states {
                 let before = stored.audiences.get(&s.profile).cloned().unwrap_or_default();
                 let mut after = before.clone();
                 let fields = &changed[&s.profile];
-                for a in self.snap.manifest.audiences.keys() {
+                for a in self.m.audiences.keys() {
                     let evaluate = realtime.contains(&a) && self.deps.touches(a, fields);
                     if !s.live || (evaluate && !s.audiences.contains(a)) {
                         after.remove(a);
@@ -355,7 +365,7 @@ impl Evaluator {
         origin: &str,
         w: &mut ActivationWrite,
     ) {
-        let m = &self.snap.manifest;
+        let m = &self.m;
         for (a, entered) in activation::audience_diff(m.audiences.keys(), before, after) {
             w.audience_changes.push((a, s.profile, entered));
         }
@@ -378,7 +388,7 @@ impl Evaluator {
     /// Re-evaluates `scope`'s audiences for every profile and reconciles
     /// its destinations (and those of its audiences) with what they hold.
     async fn full_pass(&mut self, store: &Store, scope: Scope) -> Result<()> {
-        let m = self.snap.manifest.clone();
+        let m = self.m.clone();
         let now = now_ms();
         let paused = paused(store).await?;
         let mut targets: BTreeSet<String> = scope.targets.clone();
@@ -414,7 +424,7 @@ impl Evaluator {
         let mut buffered: HashMap<String, Vec<(Outgoing, String)>> = HashMap::new();
         let started = std::time::Instant::now();
         for page in profiles.chunks(PAGE) {
-            let states = load(store, &self.snap, page).await?;
+            let states = load(store, &self.m, &self.model, page).await?;
             let stored = store.activation_stored(page).await?;
             let mut w = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
             for s in &states {
@@ -474,12 +484,17 @@ async fn paused(store: &Store) -> Result<HashSet<String>> {
 }
 
 /// The state of each of `profiles` now.
-async fn load(store: &Store, snap: &Snapshot, profiles: &[i64]) -> Result<Vec<ProfileState>> {
+async fn load(
+    store: &Store,
+    m: &Manifest,
+    model: &crate::profile::Model,
+    profiles: &[i64],
+) -> Result<Vec<ProfileState>> {
     let now = now_ms();
     let mut out = Vec::with_capacity(profiles.len());
     for p in profiles {
         let rows = store.profile_rows(*p).await?;
-        out.push(activation::state_of(&snap.manifest, &snap.model, rows, now));
+        out.push(activation::state_of(m, model, rows, now));
     }
     Ok(out)
 }
