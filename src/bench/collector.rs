@@ -183,7 +183,7 @@ async fn collect(
         .stderr(std::fs::File::create(dir.join("collector.log"))?)
         .spawn()?;
     let result = async {
-        let base = listen_address(exe, dir, &child).await?;
+        let base = listen_address(exe, dir, "collector.yaml", "collector.log", &child).await?;
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -226,11 +226,12 @@ async fn collect(
 }
 
 /// Waits for the runtime's heartbeat to show where it listens.
-async fn listen_address(exe: &Path, dir: &Path, child: &Child) -> Result<String> {
+/// The address `cdp run -f manifest` (process `child`, logging to `log`)
+/// listens on, once it does.
+pub(crate) async fn listen_address(exe: &Path, dir: &Path, manifest: &str, log: &str, child: &Child) -> Result<String> {
     let started = Instant::now();
     loop {
-        let out =
-            Command::new(exe).current_dir(dir).args(["-f", "collector.yaml", "status", "--format", "json"]).output()?;
+        let out = Command::new(exe).current_dir(dir).args(["-f", manifest, "status", "--format", "json"]).output()?;
         if let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout)
             && doc["runtime"]["pid"] == child.id()
             && let Some(listen) = doc["runtime"]["listen"].as_str()
@@ -240,7 +241,7 @@ async fn listen_address(exe: &Path, dir: &Path, child: &Child) -> Result<String>
         if started.elapsed() > Duration::from_secs(60) {
             bail!(
                 "cdp run did not start listening within 60 s; its log:\n{}",
-                std::fs::read_to_string(dir.join("collector.log")).unwrap_or_default()
+                std::fs::read_to_string(dir.join(log)).unwrap_or_default()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

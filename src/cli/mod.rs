@@ -320,6 +320,19 @@ pub struct ExportArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// Time from the collector's acknowledgement to the webhook delivery it causes, at a
+    /// steady rate, through a real `cdp run`.
+    Activation {
+        /// Events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: usize,
+        /// How long to send, in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: usize,
+        /// The webhook component (default plugins/dist/dest_webhook.wasm).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
     /// Identity accuracy: pairwise precision, recall and F1 against generated ground truth.
     Identity {
         /// How many people (about 12 records each).
@@ -454,6 +467,11 @@ pub fn run() -> ExitCode {
         Command::Bench(Bench::Collector { events, connections, runs }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             out!("{}", crate::bench::collector::run(events, connections, runs, tmp.path()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Bench(Bench::Activation { rate, seconds, plugin }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            out!("{}", crate::bench::activation::run(rate, seconds, plugin.as_deref(), tmp.path()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Bench(Bench::Identity { people }) => block_on(async {
