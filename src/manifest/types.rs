@@ -717,8 +717,8 @@ pub struct Consent {
     #[serde(default)]
     pub expiry: Option<String>,
     /// Label policies. `cdp validate` refuses a destination whose `fields` include a
-    /// field a policy denies for its purpose; activation, which will apply them to
-    /// each delivery, is not built yet.
+    /// field a policy denies for its purpose, and activation drops such a field from
+    /// every delivery.
     #[serde(default)]
     pub policies: Vec<Policy>,
 }
@@ -780,8 +780,8 @@ pub struct Destination {
     /// The audience whose members are sent. Without it, every profile is.
     #[serde(default)]
     pub audience: Option<String>,
-    /// The consent purpose of this activation: label policies are checked against it.
-    /// Activation (not built yet) is to send only people who granted it.
+    /// The consent purpose of this activation: only people whose consent for it is
+    /// granted are sent, and label policies are checked against it.
     pub purpose: String,
     /// What is sent: `membership` (enter/exit events), `upsert` (profile changes)
     /// or `mirror` (membership plus deletes on exit). Default: `membership` with
