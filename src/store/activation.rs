@@ -334,30 +334,33 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
+        // What each destination holds afterwards: the last record per
+        // (destination, profile) of this step decides.
+        let mut last: std::collections::BTreeMap<(&str, i64), Option<&Held>> = std::collections::BTreeMap::new();
         for (o, _) in &w.outgoing {
-            match &o.hold {
-                Some(h) => {
-                    sqlx::query(&self.sql(
-                        "INSERT INTO destination_members (destination, profile_id, digest, identities, since) \
-                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (destination, profile_id) DO UPDATE \
-                         SET digest = excluded.digest, identities = excluded.identities",
-                    ))
-                    .bind(&o.destination)
-                    .bind(o.profile)
-                    .bind(&h.digest)
-                    .bind(&h.identities)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                None => {
-                    sqlx::query(&self.sql("DELETE FROM destination_members WHERE destination = ? AND profile_id = ?"))
-                        .bind(&o.destination)
-                        .bind(o.profile)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+            last.insert((o.destination.as_str(), o.profile), o.hold.as_ref());
+        }
+        let holds: Vec<((&str, i64), &Held)> = last.iter().filter_map(|(k, h)| h.map(|h| (*k, h))).collect();
+        let drops: Vec<(&str, i64)> = last.iter().filter(|(_, h)| h.is_none()).map(|(k, _)| *k).collect();
+        for chunk in holds.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO destination_members (destination, profile_id, digest, identities, since) VALUES {} \
+                 ON CONFLICT (destination, profile_id) DO UPDATE SET digest = excluded.digest, identities = excluded.identities",
+                values_clause(chunk.len(), 5)
+            );
+            let sql = self.sql(&sql);
+            let mut q = sqlx::query(&sql);
+            for ((d, p), h) in chunk {
+                q = q.bind(*d).bind(*p).bind(&h.digest).bind(&h.identities).bind(now);
             }
+            q.execute(&mut *tx).await?;
+        }
+        for (d, p) in drops {
+            sqlx::query(&self.sql("DELETE FROM destination_members WHERE destination = ? AND profile_id = ?"))
+                .bind(d)
+                .bind(p)
+                .execute(&mut *tx)
+                .await?;
         }
         // Realtime steps keep each audience's size by its entries and exits.
         let mut delta: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
@@ -519,7 +522,26 @@ impl Store {
         }
         let now = now_ms();
         let mut tx = self.pool().begin().await?;
-        for (id, s) in outcomes {
+        // Delivered and superseded records settle in one statement each.
+        for (state, ids) in [
+            ("delivered", outcomes.iter().filter(|o| o.1 == Settle::Delivered).map(|o| o.0).collect::<Vec<_>>()),
+            ("superseded", outcomes.iter().filter(|o| o.1 == Settle::Superseded).map(|o| o.0).collect::<Vec<_>>()),
+        ] {
+            for chunk in ids.chunks(crate::store::IN_CHUNK) {
+                let sql = format!(
+                    "UPDATE deliveries SET state = ?, done_at = ?, claimed_until = NULL \
+                     WHERE claimed_by = ? AND state = 'running' AND id IN ({})",
+                    crate::store::in_list(chunk.len())
+                );
+                let sql = self.sql(&sql);
+                let mut q = sqlx::query(&sql).bind(state).bind(now).bind(worker);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        for (id, s) in outcomes.iter().filter(|o| !matches!(o.1, Settle::Delivered | Settle::Superseded)) {
             let (run_at, error) = match s {
                 Settle::Retry { at, error } => (Some(*at), Some(error.as_str())),
                 Settle::Dead(e) | Settle::Suppressed(e) => (None, Some(e.as_str())),
