@@ -64,6 +64,10 @@ pub const DEAD_LETTERS: &str = "cdp_dead_letters";
 /// `{audience, change}`: audience entries and exits (`entered`, `exited`).
 pub const AUDIENCE_CHANGES: &str = "cdp_audience_changes_total";
 
+/// `{origin, reason}`: records dropped by privacy marks: `suppressed` (a
+/// suppressed identifier), `erased` (every identifier erased).
+pub const PRIVACY_DROPS: &str = "cdp_privacy_dropped_total";
+
 /// Histogram buckets for request and batch latencies, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -107,6 +111,7 @@ fn describe() {
     describe_gauge!(DELIVERY_QUEUE, "Delivery records waiting to be sent, by destination.");
     describe_gauge!(DEAD_LETTERS, "Delivery records in the dead-letter store, by destination.");
     describe_counter!(AUDIENCE_CHANGES, "Audience entries and exits.");
+    describe_counter!(PRIVACY_DROPS, "Records dropped because their person is suppressed or erased.");
 }
 
 /// Records one committed ingest batch.
@@ -116,4 +121,10 @@ pub fn batch_committed(origin: &'static str, report: &crate::store::ingest::Batc
     metrics::counter!(INGEST_RECORDS, "origin" => origin).increment(report.accepted);
     metrics::counter!(IDENTITY_MERGES).increment(report.merges);
     metrics::counter!(IDENTITY_SPLITS).increment(report.splits);
+    if report.suppressed > 0 {
+        metrics::counter!(PRIVACY_DROPS, "origin" => origin, "reason" => "suppressed").increment(report.suppressed);
+    }
+    if report.erased > 0 {
+        metrics::counter!(PRIVACY_DROPS, "origin" => origin, "reason" => "erased").increment(report.erased);
+    }
 }

@@ -107,6 +107,8 @@ pub struct ProfileState {
     pub identities: Vec<(String, String)>,
     /// Merged and computed trait values by name.
     pub values: HashMap<String, Value>,
+    /// Suppressed (`cdp privacy suppress`): nothing is sent, it exits everywhere.
+    pub suppressed: bool,
 }
 
 /// A profile's state from its stored rows at `now`.
@@ -123,6 +125,7 @@ pub fn state_of(m: &Manifest, model: &profile::Model, rows: ProfileRows, now: i6
         decisions,
         identities: g.identities.into_iter().map(|i| (i.key, i.value)).collect(),
         values,
+        suppressed: false,
     }
 }
 
@@ -176,7 +179,7 @@ pub fn plan(
     held: Option<&Held>,
     occurred_at: i64,
 ) -> Option<Outgoing> {
-    let release = if s.live && in_audience { Some(release_for(m, t, s)) } else { None };
+    let release = if s.live && in_audience && !s.suppressed { Some(release_for(m, t, s)) } else { None };
     let record = |op: Op, identities: Value, traits: Value| {
         let mut r = json!({
             "op": op.as_str(),

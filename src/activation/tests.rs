@@ -51,6 +51,7 @@ fn state(m: &Manifest, ledger: &[LedgerRow], now: i64) -> ProfileState {
         decisions: consent::decide(m, consent::expiry(m), ledger, now),
         identities: vec![("email".into(), "ada@example.com".into()), ("phone".into(), "+46701234567".into())],
         values,
+        suppressed: false,
     }
 }
 
@@ -84,6 +85,9 @@ fn a_grant_enters_a_withdrawal_exits_and_nothing_repeats() {
     assert_eq!(plan(&m, &t, &granted, false, Some(&held), 3 * DAY).map(|o| o.op), Some(Op::Exit));
     let retired = ProfileState { live: false, ..granted.clone() };
     assert_eq!(plan(&m, &t, &retired, true, Some(&held), 3 * DAY).map(|o| o.op), Some(Op::Exit));
+    let suppressed = ProfileState { suppressed: true, ..granted.clone() };
+    assert_eq!(plan(&m, &t, &suppressed, true, Some(&held), 3 * DAY).map(|o| o.op), Some(Op::Exit));
+    assert_eq!(plan(&m, &t, &suppressed, true, None, 3 * DAY), None);
 }
 
 #[test]

@@ -25,6 +25,7 @@ mod export;
 mod ingest;
 mod plan;
 mod plugin;
+mod privacy;
 mod profile;
 mod render;
 mod run;
@@ -116,6 +117,9 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// A person's rights: export everything held about them, erase them everywhere, suppress them.
+    #[command(subcommand)]
+    Privacy(PrivacyCmd),
     /// Audiences: size, mode, recent entries and exits, members.
     #[command(subcommand)]
     Audience(AudienceCmd),
@@ -247,6 +251,31 @@ pub enum ProfileCmd {
     },
     /// Split one identifier off its profile for good (recorded in the ledger).
     Unmerge { key_value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PrivacyCmd {
+    /// Everything held about the person, across their whole identity graph, as one JSON
+    /// document.
+    Export {
+        key_value: String,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Erase the person from every table (keyed-hash tombstones stay so nothing re-creates
+    /// them) and from every destination whose plugin can delete.
+    Delete { key_value: String },
+    /// Privacy requests and, for erasures, each destination's receipt.
+    Status {
+        id: Option<i64>,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+        format: ReportFormat,
+    },
+    /// Stop collecting and activating for the person without erasing them.
+    Suppress { key_value: String },
+    /// Lift a suppression.
+    Unsuppress { key_value: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -533,6 +562,15 @@ pub fn run() -> ExitCode {
         Command::Sync { action: None, name: None, .. } => {
             Err(anyhow::anyhow!("name the source to sync: `cdp sync NAME` (or `cdp sync resume DESTINATION`)"))
         }
+        Command::Privacy(cmd) => block_on(async {
+            match cmd {
+                PrivacyCmd::Export { key_value, out } => privacy::export(&file, &key_value, out.as_deref()).await,
+                PrivacyCmd::Delete { key_value } => privacy::delete(&file, &key_value).await,
+                PrivacyCmd::Status { id, format } => privacy::status(&file, id, format).await,
+                PrivacyCmd::Suppress { key_value } => privacy::suppress(&file, &key_value, true).await,
+                PrivacyCmd::Unsuppress { key_value } => privacy::suppress(&file, &key_value, false).await,
+            }
+        }),
         Command::Audience(AudienceCmd::List { format }) => block_on(activation::list(&file, format)),
         Command::Audience(AudienceCmd::Show { name, members, limit, format }) => {
             block_on(activation::show(&file, &name, members, limit, format))

@@ -71,7 +71,8 @@ impl Activation {
         root: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Activation {
-        tracker.spawn(evaluate(store.clone(), snap_rx, holder.clone(), root.clone()));
+        tracker.spawn(evaluate(store.clone(), snap_rx.clone(), holder.clone(), root.clone()));
+        tracker.spawn(propagate_erasures(store.clone(), snap_rx, root.clone()));
         let mut a =
             Activation { store, holder, root: root.clone(), tracker: tracker.clone(), workers: IndexMap::new() };
         a.apply(snap);
@@ -344,6 +345,7 @@ impl Evaluator {
                 w.outbox = Some(last_seq);
             }
             store.apply_activation(&w).await?;
+            count_changes(&w);
         }
         if pages.is_empty() {
             store.apply_activation(&ActivationWrite { outbox: Some(last_seq), ..ActivationWrite::default() }).await?;
@@ -446,6 +448,7 @@ impl Evaluator {
                 buffered.entry(o.destination.clone()).or_default().push((o, k));
             }
             store.apply_activation(&w).await?;
+            count_changes(&w);
         }
         let mut last = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
         for t in self.targets() {
@@ -479,6 +482,13 @@ impl Evaluator {
     }
 }
 
+fn count_changes(w: &ActivationWrite) {
+    for (a, _, entered) in &w.audience_changes {
+        let change = if *entered { "entered" } else { "exited" };
+        metrics::counter!(crate::metrics::AUDIENCE_CHANGES, "audience" => a.clone(), "change" => change).increment(1);
+    }
+}
+
 async fn paused(store: &Store) -> Result<HashSet<String>> {
     Ok(store.destination_states().await?.into_values().filter(|s| s.paused).map(|s| s.destination).collect())
 }
@@ -491,10 +501,13 @@ async fn load(
     profiles: &[i64],
 ) -> Result<Vec<ProfileState>> {
     let now = now_ms();
+    let suppressed = store.suppressed_profiles(profiles).await?;
     let mut out = Vec::with_capacity(profiles.len());
     for p in profiles {
         let rows = store.profile_rows(*p).await?;
-        out.push(activation::state_of(m, model, rows, now));
+        let mut s = activation::state_of(m, model, rows, now);
+        s.suppressed = suppressed.contains(p);
+        out.push(s);
     }
     Ok(out)
 }
@@ -630,6 +643,10 @@ impl Worker {
             Ok(x) => x,
             Err(e) => return retry_all(t, &claimed, &format!("cannot read consent: {e}"), None, rng),
         };
+        let suppressed = match self.store.suppressed_profiles(&adds).await {
+            Ok(x) => x,
+            Err(e) => return retry_all(t, &claimed, &format!("cannot read suppressions: {e}"), None, rng),
+        };
         let expiry = crate::consent::expiry(m);
         let mut sending: Vec<&Delivery> = Vec::new();
         for c in &claimed {
@@ -640,6 +657,10 @@ impl Worker {
             if c.op != Op::Exit.as_str() {
                 if !live.contains(&c.profile) {
                     out.push((c.id, Settle::Suppressed("the profile was merged or erased before sending".into())));
+                    continue;
+                }
+                if suppressed.contains(&c.profile) {
+                    out.push((c.id, Settle::Suppressed("the person is suppressed (cdp privacy suppress)".into())));
                     continue;
                 }
                 let rows = ledger.get(&c.profile).map(Vec::as_slice).unwrap_or_default();
@@ -736,6 +757,59 @@ impl Worker {
         let ack = i.write(ndjson, records).await?;
         i.flush().await?;
         Ok(ack)
+    }
+}
+
+/// Sends pending erasures to their destinations' plugins (`delete`) until
+/// each is done, retrying failures with backoff (1 s doubling to an hour);
+/// a destination removed from the manifest fails its receipt.
+async fn propagate_erasures(store: Arc<Store>, snap_rx: watch::Receiver<Arc<Snapshot>>, cancel: CancellationToken) {
+    while pause(&cancel, Duration::from_millis(500)).await {
+        let due = match store.due_receipts(20).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "privacy: cannot read pending erasures");
+                continue;
+            }
+        };
+        let snap = snap_rx.borrow().clone();
+        for r in due {
+            let outcome = match snap.destinations.get(&r.destination) {
+                None => Err(("the destination is no longer in the manifest".to_owned(), None)),
+                Some(d) => match erase_at(&r.destination, d, &r.payload).await {
+                    Ok(receipt) => Ok(receipt),
+                    Err((e, retryable)) => {
+                        let wait =
+                            Duration::from_secs(1u64 << r.attempts.clamp(0, 12) as u32).min(Duration::from_secs(3600));
+                        tracing::warn!(destination = %r.destination, request = r.request_id, error = %e, "privacy: erasure not delivered yet");
+                        Err((e, retryable.then(|| now_ms() + wait.as_millis() as i64)))
+                    }
+                },
+            };
+            if let Err(e) = store.settle_receipt(r.request_id, &r.destination, outcome).await {
+                tracing::warn!(error = %e, "privacy: cannot record an erasure receipt");
+            }
+        }
+    }
+}
+
+/// Calls the destination plugin's `delete` with one erasure; the receipt, or
+/// the error and whether to retry it.
+async fn erase_at(name: &str, d: &DestinationSync, payload: &str) -> std::result::Result<String, (String, bool)> {
+    let fail = |e: PluginError| {
+        let retryable = !matches!(
+            e.connector().map(|c| c.class),
+            Some(crate::plugin::ErrorClass::Config | crate::plugin::ErrorClass::Unsupported)
+        );
+        (e.to_string(), retryable)
+    };
+    let mut i = d.plugin.destination(name, &d.grants).await.map_err(fail)?;
+    i.open(&d.config).await.map_err(fail)?;
+    let ack = i.delete(payload.to_owned(), 1).await.map_err(fail)?;
+    let _ = i.close().await;
+    match ack.rejected.first() {
+        None => Ok(format!("deleted, acknowledged at {}", crate::profile::iso(now_ms()))),
+        Some((_, e)) => Err((format!("refused by the destination: {}: {}", e.code, e.message), e.retryable)),
     }
 }
 

@@ -50,6 +50,10 @@ impl IdentityConfig {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchReport {
     pub accepted: u64,
+    /// Records dropped because they carry a suppressed identifier.
+    pub suppressed: u64,
+    /// Records dropped because every identifier they carry was erased.
+    pub erased: u64,
     pub duplicates: u64,
     pub new_profiles: u64,
     pub merges: u64,
@@ -60,6 +64,8 @@ pub struct BatchReport {
 impl BatchReport {
     pub fn add(&mut self, o: &BatchReport) {
         self.accepted += o.accepted;
+        self.suppressed += o.suppressed;
+        self.erased += o.erased;
         self.duplicates += o.duplicates;
         self.new_profiles += o.new_profiles;
         self.merges += o.merges;
@@ -264,6 +270,37 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// Applies privacy marks: erased identifiers are taken off their
+    /// records (a record left with none is dropped), and a record carrying a
+    /// suppressed identifier is dropped. Returns (suppressed, erased) drops.
+    fn drop_marked(&mut self, marks: &std::collections::HashMap<(String, String), &'static str>) -> (u64, u64) {
+        use super::privacy::{ERASED, SUPPRESSED};
+        if marks.is_empty() {
+            return (0, 0);
+        }
+        let mark = |k: &str, v: &str| marks.get(&(k.to_owned(), v.to_owned())).copied();
+        for r in &mut self.records {
+            let before = r.ids.len();
+            r.ids.retain(|(k, v)| mark(k, v) != Some(ERASED));
+            if r.ids.len() != before {
+                self.index = None;
+            }
+        }
+        let (mut suppressed, mut erased) = (0, 0);
+        self.retain(|r| {
+            if r.ids.iter().any(|(k, v)| mark(k, v) == Some(SUPPRESSED)) {
+                suppressed += 1;
+                false
+            } else if r.ids.is_empty() {
+                erased += 1;
+                false
+            } else {
+                true
+            }
+        });
+        (suppressed, erased)
     }
 
     /// Keeps the records `keep` says to, with their rendered texts.
@@ -686,6 +723,28 @@ impl Store {
     /// Applies one batch of records (a `Vec<Record>`, or a [`Batch`] prepared
     /// off this task), and the cursor `(stream, position)` of the input they
     /// came from, in one transaction.
+    /// Drops (or strips) what privacy marks refuse from `batch`, inside the
+    /// committing transaction, so an erasure or suppression committed
+    /// before it is seen.
+    async fn drop_marked(&self, conn: &mut AnyConnection, batch: &mut Batch) -> Result<(u64, u64)> {
+        if !self.has_marks(conn).await? {
+            return Ok((0, 0));
+        }
+        let pairs: Vec<(String, String)> = {
+            let mut seen = FxHashSet::default();
+            batch
+                .records
+                .iter()
+                .flat_map(|r| r.ids.iter())
+                .filter(|p| seen.insert((p.0.as_str(), p.1.as_str())))
+                .cloned()
+                .collect()
+        };
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let marks = self.marks_of(conn, &refs).await?;
+        Ok(batch.drop_marked(&marks))
+    }
+
     pub async fn apply_batch(
         &self,
         cfg: &IdentityConfig,
@@ -720,7 +779,11 @@ impl Store {
                 // planner is otherwise left to plan.
                 sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan").execute(&mut *tx).await?;
             }
-            match self.apply_in(&mut tx, cfg, &mut batch).await {
+            let dropped = self.drop_marked(&mut tx, &mut batch).await?;
+            match self.apply_in(&mut tx, cfg, &mut batch).await.map(|(mut r, c)| {
+                (r.suppressed, r.erased) = dropped;
+                (r, c)
+            }) {
                 // Only the locking step reports contention, before the batch
                 // wrote anything or was changed: start over.
                 Err(super::StoreError::Contended(why)) if attempt < 50 => {

@@ -15,6 +15,7 @@ pub mod lease;
 mod locking;
 pub mod matching;
 pub mod outbox;
+pub mod privacy;
 pub mod profile;
 pub mod queue;
 pub mod runs;

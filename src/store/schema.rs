@@ -427,4 +427,49 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX deliveries_profile ON deliveries (destination, profile_id, id)",
         ],
     ),
+    (
+        7,
+        "privacy: erasure tombstones and suppressions, requests, destination receipts",
+        &[
+            // Small named values of the store itself (the privacy hashing key).
+            "CREATE TABLE cdp_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            // Keyed hashes of erased (`erased`) or suppressed (`suppressed`)
+            // identifiers: ingest drops what carries them. No value is kept.
+            "CREATE TABLE privacy_marks (
+            hash TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request_id BIGINT,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (hash, kind)
+        )",
+            // Access, erasure and suppression requests; `subject` is the keyed
+            // hash of the identifier the request named.
+            "CREATE TABLE privacy_requests (
+            id {id},
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            key TEXT NOT NULL,
+            state TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            summary TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+            // One row per destination an erasure must reach: its payload (the
+            // identities the destination was sent) until it is done, then its receipt.
+            "CREATE TABLE privacy_receipts (
+            request_id BIGINT NOT NULL,
+            destination TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            run_at BIGINT NOT NULL,
+            payload TEXT,
+            last_error TEXT,
+            receipt TEXT,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (request_id, destination)
+        )",
+        ],
+    ),
 ];
