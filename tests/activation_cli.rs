@@ -2,7 +2,9 @@
 //! people into audiences and the shipped webhook connector delivers them to
 //! a real HTTP server on loopback; consent withdrawals remove them; a
 //! misbehaving server (429 with Retry-After, 500, hangs, resets, garbage)
-//! loses nothing; the shrink guard holds back a mass removal until resumed.
+//! loses nothing; the shrink guard holds back a mass removal until resumed;
+//! an erasure reaches the destination's delete endpoint, retried while it
+//! fails, with its receipt in `cdp privacy status`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -63,6 +65,8 @@ struct Hook {
     /// Faults for the coming requests, in order; then `Ok`.
     faults: Vec<Fault>,
     got: Vec<Got>,
+    /// Erasures received: (key, emails).
+    deleted: Vec<(String, Vec<String>)>,
     requests: usize,
 }
 
@@ -131,6 +135,11 @@ async fn serve(mut sock: tokio::net::TcpStream, hook: Arc<Mutex<Hook>>) {
             Fault::Ok => {
                 let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let mut h = hook.lock().unwrap();
+                for r in v["delete"].as_array().into_iter().flatten() {
+                    let emails = r["identities"]["email"].as_array().into_iter().flatten();
+                    let emails = emails.filter_map(|e| e.as_str().map(str::to_owned)).collect();
+                    h.deleted.push((r["key"].as_str().unwrap_or("").to_owned(), emails));
+                }
                 for r in v["records"].as_array().into_iter().flatten() {
                     h.got.push(Got {
                         key: r["key"].as_str().unwrap_or("").to_owned(),
@@ -201,7 +210,7 @@ destinations:
     audience: pro
     purpose: email_marketing
     fields: [email, plan]
-    config: {{ url: "http://127.0.0.1:{port}/hook", format: json }}
+    config: {{ url: "http://127.0.0.1:{port}/hook", format: json, delete_url: "http://127.0.0.1:{port}/erase" }}
     allow_hosts: ["127.0.0.1:{port}"]
     batch: {{ max_records: 5, max_wait: 50ms }}
     retry: {{ max_attempts: 4, initial_backoff: 100ms, max_backoff: 400ms }}
@@ -465,5 +474,51 @@ fn the_shrink_guard_holds_a_mass_removal_until_resumed() {
     let audit = json_of(dir.path(), &["audit", "--format", "json"]);
     assert!(audit.to_string().contains("sync.resume"), "{audit}");
     let _ = port;
+    run.stop();
+}
+
+#[test]
+fn an_erasure_reaches_the_destination_and_is_retried_until_it_does() {
+    let (dir, rt, hook, _other) = setup(r#"plan == "pro""#, None);
+    let run = Run::start(dir.path());
+    post(&rt, &run.base, vec![identify("eve@example.org", "pro", "gold", true, 1)]);
+    wait_for("the add", Duration::from_secs(20), &run, || hook.got().len() == 1);
+
+    // The destination fails the first deletes.
+    hook.set_faults(vec![Fault::Error, Fault::Error]);
+    let out = cdp(dir.path(), &["privacy", "delete", "email=eve@example.org"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("destination(s): hook, other") || text(&out).contains("hook"), "{}", text(&out));
+    let status = |dir: &Path| json_of(dir, &["privacy", "status", "--format", "json"])["requests"][0].clone();
+    wait_for("a failed attempt on record", Duration::from_secs(20), &run, || {
+        let r = status(dir.path());
+        r["receipts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["destination"] == "hook" && x["attempts"].as_i64() >= Some(1))
+    });
+    let r = status(dir.path());
+    assert_eq!(r["state"], "propagating", "{r}");
+    wait_for("the receipts", Duration::from_secs(30), &run, || status(dir.path())["state"] == "done");
+    let r = status(dir.path());
+    let hook_receipt = r["receipts"].as_array().unwrap().iter().find(|x| x["destination"] == "hook").unwrap().clone();
+    assert_eq!(hook_receipt["state"], "done", "{r}");
+    assert!(hook_receipt["attempts"].as_i64().unwrap() >= 3, "two failures, then done: {r}");
+    let deleted = hook.hook.lock().unwrap().deleted.clone();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0].1, vec!["eve@example.org".to_owned()]);
+    let audit = json_of(dir.path(), &["audit", "--format", "json"]).to_string();
+    assert!(audit.contains("privacy.delete") && !audit.contains("eve@example.org"), "{audit}");
+    // She is gone from the store; her events are refused from now on.
+    let out = cdp(dir.path(), &["profile", "get", "email=eve@example.org"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    post(&rt, &run.base, vec![identify("eve@example.org", "pro", "gold", true, 2)]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = cdp(dir.path(), &["profile", "get", "email=eve@example.org"]);
+    assert_eq!(out.status.code(), Some(1), "an erased person is not re-created: {}", text(&out));
+    let metrics =
+        rt.block_on(async { reqwest::get(format!("{}/metrics", run.base)).await.unwrap().text().await.unwrap() });
+    assert!(metrics.contains("cdp_privacy_dropped_total{origin=\"collector\",reason=\"erased\"} 1"), "{metrics}");
     run.stop();
 }

@@ -250,17 +250,26 @@ impl Store {
         for r in q.fetch_all(&mut *tx).await? {
             sent.entry(r.try_get(0)?).or_insert(serde_json::Value::Null);
         }
-        let mut identities: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+        let mut all: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
         for (_, k, v) in &ids {
-            identities.entry(k.as_str()).or_default().push(v.as_str());
+            all.entry(k.clone()).or_default().push(v.clone());
         }
         for (d, was_sent) in &sent {
+            // Every identifier, and the values the destination was sent
+            // (hashed ones as it holds them).
+            let mut identities = all.clone();
+            for (k, vs) in was_sent.as_object().into_iter().flatten() {
+                let list = identities.entry(k.clone()).or_default();
+                for v in vs.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
+                    if !list.iter().any(|x| x == v) {
+                        list.push(v.to_owned());
+                    }
+                }
+            }
             let line = serde_json::json!({
                 "key": format!("erasure-{request_id}"),
                 "profile_id": profile.to_string(),
-                // What the destination was sent (hashed values stay hashed), and every identifier.
                 "identities": identities,
-                "sent": was_sent,
             });
             let (state, payload) = match deletable(d) {
                 Some(true) => ("pending", Some(format!("{line}\n"))),
