@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod manifest;
 pub mod metrics;
 pub mod plugin;
+pub mod privacy;
 pub mod profile;
 pub mod rng;
 pub mod runtime;

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 const WRITE_KEY: &str = "wk_test_2f9c";
 const ADMIN: &str = "tok_admin_5d1e";
 const OPS: &str = "tok_ops_77aa";
+const PRIV: &str = "tok_priv_31b0";
 
 const MANIFEST: &str = r#"
 version: 1
@@ -22,6 +23,7 @@ server:
   admin_token: "${env:T_ADMIN}"
   tokens:
     ops: { token: "${env:T_OPS}", role: read_only }
+    dpo: { token: "${env:T_PRIV}", role: privacy }
 sources:
   web:
     collector: { write_keys: ["${env:T_WRITE}"] }
@@ -59,6 +61,7 @@ fn cdp(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("T_ADMIN", ADMIN)
         .env("T_OPS", OPS)
+        .env("T_PRIV", PRIV)
         .env("T_WRITE", WRITE_KEY)
         .output()
         .expect("run cdp")
@@ -79,6 +82,8 @@ impl Server {
             .args(["run", "--drain", "10s", "--listen", "127.0.0.1:0"])
             .env("T_ADMIN", ADMIN)
             .env("T_OPS", OPS)
+            .env("T_PRIV", PRIV)
+            .env("T_PRIV", PRIV)
             .env("T_WRITE", WRITE_KEY)
             .env("CDP_LOG", "cdp=info")
             .stdin(Stdio::null())
@@ -442,6 +447,51 @@ fn roles_decide_what_a_token_may_do_and_every_request_is_audited() {
     });
     server.stop();
     assert!(!server_log_has_secret(dir.path()), "a token or write key reached the log");
+}
+
+#[test]
+fn privacy_operations_are_for_the_privacy_role_and_name_no_one_in_the_audit_log() {
+    let dir = setup();
+    let server = Server::start(dir.path());
+    let base = server.base.clone();
+    rt().block_on(async {
+        let c = client();
+        let batch = json!({"batch": [
+            {"type": "identify", "messageId": "p1", "userId": "u-9", "traits": {"email": "zed@example.org", "first_name": "Zed"}},
+            event("p2", "u-9"),
+        ]});
+        let (s, body) = post(&c, &format!("{base}/v1/batch"), body_bytes(&batch), &[("authorization", &basic(WRITE_KEY)), ("content-type", "application/json")]).await;
+        assert_eq!(s, 200, "{body}");
+        let who = json!({"key": "email", "value": "zed@example.org"}).to_string();
+        let res = c.post(format!("{base}/admin/v1/privacy/export")).bearer_auth(OPS).body(who.clone()).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 403, "read-only may not");
+        let res = c.post(format!("{base}/admin/v1/privacy/export")).bearer_auth(PRIV).body(who.clone()).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        let doc = res.json_text().await;
+        assert_eq!(doc["export"]["records"].as_array().map(Vec::len), Some(2), "{doc}");
+        let res = c.post(format!("{base}/admin/v1/privacy/delete")).bearer_auth(PRIV).body(who.clone()).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        let id = res.json_text().await["request_id"].as_i64().unwrap();
+        let res = c.get(format!("{base}/admin/v1/privacy/requests/{id}")).bearer_auth(PRIV).send().await.unwrap();
+        assert_eq!(res.json_text().await["state"], "done");
+        let res = c.get(format!("{base}/admin/v1/profiles/email/zed%40example.org")).bearer_auth(ADMIN).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 404, "erased");
+        let res = c.post(format!("{base}/admin/v1/privacy/delete")).bearer_auth(PRIV).body(who).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 404, "nothing left to erase");
+        let rows = c.get(format!("{base}/admin/v1/audit")).bearer_auth(ADMIN).send().await.unwrap().json_text().await;
+        let text = rows.to_string();
+        assert!(text.contains("privacy/delete") && text.contains("\"actor\":\"dpo\""), "{rows:#}");
+    });
+    server.stop();
+    let out = cdp(dir.path(), &["audit", "--format", "json"]);
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("audit json");
+    let privacy: Vec<&Value> =
+        rows["rows"].as_array().unwrap().iter().filter(|r| r.to_string().contains("privacy")).collect();
+    assert_eq!(privacy.len(), 5, "{rows:#}");
+    assert!(
+        privacy.iter().all(|r| !r.to_string().contains("zed@example.org")),
+        "privacy rows name no one: {privacy:#?}"
+    );
 }
 
 fn server_log_has_secret(dir: &Path) -> bool {

@@ -1,7 +1,7 @@
 //! `cdp privacy export|delete|status|suppress|unsuppress`: a person's rights
-//! over their data. Each operation opens a request (`cdp privacy status`
-//! lists them) and appends an audit row naming the request and the
-//! identifier's type, never its value.
+//! over their data, run by [`crate::privacy::perform`] as the admin API runs
+//! them. Each appends an audit row naming the request and the identifier's
+//! type, never its value; an export shows nothing unless its row is written.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,10 +11,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use super::ReportFormat;
-use crate::manifest::Manifest;
-use crate::store::Store;
-use crate::store::privacy::{Request, mark_hash};
-use crate::store::profile::LookupError;
+use crate::privacy::{Kind, Outcome, perform};
+use crate::store::privacy::Request;
 
 fn split(kv: &str) -> Result<(&str, &str)> {
     match kv.split_once('=') {
@@ -23,96 +21,68 @@ fn split(kv: &str) -> Result<(&str, &str)> {
     }
 }
 
-/// The request's subject: the keyed hash of the identifier as normalised.
-async fn subject(store: &Store, m: &Manifest, k: &str, v: &str) -> Result<String> {
-    let normal = crate::store::profile::lookup_value(m, k, v)?;
-    Ok(mark_hash(&store.privacy_secret().await?, k, &normal))
-}
-
-/// Opens the request, finds the profile, appends the audit row.
-async fn open(store: &Store, m: &Manifest, kind: &str, kv: &str) -> Result<Option<(i64, i64)>> {
+/// Runs `kind` on the person `kv` names and appends the audit row.
+async fn run(manifest: &Path, kind: Kind, kv: &str) -> Result<(Outcome, crate::store::Store)> {
     let (k, v) = split(kv)?;
-    let subject = subject(store, m, k, v).await?;
-    let actor = super::audit::actor();
-    let id = store.open_request(kind, &subject, k, &actor, "open").await?;
-    let target = format!("request {id} ({k})");
-    match store.find_profile(m, k, v).await {
-        Ok(p) => {
-            super::audit::record(store, &format!("privacy.{kind}"), &target, "ok")
-                .await
-                .context("cannot write the audit log; nothing was done")?;
-            Ok(Some((id, p)))
-        }
-        Err(LookupError::NotFound(..)) => {
-            super::audit::record(store, &format!("privacy.{kind}"), &target, "not_found").await?;
-            store.close_request(id, "not_found", &format!("no profile has this {k}")).await?;
-            eprintln!("no profile has {k} `{v}` (request {id})");
-            Ok(None)
-        }
-        Err(e) => {
-            store.close_request(id, "failed", &e.to_string()).await?;
-            Err(e.into())
+    let (m, base) = super::load_manifest(manifest)?;
+    let store = super::connect(&m, &base).await?;
+    // Which destinations' plugins can delete, from their specs.
+    let mut deletes = std::collections::HashMap::new();
+    if kind == Kind::Delete {
+        let host = crate::plugin::Host::with_default_cache()?;
+        for (name, d) in &m.destinations {
+            let can = match crate::plugin::entries::load(&host, &m, &base, &d.plugin) {
+                Ok(p) => p.spec(name).await.ok().map(|s| s.capabilities.iter().any(|c| c == "delete")),
+                Err(_) => None,
+            };
+            deletes.insert(name.clone(), can.unwrap_or(false));
         }
     }
+    let actor = super::audit::actor();
+    let outcome = perform(&store, &m, kind, k, v, &actor, &|d| deletes.get(d).copied()).await?;
+    let target = format!("request {} ({k})", outcome.request);
+    let result = if outcome.not_found { "not_found" } else { "ok" };
+    super::audit::record(&store, &format!("privacy.{}", kind.as_str()), &target, result)
+        .await
+        .context("cannot write the audit log")?;
+    if outcome.not_found {
+        eprintln!("no profile has {k} `{v}` (request {})", outcome.request);
+    }
+    Ok((outcome, store))
 }
 
 /// `cdp privacy export KEY=VALUE [--out FILE]`.
 pub async fn export(manifest: &Path, kv: &str, out: Option<&Path>) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
-    let Some((id, profile)) = open(&store, &m, "export", kv).await? else { return Ok(ExitCode::FAILURE) };
-    let mut doc = store.privacy_export(&m, profile).await?;
-    doc["request_id"] = json!(id);
+    let (o, _) = run(manifest, Kind::Export, kv).await?;
+    let Some(doc) = o.export else { return Ok(ExitCode::FAILURE) };
     let text = serde_json::to_string_pretty(&doc)?;
     match out {
         Some(path) => {
             let tmp = path.with_extension("partial");
             std::fs::write(&tmp, format!("{text}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
             std::fs::rename(&tmp, path)?;
-            eprintln!("wrote {} (request {id})", path.display());
+            eprintln!("wrote {} (request {}: {})", path.display(), o.request, o.summary);
         }
         None => outln!("{text}"),
     }
-    let n = doc["records"].as_array().map_or(0, Vec::len);
-    store.close_request(id, "done", &format!("exported {n} records")).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `cdp privacy delete KEY=VALUE`.
 pub async fn delete(manifest: &Path, kv: &str) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
-    let Some((id, profile)) = open(&store, &m, "delete", kv).await? else { return Ok(ExitCode::FAILURE) };
-    let host = crate::plugin::Host::with_default_cache().ok();
-    // Which destinations' plugins can delete, read from their specs.
-    let mut deletable = std::collections::HashMap::new();
-    for (name, d) in &m.destinations {
-        let can = match host.as_ref().map(|h| crate::plugin::entries::load(h, &m, &base, &d.plugin)) {
-            Some(Ok(p)) => p.spec(name).await.ok().map(|s| s.capabilities.iter().any(|c| c == "delete")),
-            _ => None,
-        };
-        deletable.insert(name.clone(), can.unwrap_or(false));
-    }
-    let er = store.erase(id, profile, &|d| deletable.get(d).copied()).await?;
-    let pending = !er.destinations.is_empty();
-    let summary = format!(
-        "erased {} profile id(s), {} identifier(s), {} row(s); {} destination(s) to reach",
-        er.profiles,
-        er.identifiers,
-        er.rows.values().sum::<u64>(),
-        er.destinations.len()
-    );
-    store.close_request(id, if pending { "propagating" } else { "done" }, &summary).await?;
-    outln!("request {id}: {summary}");
+    let (o, _) = run(manifest, Kind::Delete, kv).await?;
+    let Some(er) = o.erasure else { return Ok(ExitCode::FAILURE) };
+    outln!("request {}: {}", o.request, o.summary);
     for (table, n) in &er.rows {
         if *n > 0 {
             outln!("  {table:<22} {n}");
         }
     }
-    if pending {
+    if !er.destinations.is_empty() {
         outln!(
-            "destinations: {} (a running `cdp run` sends the deletes; `cdp privacy status {id}`)",
-            er.destinations.join(", ")
+            "destinations: {} (a running `cdp run` sends the deletes; `cdp privacy status {}`)",
+            er.destinations.join(", "),
+            o.request
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -120,18 +90,11 @@ pub async fn delete(manifest: &Path, kv: &str) -> Result<ExitCode> {
 
 /// `cdp privacy suppress|unsuppress KEY=VALUE`.
 pub async fn suppress(manifest: &Path, kv: &str, on: bool) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
-    let kind = if on { "suppress" } else { "unsuppress" };
-    let Some((id, profile)) = open(&store, &m, kind, kv).await? else { return Ok(ExitCode::FAILURE) };
-    let n = store.suppress(profile, on, id).await?;
-    let summary = if on {
-        format!("{n} identifier(s) suppressed: their records are dropped and nothing is delivered")
-    } else {
-        format!("{n} identifier(s) no longer suppressed")
-    };
-    store.close_request(id, "done", &summary).await?;
-    outln!("request {id}: {summary}");
+    let (o, _) = run(manifest, if on { Kind::Suppress } else { Kind::Unsuppress }, kv).await?;
+    if o.not_found {
+        return Ok(ExitCode::FAILURE);
+    }
+    outln!("request {}: {}", o.request, o.summary);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -164,11 +127,12 @@ fn render(r: &Request) -> String {
 
 /// `cdp privacy status [ID]`.
 pub async fn status(manifest: &Path, id: Option<i64>, format: ReportFormat) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
+    let (store, _) = super::connect_file(manifest).await?;
     let rows = store.requests(id, 100).await?;
-    if id.is_some() && rows.is_empty() {
-        bail!("no privacy request {}", id.unwrap_or_default());
+    if let Some(id) = id
+        && rows.is_empty()
+    {
+        bail!("no privacy request {id}");
     }
     match format {
         ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&json!({"requests": rows}))?),

@@ -56,6 +56,8 @@ pub struct DestinationSync {
     pub grants: Grants,
     pub config: Value,
     pub target: crate::activation::Target,
+    /// The plugin declares the `delete` capability (erasures reach it).
+    pub deletes: bool,
 }
 
 /// Why a manifest could not become a snapshot.
@@ -121,7 +123,7 @@ impl Snapshot {
                 });
             }
         };
-        let destinations = match destination_syncs(&m, &base, host) {
+        let destinations = match destination_syncs(&m, &base, host).await {
             Ok(d) => d,
             Err(message) => {
                 return Err(LoadError::Invalid {
@@ -145,7 +147,11 @@ impl Snapshot {
 }
 
 /// Every destination, with its plugin loaded and its delivery settings resolved.
-fn destination_syncs(m: &Manifest, base: &Path, host: &Host) -> Result<IndexMap<String, DestinationSync>, String> {
+async fn destination_syncs(
+    m: &Manifest,
+    base: &Path,
+    host: &Host,
+) -> Result<IndexMap<String, DestinationSync>, String> {
     let mut out = IndexMap::new();
     for entry in entries::entries(m) {
         if entry.kind != crate::plugin::Kind::Destination {
@@ -154,8 +160,13 @@ fn destination_syncs(m: &Manifest, base: &Path, host: &Host) -> Result<IndexMap<
         let plugin =
             entries::load(host, m, base, entry.plugin).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
         let grants = entry.grants(m, base).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
+        let spec = plugin.spec(entry.name).await.map_err(|e| format!("destination `{}`: {e}", entry.name))?;
         let target = crate::activation::Target::resolve(m, entry.name, &m.destinations[entry.name]);
-        out.insert(entry.name.to_owned(), DestinationSync { plugin, grants, config: entry.config.clone(), target });
+        let deletes = spec.capabilities.iter().any(|c| c == "delete");
+        out.insert(
+            entry.name.to_owned(),
+            DestinationSync { plugin, grants, config: entry.config.clone(), target, deletes },
+        );
     }
     Ok(out)
 }

@@ -5,7 +5,9 @@
 //!
 //! Every request needs a bearer token from `server.tokens` (or
 //! `server.admin_token`). Roles: `admin` may do everything; `read_only`
-//! and `privacy` may read, and every state-changing route answers them 403.
+//! and `privacy` may read, and every state-changing route answers them 403,
+//! except the privacy operations under `/admin/v1/privacy/`, which are for
+//! `privacy` and `admin` only.
 //! Every request — allowed or not — appends a row to the audit log with the
 //! token's name; if that row cannot be written, personal data is not
 //! returned.
@@ -47,6 +49,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/v1/syncs/{name}/run", post(run_sync))
         .route("/admin/v1/reload", post(reload))
         .route("/admin/v1/audit", get(audit))
+        .route("/admin/v1/privacy/requests", get(privacy_requests))
+        .route("/admin/v1/privacy/requests/{id}", get(privacy_request))
+        .route("/admin/v1/privacy/{kind}", post(privacy))
         .route_layer(axum::middleware::from_fn_with_state(state, guard))
 }
 
@@ -70,9 +75,17 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"cdp\""));
             r
         }
-        Some(c) if !allowed(c.role, req.method()) => error(
+        Some(c) if !allowed(c.role, req.method(), &route) => error(
             StatusCode::FORBIDDEN,
-            &format!("token `{}` has role `{}`, which may not change state", c.name, c.role.as_str()),
+            &if route.starts_with(PRIVACY) {
+                format!(
+                    "token `{}` has role `{}`; privacy operations need `privacy` or `admin`",
+                    c.name,
+                    c.role.as_str()
+                )
+            } else {
+                format!("token `{}` has role `{}`, which may not change state", c.name, c.role.as_str())
+            },
         ),
         Some(c) => {
             let mut req = req;
@@ -92,8 +105,15 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     }
 }
 
-/// Reads for every role; changes for `admin` only.
-fn allowed(role: Role, method: &Method) -> bool {
+/// Routes of privacy operations.
+const PRIVACY: &str = "/admin/v1/privacy/";
+
+/// Privacy routes for `privacy` and `admin`; elsewhere reads for every
+/// role and changes for `admin` only.
+fn allowed(role: Role, method: &Method, route: &str) -> bool {
+    if route.starts_with(PRIVACY) {
+        return matches!(role, Role::Privacy | Role::Admin);
+    }
     matches!(*method, Method::GET | Method::HEAD) || role == Role::Admin
 }
 
@@ -274,6 +294,64 @@ async fn audit(State(state): State<AppState>, Query(q): Query<HashMap<String, St
     }
 }
 
+/// `POST /admin/v1/privacy/{kind}` with `{"key": …, "value": …}` in the
+/// body (so the identifier never appears in a URL or the audit log).
+async fn privacy(
+    State(state): State<AppState>,
+    Path(kind): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(kind) = crate::privacy::Kind::parse(&kind) else {
+        return error(StatusCode::NOT_FOUND, "privacy operations: export, delete, suppress, unsuppress");
+    };
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body must be JSON {{\"key\", \"value\"}}: {e}")),
+    };
+    let (Some(key), Some(value)) = (req["key"].as_str(), req["value"].as_str()) else {
+        return error(StatusCode::BAD_REQUEST, "the body needs `key` (an identity key) and `value`");
+    };
+    let snap = state.snap();
+    let deletes = |d: &str| snap.destinations.get(d).map(|x| x.deletes);
+    let actor = format!("api:{}", caller.name);
+    match crate::privacy::perform(&state.store, &snap.manifest, kind, key, value, &actor, &deletes).await {
+        Ok(o) if o.not_found => {
+            let mut r = error(StatusCode::NOT_FOUND, &o.summary);
+            r.headers_mut().insert("x-cdp-request", HeaderValue::from(o.request));
+            r
+        }
+        Ok(o) => {
+            let mut doc = json!({"request_id": o.request, "kind": kind.as_str(), "summary": o.summary});
+            if let Some(e) = o.export {
+                doc["export"] = e;
+            }
+            if let Some(er) = o.erasure {
+                doc["destinations"] = json!(er.destinations);
+                doc["rows"] = json!(er.rows);
+            }
+            axum::Json(doc).into_response()
+        }
+        Err(crate::privacy::RequestError::Lookup(e)) => lookup_error(e),
+        Err(e) => internal(e),
+    }
+}
+
+async fn privacy_requests(State(state): State<AppState>) -> Response {
+    match state.store.requests(None, 100).await {
+        Ok(rows) => axum::Json(json!({"requests": rows})).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn privacy_request(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    match state.store.requests(Some(id), 1).await {
+        Ok(mut rows) if !rows.is_empty() => axum::Json(rows.remove(0)).into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, &format!("no privacy request {id}")),
+        Err(e) => internal(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,9 +365,12 @@ mod tests {
 
     #[test]
     fn read_only_roles_only_read() {
-        assert!(allowed(Role::ReadOnly, &Method::GET));
-        assert!(!allowed(Role::ReadOnly, &Method::POST));
-        assert!(!allowed(Role::Privacy, &Method::POST));
-        assert!(allowed(Role::Admin, &Method::POST));
+        assert!(allowed(Role::ReadOnly, &Method::GET, "/admin/v1/status"));
+        assert!(!allowed(Role::ReadOnly, &Method::POST, "/admin/v1/reload"));
+        assert!(!allowed(Role::Privacy, &Method::POST, "/admin/v1/reload"));
+        assert!(allowed(Role::Admin, &Method::POST, "/admin/v1/reload"));
+        assert!(allowed(Role::Privacy, &Method::POST, "/admin/v1/privacy/{kind}"));
+        assert!(allowed(Role::Admin, &Method::POST, "/admin/v1/privacy/{kind}"));
+        assert!(!allowed(Role::ReadOnly, &Method::GET, "/admin/v1/privacy/requests"));
     }
 }

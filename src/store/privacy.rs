@@ -43,6 +43,8 @@ pub struct Erasure {
     pub rows: std::collections::BTreeMap<String, u64>,
     /// Destinations the person was delivered to, which the erasure must reach.
     pub destinations: Vec<String>,
+    /// Of those, the ones whose plugin can delete: a receipt is pending for each.
+    pub pending: usize,
 }
 
 /// A privacy request.
@@ -200,7 +202,7 @@ impl Store {
         &self,
         request_id: i64,
         profile: i64,
-        deletable: &dyn Fn(&str) -> Option<bool>,
+        deletable: &(dyn Fn(&str) -> Option<bool> + Sync),
     ) -> Result<Erasure> {
         let secret = self.privacy_secret().await?;
         let now = now_ms();
@@ -294,6 +296,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             er.destinations.push(d.clone());
+            if state == "pending" {
+                er.pending += 1;
+            }
         }
 
         // Rows keyed by identifier.
