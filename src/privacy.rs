@@ -121,3 +121,47 @@ pub async fn perform(
     }
     Ok(out)
 }
+
+/// One retention rule, resolved from `retention:`: records (of `source`, or
+/// of every source not listed when `None`; only events named `event` when
+/// set) observed more than `keep` ago go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionRule {
+    pub source: Option<String>,
+    /// Sources with a rule of their own, which a rule without `source` skips.
+    pub except: Vec<String>,
+    pub event: Option<String>,
+    pub keep: std::time::Duration,
+}
+
+impl RetentionRule {
+    /// `records`, `source web`, `event page_viewed`.
+    pub fn label(&self) -> String {
+        match (&self.source, &self.event) {
+            (_, Some(e)) => format!("event {e}"),
+            (Some(s), None) => format!("source {s}"),
+            (None, None) => "records".to_owned(),
+        }
+    }
+}
+
+/// The manifest's retention rules (none without `retention:`).
+pub fn retention_rules(m: &Manifest) -> Vec<RetentionRule> {
+    let Some(r) = &m.retention else { return Vec::new() };
+    let dur = |s: &str| crate::units::parse_duration(s).ok();
+    let mut out = Vec::new();
+    if let Some(keep) = r.records.as_deref().and_then(dur) {
+        out.push(RetentionRule { source: None, except: r.sources.keys().cloned().collect(), event: None, keep });
+    }
+    for (s, d) in &r.sources {
+        if let Some(keep) = dur(d) {
+            out.push(RetentionRule { source: Some(s.clone()), except: Vec::new(), event: None, keep });
+        }
+    }
+    for (e, d) in &r.events {
+        if let Some(keep) = dur(d) {
+            out.push(RetentionRule { source: None, except: Vec::new(), event: Some(e.clone()), keep });
+        }
+    }
+    out
+}

@@ -39,6 +39,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total))
 }
 
+/// A duration in the manifest's notation, largest unit that divides it
+/// (`90d`, `36h`, `1500ms`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    if ms == 0 {
+        return "0s".into();
+    }
+    for (unit, size) in DURATION_UNITS.iter().rev() {
+        if ms.is_multiple_of(*size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// The unit meant by a spelled-out one (`seconds` → `s`).
 fn spelled_out(unit: &str) -> Option<&'static str> {
     let u = unit.to_ascii_lowercase();

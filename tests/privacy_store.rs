@@ -344,3 +344,101 @@ fn a_suppressed_person_is_not_collected_and_leaves_every_destination() {
         }
     });
 }
+
+const RETENTION: &str = "retention:\n  records: 365d\n  sources: { web: 30d }\n  events: { ticket_opened: 7d }\n";
+
+fn ago(days: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339()
+}
+
+/// Web records 10 and 100 days old, a CRM record 400 days old, support
+/// tickets 3 and 20 days old.
+fn aged(m: &Manifest) -> Vec<(&'static str, Vec<Record>)> {
+    vec![
+        (
+            "web",
+            records(
+                m,
+                "web",
+                &[
+                    json!({"id": "w-new", "at": ago(10), "email": "kim@example.org", "event": "page_viewed", "path": "/a"}),
+                    json!({"id": "w-old", "at": ago(100), "email": "kim@example.org", "event": "page_viewed", "path": "/b"}),
+                ],
+            ),
+        ),
+        (
+            "crm",
+            records(m, "crm", &[json!({"id": "c-old", "at": ago(400), "crm": "C-KIM", "email": "kim@example.org"})]),
+        ),
+        (
+            "support",
+            records(
+                m,
+                "support",
+                &[
+                    json!({"id": "s-new", "at": ago(3), "email": "kim@example.org", "event": "ticket_opened", "subject": "x"}),
+                    json!({"id": "s-old", "at": ago(20), "email": "kim@example.org", "event": "ticket_opened", "subject": "y"}),
+                ],
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn retention_counts_then_deletes_what_the_rules_no_longer_keep() {
+    support::rt().block_on(async {
+        let l = load_str(&format!("{MANIFEST}{RETENTION}"), &Options::validate("."));
+        assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+        let m = l.manifest.unwrap();
+        let cfg = IdentityConfig::from_manifest(&m);
+        let rules = cdp::privacy::retention_rules(&m);
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, url, db) in support::urls(dir.path(), "retention").await {
+            let store = Store::connect(&url, dir.path()).await.expect("store");
+            ingest(&store, &cfg, aged(&m)).await;
+            let expect =
+                vec![("records".to_owned(), 1), ("source web".to_owned(), 1), ("event ticket_opened".to_owned(), 1)];
+            assert_eq!(store.retention(&rules, false).await.unwrap(), expect, "{name}: counted");
+            assert_eq!(store.retention(&rules, true).await.unwrap(), expect, "{name}: deleted");
+            assert_eq!(store.retention(&rules, false).await.unwrap().iter().map(|c| c.1).sum::<i64>(), 0, "{name}");
+            let kim = store.find_profile(&m, "email", "kim@example.org").await.expect("kim stays");
+            let doc = store.privacy_export(&m, kim).await.unwrap();
+            let ids: BTreeSet<&str> =
+                doc["records"].as_array().unwrap().iter().filter_map(|r| r["message_id"].as_str()).collect();
+            assert_eq!(ids, BTreeSet::from(["w-new", "s-new"]), "{name}");
+            drop(store);
+            support::drop_db(db).await;
+        }
+    });
+}
+
+#[test]
+fn plan_shows_the_records_a_retention_change_would_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = MANIFEST.replacen("name: t\n", "name: t\nstorage: { url: \"sqlite://cdp.db\" }\n", 1);
+    std::fs::write(dir.path().join("cdp.yaml"), &manifest).unwrap();
+    let lines: Vec<String> = [("w-new", 10), ("w-old", 100), ("w-older", 200)]
+        .iter()
+        .map(|(id, d)| {
+            json!({"id": id, "at": ago(*d), "email": "lee@example.org", "event": "page_viewed", "path": "/"})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(dir.path().join("web.jsonl"), lines.join("\n")).unwrap();
+    let cdp = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cdp")).current_dir(dir.path()).args(args).output().unwrap()
+    };
+    let out = cdp(&["ingest", "web", "--file", "web.jsonl", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.path().join("cdp.yaml"), format!("{manifest}retention:\n  sources: {{ web: 30d }}\n")).unwrap();
+    let out = cdp(&["plan", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["impact"]["retention"],
+        json!([{"rule": "source web", "keep": "30d", "would_delete": 2}]),
+        "{plan:#}"
+    );
+    let human = String::from_utf8_lossy(&cdp(&["plan"]).stdout).into_owned();
+    assert!(human.contains("retention source web (keep 30d): 2 records older than that would be deleted"), "{human}");
+}

@@ -88,6 +88,16 @@ async fn impact(store: &Store, old: Option<&Manifest>, new: &Manifest, changes: 
     if !sources.is_empty() {
         out.insert("removed_sources".into(), Value::Array(sources));
     }
+    if changes.iter().any(|c| c.section == "retention") {
+        let rules = crate::privacy::retention_rules(new);
+        let counts = store.retention(&rules, false).await?;
+        let doc: Vec<Value> = counts
+            .into_iter()
+            .zip(&rules)
+            .map(|((rule, n), r)| json!({"rule": rule, "keep": crate::units::format_duration(r.keep), "would_delete": n}))
+            .collect();
+        out.insert("retention".into(), Value::Array(doc));
+    }
     if changes.iter().any(|c| c.section.starts_with("identity.")) {
         let (idents, links) = store.identity_graph().await?;
         let cfg = IdentityConfig::from_manifest(new);
@@ -242,6 +252,14 @@ fn render(doc: &Value, changes: &[Change]) -> String {
             "  source {} removed: its {} records stay in the store",
             s["source"].as_str().unwrap_or(""),
             s["records_kept"]
+        ));
+    }
+    for r in impact["retention"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "  retention {} (keep {}): {} records older than that would be deleted",
+            r["rule"].as_str().unwrap_or(""),
+            r["keep"].as_str().unwrap_or(""),
+            r["would_delete"]
         ));
     }
     let id = &impact["identity"];

@@ -31,6 +31,7 @@ const WHOLE: &[&str] = &[
     "consent.default",
     "consent.expiry",
     "consent.policies",
+    "retention",
 ];
 
 /// Added, changed or removed.

@@ -251,6 +251,7 @@ fn lenient(v: &Value) -> (Manifest, Ghosts) {
         consent: section(get("consent"), "consent", &mut g),
         audiences: entries(get("audiences"), "audiences", &mut g),
         destinations: entries(get("destinations"), "destinations", &mut g),
+        retention: section(get("retention"), "retention", &mut g),
     };
     if let Some(id) = get("identity") {
         m.identity.keys = entries(id.get("keys"), "identity.keys", &mut g);

@@ -29,6 +29,7 @@ pub fn check(m: &Manifest, ghosts: &Ghosts, spans: &SpanIndex, base_dir: &Path) 
     c.consent();
     c.audiences();
     c.destinations();
+    c.retention();
     c.out
 }
 
@@ -1158,6 +1159,33 @@ impl<'a> Ctx<'a> {
                 .collect();
             self.unknown(diag::UNKNOWN_TRAIT, pointer, "trait or identity key", name, known, "model.traits");
             None
+        }
+    }
+
+    fn retention(&mut self) {
+        let m = self.m;
+        let Some(r) = &m.retention else { return };
+        if let Some(d) = &r.records {
+            self.duration("/retention/records", d);
+        }
+        for (name, d) in &r.sources {
+            let p = ptr(&["retention", "sources", name]);
+            if !m.sources.contains_key(name) && !self.g.covers("sources", name) {
+                let known: Vec<&str> = m.sources.keys().map(String::as_str).collect();
+                self.unknown(diag::UNKNOWN_SOURCE, &p, "source", name, known, "sources");
+            }
+            self.duration(&p, d);
+        }
+        for (name, d) in &r.events {
+            let p = ptr(&["retention", "events", name]);
+            if !m.model.events.contains_key(name) {
+                let known: Vec<&str> = m.model.events.keys().map(String::as_str).collect();
+                self.unknown(diag::UNKNOWN_EVENT, &p, "event", name, known, "model.events");
+            }
+            self.duration(&p, d);
+        }
+        if let Some(s) = &r.schedule {
+            self.cron("/retention/schedule", s);
         }
     }
 

@@ -49,6 +49,9 @@ pub struct Manifest {
     /// Where profiles and audience membership are activated, by destination name.
     #[serde(default)]
     pub destinations: IndexMap<String, Destination>,
+    /// How long raw records and events are kept; `cdp run` deletes older ones on schedule.
+    #[serde(default)]
+    pub retention: Option<Retention>,
 }
 
 /// Where cdp keeps its state.
@@ -816,6 +819,26 @@ pub struct Destination {
     /// Refuse a sync that would remove more than this share of the audience at once.
     #[serde(default)]
     pub shrink_guard: Option<ShrinkGuard>,
+}
+
+/// Retention of raw records: older ones are deleted by `cdp run` on its
+/// schedule (`cdp plan` shows how many would go). Identifiers, merged traits
+/// and consent answers stay; computed traits see only the events kept.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Every source's records older than this go, e.g. `730d`. Without it they are kept.
+    #[serde(default)]
+    pub records: Option<String>,
+    /// Per source, overriding `records`: source → duration.
+    #[serde(default)]
+    pub sources: IndexMap<String, String>,
+    /// Per event type, for events (the shorter of this and the source's applies): event → duration.
+    #[serde(default)]
+    pub events: IndexMap<String, String>,
+    /// When the runtime deletes (cron, six fields, UTC). Default every hour: `0 0 * * * *`.
+    #[serde(default)]
+    pub schedule: Option<String>,
 }
 
 /// Destination sync modes.

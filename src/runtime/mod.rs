@@ -11,6 +11,7 @@
 //! the sync's lease in the store, and every commit is fenced by it.
 
 pub mod activation;
+pub mod retention;
 pub mod schedule;
 pub mod snapshot;
 pub mod status;

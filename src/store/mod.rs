@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod privacy;
 pub mod profile;
 pub mod queue;
+pub mod retention;
 pub mod runs;
 mod scan;
 mod schema;
