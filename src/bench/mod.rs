@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod collector;
+pub mod erase;
 pub mod identity;
 pub mod ingest;
 pub mod people;

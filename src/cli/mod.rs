@@ -349,6 +349,16 @@ pub struct ExportArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
+    /// Erase people from a populated store (every table, tombstones), next to plain SQL
+    /// deletes of the same rows.
+    Erase {
+        /// Records in the store.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: usize,
+        /// People erased.
+        #[arg(long, default_value_t = 10_000)]
+        people: usize,
+    },
     /// Time from the collector's acknowledgement to the webhook delivery it causes, at a
     /// steady rate, through a real `cdp run`.
     Activation {
@@ -501,6 +511,11 @@ pub fn run() -> ExitCode {
         Command::Bench(Bench::Activation { rate, seconds, plugin }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             out!("{}", crate::bench::activation::run(rate, seconds, plugin.as_deref(), tmp.path()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Bench(Bench::Erase { records, people }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            out!("{}", crate::bench::erase::run(records, people.max(1), tmp.path()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Bench(Bench::Identity { people }) => block_on(async {

@@ -86,17 +86,28 @@ pub struct DueReceipt {
 impl Store {
     /// The store's privacy hashing key, generated on first use.
     pub async fn privacy_secret(&self) -> Result<Vec<u8>> {
-        let mut fresh = [0u8; 32];
-        getrandom::fill(&mut fresh)
-            .map_err(|e| StoreError::Invariant(format!("no randomness for the privacy key: {e}")))?;
-        sqlx::query(
-            &self.sql("INSERT INTO cdp_meta (name, value) VALUES ('privacy_key', ?) ON CONFLICT (name) DO NOTHING"),
-        )
-        .bind(hex::encode(fresh))
-        .execute(self.pool())
-        .await?;
-        let row = sqlx::query("SELECT value FROM cdp_meta WHERE name = 'privacy_key'").fetch_one(self.pool()).await?;
-        let text: String = row.try_get(0)?;
+        let read = || async {
+            let row = sqlx::query("SELECT value FROM cdp_meta WHERE name = 'privacy_key'")
+                .fetch_optional(self.pool())
+                .await?;
+            row.map(|r| r.try_get::<String, _>(0)).transpose().map_err(StoreError::from)
+        };
+        let text =
+            match read().await? {
+                Some(t) => t,
+                None => {
+                    let mut fresh = [0u8; 32];
+                    getrandom::fill(&mut fresh)
+                        .map_err(|e| StoreError::Invariant(format!("no randomness for the privacy key: {e}")))?;
+                    sqlx::query(&self.sql(
+                        "INSERT INTO cdp_meta (name, value) VALUES ('privacy_key', ?) ON CONFLICT (name) DO NOTHING",
+                    ))
+                    .bind(hex::encode(fresh))
+                    .execute(self.pool())
+                    .await?;
+                    read().await?.ok_or_else(|| StoreError::Invariant("the privacy key was not stored".into()))?
+                }
+            };
         hex::decode(text).map_err(|e| StoreError::Invariant(format!("the stored privacy key is unreadable: {e}")))
     }
 
@@ -306,6 +317,30 @@ impl Store {
             let n = self.delete_in(&mut tx, &format!("DELETE FROM {table} WHERE {col} IN ({{}})"), &id_list).await?;
             *er.rows.entry(table.to_owned()).or_default() += n;
         }
+        // Links that name any of the identifiers.
+        let erased: BTreeSet<i64> = id_list.iter().copied().collect();
+        // A link's `ids` lists its identifiers' ids, comma-separated; links
+        // are found by the components the identifiers were in.
+        let mut links_deleted = 0u64;
+        for r in self
+            .select_in(
+                &mut tx,
+                "SELECT ids FROM links WHERE component IN (SELECT component FROM identities WHERE id IN ({}))",
+                &id_list,
+            )
+            .await?
+        {
+            let text: String = r.try_get(0)?;
+            if text.split(',').filter_map(|x| x.parse::<i64>().ok()).any(|x| erased.contains(&x)) {
+                links_deleted += sqlx::query(&self.sql("DELETE FROM links WHERE ids = ?"))
+                    .bind(&text)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        *er.rows.entry("links".to_owned()).or_default() += links_deleted;
+
         // Rows keyed by profile.
         for (table, sql) in [
             ("entities", "DELETE FROM entities WHERE profile_id IN ({})"),
@@ -325,32 +360,6 @@ impl Store {
         *er.rows.entry("entities".to_owned()).or_default() += n;
         let n = self.delete_in(&mut tx, "DELETE FROM ledger WHERE identity_id IN ({})", &id_list).await?;
         *er.rows.entry("ledger".to_owned()).or_default() += n;
-
-        // Links that name any of the identifiers.
-        let erased: BTreeSet<i64> = id_list.iter().copied().collect();
-        // A link's `ids` lists its identifiers' ids, comma-separated.
-        let mut links_deleted = 0u64;
-        for id in &id_list {
-            let rows =
-                sqlx::query(&self.sql("SELECT ids FROM links WHERE ids = ? OR ids LIKE ? OR ids LIKE ? OR ids LIKE ?"))
-                    .bind(id.to_string())
-                    .bind(format!("{id},%"))
-                    .bind(format!("%,{id}"))
-                    .bind(format!("%,{id},%"))
-                    .fetch_all(&mut *tx)
-                    .await?;
-            for r in rows {
-                let text: String = r.try_get(0)?;
-                if text.split(',').filter_map(|x| x.parse::<i64>().ok()).any(|x| erased.contains(&x)) {
-                    links_deleted += sqlx::query(&self.sql("DELETE FROM links WHERE ids = ?"))
-                        .bind(&text)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-            }
-        }
-        *er.rows.entry("links".to_owned()).or_default() += links_deleted;
 
         // Free text that may quote an identifier: rejected records, audit targets.
         for (_, _, v) in &ids {

@@ -470,6 +470,10 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             updated_at BIGINT NOT NULL,
             PRIMARY KEY (request_id, destination)
         )",
+            // An erasure finds a person's rows by these.
+            "CREATE INDEX ledger_identity ON ledger (identity_id)",
+            "CREATE INDEX audience_changes_profile ON audience_changes (profile_id)",
+            "CREATE INDEX deliveries_person ON deliveries (profile_id)",
         ],
     ),
 ];
