@@ -232,7 +232,7 @@ fn erasure_leaves_nothing_of_the_person_and_nothing_comes_back() {
             let g = store.golden(&m, bob, 10).await.expect("bob");
             assert_eq!(g.traits["address"].value, json!("Storgatan 1"), "{name}");
             assert_eq!(g.traits["name"].value, json!("Bob Quist"), "{name}");
-            assert_eq!(store.find_profile(&m, "crm_id", "C-BOB-2").await.is_ok(), true);
+            assert!(store.find_profile(&m, "crm_id", "C-BOB-2").await.is_ok(), "{name}");
 
             // Her old records, ingested again, re-create nothing.
             let (accepted, _, erased) = ingest(&store, &cfg, history(&m)).await;
