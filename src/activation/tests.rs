@@ -199,3 +199,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_identity_key_that_is_also_a_trait_is_sent_from_the_identifiers() {
+    let text = "version: 1\nname: t\nidentity:\n  keys:\n    email: { normalize: email }\n\
+                model:\n  traits:\n    email: { type: string, labels: [pii] }\n\
+                consent:\n  purposes: [advertising]\n  default: granted\n  policies:\n    \
+                - { deny_labels: [pii], for: [advertising], unless: hashed }\n";
+    let l = load_str(text, &Options::validate("."));
+    assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+    let m = l.manifest.unwrap();
+    let t = Target::resolve(&m, "ads", &destination("advertising", &["email"], &["email"], None, SyncMode::Upsert));
+    let s = ProfileState {
+        profile: 1,
+        live: true,
+        decisions: consent::decide(&m, None, &[], 0),
+        identities: vec![("email".into(), "ada@example.com".into())],
+        ..ProfileState::default()
+    };
+    let o = plan(&m, &t, &s, true, None, 0).expect("sent");
+    assert_eq!(o.record["identities"]["email"], json!([consent::hash_text("ada@example.com")]));
+    assert_eq!(o.record["traits"], json!({}));
+}

@@ -52,8 +52,8 @@ pub async fn list(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
                     r["name"].as_str().unwrap_or(""),
                     r["mode"].as_str().unwrap_or(""),
                     members,
-                    r["entered_24h"],
-                    r["exited_24h"],
+                    r["entered_24h"].to_string(),
+                    r["exited_24h"].to_string(),
                     time(r["evaluated_at"].as_i64()),
                     r["destinations"].as_array().map_or(String::new(), |d| d
                         .iter()

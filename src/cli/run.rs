@@ -205,11 +205,11 @@ fn render_status(doc: &Value) -> String {
                 "{:<20} {:<8} {:>9} {:>8} {:>10} {:>6} {:>10}",
                 d["name"].as_str().unwrap_or(""),
                 d["state"].as_str().unwrap_or(""),
-                d["members"],
-                d["queued"],
-                d["delivered"],
-                d["dead"],
-                d["suppressed"]
+                d["members"].to_string(),
+                d["queued"].to_string(),
+                d["delivered"].to_string(),
+                d["dead"].to_string(),
+                d["suppressed"].to_string()
             );
             if let Some(r) = d["reason"].as_str() {
                 let _ = writeln!(out, "{:<20} PAUSED: {r}", "");

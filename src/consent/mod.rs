@@ -219,7 +219,9 @@ pub fn basis(decisions: &IndexMap<String, Decision>, purpose: &str) -> Result<()
 
 /// The one decision on sending a profile to a destination: the consent
 /// state of the destination's purpose from `decisions` ([`decide`]), then
-/// each of its `fields` by [`field_use`]. `identities` are the profile's
+/// each of its `fields` by [`field_use`]. A field named like an identity key
+/// is sent from the profile's identifiers (with the labels of a trait of
+/// its name, if the model has one); any other field is a trait's value. `identities` are the profile's
 /// (key, value) pairs, `value` gives a trait's (merged or computed) value.
 pub fn release<'a>(
     m: &Manifest,
@@ -239,7 +241,7 @@ pub fn release<'a>(
             continue;
         }
         let hash = how == FieldUse::Hash;
-        if m.identity.keys.contains_key(field) && !m.model.traits.contains_key(field) {
+        if m.identity.keys.contains_key(field) {
             let values: Vec<String> = identities
                 .clone()
                 .into_iter()

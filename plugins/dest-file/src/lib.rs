@@ -41,7 +41,9 @@
 //!   `phone_format: e164`, as Google Customer Match wants), other types
 //!   trimmed. With
 //!   `hash_identifiers` every written identifier is the lower-case hex
-//!   SHA-256 of its normalised value. Values that do not normalise are
+//!   SHA-256 of its normalised value; a value that already is a SHA-256
+//!   (64 hex digits, as cdp sends fields the manifest lists under `hash:`)
+//!   is written as it is, lower-cased. Values that do not normalise are
 //!   dropped with a warning; a record left with no identifier is rejected
 //!   as a `data` error.
 //! * Traits in `fields` are written as they are (strings raw, other JSON
@@ -52,6 +54,11 @@
 //! a line break before the next rows.
 
 pub mod normalize;
+
+/// Whether `v` is a hex SHA-256 digest (hashed before it reached the plugin).
+fn is_sha256_hex(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -364,6 +371,13 @@ impl FileWriter {
             for kind in &cfg.identities {
                 let first = cells.len();
                 for raw in record.identities.get(kind).unwrap_or_default() {
+                    if cfg.hash_identifiers && is_sha256_hex(raw) {
+                        // Hashed already (a manifest's `hash:`): written as it is.
+                        let start = ids.len();
+                        ids.extend(raw.chars().map(|c| c.to_ascii_lowercase()));
+                        cells.push(start..ids.len());
+                        continue;
+                    }
                     normalised.clear();
                     let ok = match kind.as_str() {
                         "email" => normalize_email_into(raw, normalised),
@@ -396,9 +410,9 @@ impl FileWriter {
             }
         }
         if cfg.hash_identifiers {
-            // Cells and digests are in the same order.
+            // The cells still to place (empty) and the digests are in the same order.
             hashes.digests_into(digests);
-            for (cell, digest) in cells.iter_mut().zip(digests.iter()) {
+            for (cell, digest) in cells.iter_mut().filter(|c| c.start == c.end).zip(digests.iter()) {
                 let start = ids.len();
                 push_hex(digest, ids);
                 *cell = start..ids.len();

@@ -204,3 +204,29 @@ fn phone_format_and_formula_cells() {
     assert!(out.contains("'=cmd"), "{out}");
     assert!(out.contains("'@SUM(A1)"), "{out}");
 }
+
+#[test]
+fn identifiers_hashed_before_they_arrive_are_written_as_they_are() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("pre.csv");
+    let mut w = open(json!({"path": path}));
+    let pre = ADA.to_uppercase();
+    let batch = [
+        line(
+            "k1",
+            "enter",
+            json!({"email": [pre], "phone": ["+46 70-123 45 67"]}),
+            json!({}),
+        ),
+        line("k2", "enter", json!({"email": ["a@x.com"]}), json!({})),
+    ]
+    .join("\n");
+    let ack = testing::write(&mut w, &batch).unwrap();
+    assert_eq!((ack.accepted, ack.rejected.len()), (2, 0));
+    w.flush().unwrap();
+    let a = normalize::sha256_hex("a@x.com");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        format!("key,op,audience,email,phone\r\nk1,enter,vip,{ADA},{ADA_PHONE}\r\nk2,enter,vip,{a},\r\n")
+    );
+}
