@@ -522,3 +522,26 @@ fn an_erasure_reaches_the_destination_and_is_retried_until_it_does() {
     assert!(metrics.contains("cdp_privacy_dropped_total{origin=\"collector\",reason=\"erased\"} 1"), "{metrics}");
     run.stop();
 }
+
+#[test]
+fn a_mirror_destination_deletes_whoever_leaves() {
+    let (dir, rt, hook, _other) = setup(r#"plan == "pro""#, None);
+    let path = dir.path().join("cdp.yaml");
+    let text_now = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text_now.replacen("    fields: [email, plan]\n", "    fields: [email, plan]\n    sync: mirror\n", 1),
+    )
+    .unwrap();
+    let run = Run::start(dir.path());
+    post(&rt, &run.base, vec![identify("max@example.org", "pro", "gold", true, 1)]);
+    wait_for("the add", Duration::from_secs(20), &run, || hook.got().iter().any(|g| g.op == "enter"));
+    assert!(hook.hook.lock().unwrap().deleted.is_empty());
+    post(&rt, &run.base, vec![identify("max@example.org", "basic", "gold", true, 2)]);
+    wait_for("the delete", Duration::from_secs(20), &run, || !hook.hook.lock().unwrap().deleted.is_empty());
+    let got = hook.got();
+    assert_eq!(got.iter().map(|g| g.op.as_str()).collect::<Vec<_>>(), ["enter", "exit"]);
+    let deleted = hook.hook.lock().unwrap().deleted.clone();
+    assert_eq!(deleted, vec![(got[1].key.clone(), vec!["max@example.org".to_owned()])]);
+    run.stop();
+}

@@ -673,12 +673,7 @@ impl Worker {
             sending.push(c);
         }
         if !sending.is_empty() {
-            let mut ndjson = String::new();
-            for c in &sending {
-                ndjson.push_str(&c.record);
-                ndjson.push('\n');
-            }
-            match self.write(d, instance, ndjson, sending.len() as u32).await {
+            match self.write(d, instance, &sending).await {
                 Ok(ack) => {
                     let rejected: HashMap<u32, &crate::plugin::ConnectorError> =
                         ack.rejected.iter().map(|(i, e)| (*i, e)).collect();
@@ -739,12 +734,13 @@ impl Worker {
     }
 
     /// Writes and flushes one batch, opening the plugin instance when needed.
+    /// For `sync: mirror` with a plugin that deletes, the people the batch
+    /// removes are then deleted too; a refused delete refuses its record.
     async fn write(
         &self,
         d: &DestinationSync,
         instance: &mut Option<DestinationInstance>,
-        ndjson: String,
-        records: u32,
+        sending: &[&Delivery],
     ) -> Result<crate::plugin::WriteAck, PluginError> {
         if instance.as_ref().is_none_or(DestinationInstance::is_poisoned) {
             let mut i = d.plugin.destination(&self.name, &d.grants).await?;
@@ -754,8 +750,38 @@ impl Worker {
         let Some(i) = instance.as_mut() else {
             return Err(PluginError::NotOpen { entry: self.name.clone(), call: "write", what: "writer" });
         };
-        let ack = i.write(ndjson, records).await?;
+        let mut ndjson = String::new();
+        for c in sending {
+            ndjson.push_str(&c.record);
+            ndjson.push('\n');
+        }
+        let mut ack = i.write(ndjson, sending.len() as u32).await?;
         i.flush().await?;
+        if d.target.mode == crate::manifest::SyncMode::Mirror && d.deletes {
+            let refused: HashSet<u32> = ack.rejected.iter().map(|(i, _)| *i).collect();
+            let exits: Vec<(u32, &Delivery)> = sending
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as u32, *c))
+                .filter(|(i, c)| c.op == Op::Exit.as_str() && !refused.contains(i))
+                .collect();
+            if !exits.is_empty() {
+                let mut lines = String::new();
+                for (_, c) in &exits {
+                    let r: serde_json::Value = serde_json::from_str(&c.record).unwrap_or_default();
+                    let line =
+                        serde_json::json!({"key": c.key, "profile_id": r["profile_id"], "identities": r["identities"]});
+                    lines.push_str(&line.to_string());
+                    lines.push('\n');
+                }
+                let del = i.delete(lines, exits.len() as u32).await?;
+                for (j, e) in del.rejected {
+                    if let Some((idx, _)) = exits.get(j as usize) {
+                        ack.rejected.push((*idx, e));
+                    }
+                }
+            }
+        }
         Ok(ack)
     }
 }

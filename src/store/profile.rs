@@ -385,6 +385,9 @@ impl Store {
         .bind(format!("manual: {key} `{n}` split off and isolated"))
         .execute(&mut *tx)
         .await?;
+        // Both profiles changed: activation re-evaluates them.
+        let changes = serde_json::json!({ from.to_string(): ["identities"], to.to_string(): ["identities"] });
+        self.append_outbox(&mut tx, &changes.to_string()).await?;
         tx.commit().await?;
         Ok((from, to))
     }
