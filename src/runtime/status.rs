@@ -63,7 +63,9 @@ pub async fn document(
         }));
     }
     let (audiences, destinations) = activation(store, m).await?;
+    let retention = store.status_doc("retention").await?.map(|(doc, _)| doc);
     Ok(json!({
+        "retention": retention,
         "audiences": audiences,
         "destinations": destinations,
         "manifest": applied.map(|a| json!({"sha256": a.sha256, "applied_at": a.applied_at, "applied_by": a.applied_by})),
