@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -227,52 +227,14 @@ destinations:
     )
 }
 
-/// A `cdp run` on a free loopback port.
-struct Run {
-    child: Child,
-    log: PathBuf,
-    base: String,
-}
+mod support;
+
+/// A `cdp run` of the test manifest on a free loopback port.
+struct Run;
 
 impl Run {
-    fn start(dir: &Path) -> Run {
-        let log = dir.join("run.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cdp"))
-            .current_dir(dir)
-            .args(["run", "--drain", "10s", "--listen", "127.0.0.1:0"])
-            .env("T_WRITE", WRITE_KEY)
-            .env("CDP_LOG", "cdp=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start cdp run");
-        let mut r = Run { child, log, base: String::new() };
-        let started = Instant::now();
-        loop {
-            let out = cdp(dir, &["status", "--format", "json"]);
-            if out.status.success()
-                && let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout)
-                && doc["runtime"]["pid"] == r.child.id()
-                && let Some(listen) = doc["runtime"]["listen"].as_str()
-            {
-                r.base = format!("http://{listen}");
-                return r;
-            }
-            assert!(r.child.try_wait().expect("wait").is_none(), "cdp run exited:\n{}", r.log());
-            assert!(started.elapsed() < Duration::from_secs(60), "cdp run did not come up:\n{}", r.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "cdp run did not stop cleanly: {status:?}\n{}", self.log());
+    fn start(dir: &Path) -> support::run::CdpRun {
+        support::run::CdpRun::start(dir, &[("T_WRITE", WRITE_KEY)])
     }
 }
 
@@ -299,14 +261,6 @@ fn post(rt: &tokio::runtime::Runtime, base: &str, batch: Vec<Value>) {
     });
 }
 
-fn wait_for(what: &str, timeout: Duration, run: &Run, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}\n{}", run.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn destination(dir: &Path, name: &str) -> Value {
     let doc = json_of(dir, &["status", "--format", "json"]);
     doc["destinations"].as_array().into_iter().flatten().find(|d| d["name"] == name).cloned().unwrap_or(Value::Null)
@@ -329,7 +283,7 @@ fn an_event_enters_a_person_and_a_withdrawal_removes_them() {
     let run = Run::start(dir.path());
     let started = Instant::now();
     post(&rt, &run.base, vec![identify("ada@example.org", "pro", "gold", true, 1)]);
-    wait_for("the add", Duration::from_secs(20), &run, || hook.got().iter().any(|g| g.op == "enter"));
+    run.wait_for("the add", Duration::from_secs(20), || hook.got().iter().any(|g| g.op == "enter"));
     let enter_after = started.elapsed();
     let got = hook.got();
     assert_eq!(got.len(), 1, "{got:?}");
@@ -339,7 +293,7 @@ fn an_event_enters_a_person_and_a_withdrawal_removes_them() {
     post(&rt, &run.base, vec![identify("bob@example.org", "pro", "gold", false, 2)]);
     // Withdrawal: the person is removed from the destination.
     post(&rt, &run.base, vec![identify("ada@example.org", "pro", "gold", false, 3)]);
-    wait_for("the remove", Duration::from_secs(20), &run, || hook.got().iter().any(|g| g.op == "exit"));
+    run.wait_for("the remove", Duration::from_secs(20), || hook.got().iter().any(|g| g.op == "exit"));
     let got = hook.got();
     assert_eq!(got.iter().map(|g| g.op.as_str()).collect::<Vec<_>>(), ["enter", "exit"], "{got:?}");
     assert_eq!(got[1].email.as_deref(), Some("ada@example.org"), "the remove is addressed as the add was");
@@ -378,7 +332,7 @@ fn a_failing_destination_loses_nothing_and_replay_respects_withdrawals() {
     post(&rt, &run.base, batch);
 
     // Everyone is delivered or dead-lettered: nothing stays queued.
-    wait_for("the queue to settle", Duration::from_secs(120), &run, || {
+    run.wait_for("the queue to settle", Duration::from_secs(120), || {
         let d = destination(dir.path(), "hook");
         d["queued"] == 0 && d["delivered"].as_i64().unwrap_or(0) + d["dead"].as_i64().unwrap_or(0) == 30
     });
@@ -417,13 +371,13 @@ fn a_failing_destination_loses_nothing_and_replay_respects_withdrawals() {
     hook.set_faults(Vec::new());
     let withdrawn = dead.iter().next().unwrap().clone();
     post(&rt, &run.base, vec![identify(&ids[&withdrawn], "pro", "silver", false, 100)]);
-    wait_for("the withdrawal's remove", Duration::from_secs(20), &run, || {
+    run.wait_for("the withdrawal's remove", Duration::from_secs(20), || {
         hook.got().iter().any(|g| g.op == "exit" && g.profile == withdrawn)
     });
     let out = cdp(dir.path(), &["dlq", "replay", "--destination", "hook"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&format!("{} dead letter(s) queued again", dead.len())), "{}", text(&out));
-    wait_for("the replay", Duration::from_secs(60), &run, || {
+    run.wait_for("the replay", Duration::from_secs(60), || {
         let d = destination(dir.path(), "hook");
         d["queued"] == 0 && d["dead"] == 0
     });
@@ -442,7 +396,7 @@ fn the_shrink_guard_holds_a_mass_removal_until_resumed() {
         .map(|i| identify(&format!("g{i}@example.org"), "pro", if i < 5 { "gold" } else { "silver" }, true, i + 1))
         .collect();
     post(&rt, &run.base, batch);
-    wait_for("ten adds", Duration::from_secs(30), &run, || hook.got().len() == 10);
+    run.wait_for("ten adds", Duration::from_secs(30), || hook.got().len() == 10);
 
     // The rule now keeps only gold members: half would leave.
     let port = hook.port;
@@ -452,7 +406,7 @@ fn the_shrink_guard_holds_a_mass_removal_until_resumed() {
         text_now.replace(r#"where: 'plan == "pro"'"#, r#"where: 'plan == "pro" && tier == "gold"'"#),
     )
     .unwrap();
-    wait_for("the pause", Duration::from_secs(30), &run, || destination(dir.path(), "hook")["state"] == "paused");
+    run.wait_for("the pause", Duration::from_secs(30), || destination(dir.path(), "hook")["state"] == "paused");
     let d = destination(dir.path(), "hook");
     assert!(d["reason"].as_str().unwrap().contains("5 of 10"), "{d}");
     let status = cdp(dir.path(), &["status"]);
@@ -464,9 +418,7 @@ fn the_shrink_guard_holds_a_mass_removal_until_resumed() {
 
     let out = cdp(dir.path(), &["sync", "resume", "hook"]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_for("five removes", Duration::from_secs(30), &run, || {
-        hook.got().iter().filter(|g| g.op == "exit").count() == 5
-    });
+    run.wait_for("five removes", Duration::from_secs(30), || hook.got().iter().filter(|g| g.op == "exit").count() == 5);
     let d = destination(dir.path(), "hook");
     assert_eq!((d["state"].as_str(), d["members"].as_i64()), (Some("active"), Some(5)), "{d}");
     let again = cdp(dir.path(), &["sync", "resume", "hook"]);
@@ -482,7 +434,7 @@ fn an_erasure_reaches_the_destination_and_is_retried_until_it_does() {
     let (dir, rt, hook, _other) = setup(r#"plan == "pro""#, None);
     let run = Run::start(dir.path());
     post(&rt, &run.base, vec![identify("eve@example.org", "pro", "gold", true, 1)]);
-    wait_for("the add", Duration::from_secs(20), &run, || hook.got().len() == 1);
+    run.wait_for("the add", Duration::from_secs(20), || hook.got().len() == 1);
 
     // The destination fails the first deletes.
     hook.set_faults(vec![Fault::Error, Fault::Error]);
@@ -490,7 +442,7 @@ fn an_erasure_reaches_the_destination_and_is_retried_until_it_does() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("destination(s): hook, other") || text(&out).contains("hook"), "{}", text(&out));
     let status = |dir: &Path| json_of(dir, &["privacy", "status", "--format", "json"])["requests"][0].clone();
-    wait_for("a failed attempt on record", Duration::from_secs(20), &run, || {
+    run.wait_for("a failed attempt on record", Duration::from_secs(20), || {
         let r = status(dir.path());
         r["receipts"]
             .as_array()
@@ -500,7 +452,7 @@ fn an_erasure_reaches_the_destination_and_is_retried_until_it_does() {
     });
     let r = status(dir.path());
     assert_eq!(r["state"], "propagating", "{r}");
-    wait_for("the receipts", Duration::from_secs(30), &run, || status(dir.path())["state"] == "done");
+    run.wait_for("the receipts", Duration::from_secs(30), || status(dir.path())["state"] == "done");
     let r = status(dir.path());
     let hook_receipt = r["receipts"].as_array().unwrap().iter().find(|x| x["destination"] == "hook").unwrap().clone();
     assert_eq!(hook_receipt["state"], "done", "{r}");
@@ -535,10 +487,10 @@ fn a_mirror_destination_deletes_whoever_leaves() {
     .unwrap();
     let run = Run::start(dir.path());
     post(&rt, &run.base, vec![identify("max@example.org", "pro", "gold", true, 1)]);
-    wait_for("the add", Duration::from_secs(20), &run, || hook.got().iter().any(|g| g.op == "enter"));
+    run.wait_for("the add", Duration::from_secs(20), || hook.got().iter().any(|g| g.op == "enter"));
     assert!(hook.hook.lock().unwrap().deleted.is_empty());
     post(&rt, &run.base, vec![identify("max@example.org", "basic", "gold", true, 2)]);
-    wait_for("the delete", Duration::from_secs(20), &run, || !hook.hook.lock().unwrap().deleted.is_empty());
+    run.wait_for("the delete", Duration::from_secs(20), || !hook.hook.lock().unwrap().deleted.is_empty());
     let got = hook.got();
     assert_eq!(got.iter().map(|g| g.op.as_str()).collect::<Vec<_>>(), ["enter", "exit"]);
     let deleted = hook.hook.lock().unwrap().deleted.clone();

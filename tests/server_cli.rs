@@ -4,8 +4,8 @@
 //! roles and its audit rows, health and metrics.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -67,62 +67,16 @@ fn cdp(dir: &Path, args: &[&str]) -> Output {
         .expect("run cdp")
 }
 
-/// A `cdp run` on a free loopback port.
-struct Server {
-    child: Child,
-    log: PathBuf,
-    base: String,
-}
+mod support;
+
+const ENV: &[(&str, &str)] = &[("T_ADMIN", ADMIN), ("T_OPS", OPS), ("T_PRIV", PRIV), ("T_WRITE", WRITE_KEY)];
+
+/// A `cdp run` of the test manifest on a free loopback port.
+struct Server;
 
 impl Server {
-    fn start(dir: &Path) -> Server {
-        let log = dir.join(format!("run-{}.log", Instant::now().elapsed().as_nanos()));
-        let child = Command::new(env!("CARGO_BIN_EXE_cdp"))
-            .current_dir(dir)
-            .args(["run", "--drain", "10s", "--listen", "127.0.0.1:0"])
-            .env("T_ADMIN", ADMIN)
-            .env("T_OPS", OPS)
-            .env("T_PRIV", PRIV)
-            .env("T_PRIV", PRIV)
-            .env("T_WRITE", WRITE_KEY)
-            .env("CDP_LOG", "cdp=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start cdp run");
-        let mut s = Server { child, log, base: String::new() };
-        let started = Instant::now();
-        let pid = s.child.id();
-        loop {
-            let out = cdp(dir, &["status", "--format", "json"]);
-            if out.status.success()
-                && let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout)
-                && doc["runtime"]["pid"] == pid
-                && let Some(listen) = doc["runtime"]["listen"].as_str()
-            {
-                s.base = format!("{}://{listen}", doc["runtime"]["scheme"].as_str().unwrap_or("http"));
-                return s;
-            }
-            assert!(s.child.try_wait().expect("wait").is_none(), "cdp run exited:\n{}", s.log());
-            assert!(started.elapsed() < Duration::from_secs(60), "cdp run did not come up:\n{}", s.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn stop(mut self) {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "cdp run did not stop cleanly: {status:?}\n{}", self.log());
+    fn start(dir: &Path) -> support::run::CdpRun {
+        support::run::CdpRun::start(dir, ENV)
     }
 }
 

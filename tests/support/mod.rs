@@ -3,6 +3,8 @@
 //! `CDP_TEST_PG`, default `postgres://root@127.0.0.1:5432/test`).
 #![allow(dead_code)]
 
+pub mod run;
+
 use cdp::store::Store;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
