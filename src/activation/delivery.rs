@@ -6,8 +6,33 @@
 
 use std::time::Duration;
 
-use crate::manifest::Retry;
+use crate::consent::LedgerRow;
+use crate::manifest::{Manifest, Retry};
 use crate::units::Rate;
+
+/// What the store says of a person when a queued add is about to be sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Person<'a> {
+    /// The profile still has identifiers (not merged away, not erased).
+    pub live: bool,
+    pub suppressed: bool,
+    /// Their consent ledger now.
+    pub ledger: &'a [LedgerRow],
+}
+
+/// Why an `enter` or `upsert` queued for a destination of `purpose` may not
+/// be sent now, if it may not: the profile went, the person is suppressed,
+/// or consent for the purpose is no longer granted.
+pub fn refusal(m: &Manifest, expiry: Option<Duration>, purpose: &str, p: &Person<'_>, now: i64) -> Option<String> {
+    if !p.live {
+        return Some("the profile was merged or erased before sending".into());
+    }
+    if p.suppressed {
+        return Some("the person is suppressed (cdp privacy suppress)".into());
+    }
+    let decisions = crate::consent::decide(m, expiry, p.ledger, now);
+    crate::consent::basis(&decisions, purpose).err().map(|why| format!("at send time: {why}"))
+}
 
 /// `retry:` with its defaults: 8 attempts, 1 s doubling to 5 min.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +159,23 @@ mod tests {
         assert_eq!(b.take(5, 500), 5);
         assert_eq!(b.take(5, 10_000), 5, "refills to its capacity, no more");
         assert_eq!(b.take(20, 10_000), 5);
+    }
+
+    #[test]
+    fn a_queued_add_is_refused_once_the_person_withdrew_went_or_is_suppressed() {
+        let l = crate::manifest::load_str(
+            "version: 1\nname: t\nidentity:\n  keys:\n    email: {}\nconsent:\n  purposes: [ads]\n",
+            &crate::manifest::Options::validate("."),
+        );
+        let m = l.manifest.expect("manifest");
+        let granted = [LedgerRow { purpose: "ads".into(), granted: true, at: 1, source: "web".into() }];
+        let withdrawn = [granted[0].clone(), LedgerRow { granted: false, at: 2, ..granted[0].clone() }];
+        let person = |live, suppressed, ledger| Person { live, suppressed, ledger };
+        assert_eq!(refusal(&m, None, "ads", &person(true, false, &granted), 3), None);
+        assert!(refusal(&m, None, "ads", &person(true, false, &withdrawn), 3).unwrap().contains("denied"));
+        assert!(refusal(&m, None, "ads", &person(true, false, &[]), 3).unwrap().contains("no consent recorded"));
+        assert!(refusal(&m, None, "ads", &person(false, false, &granted), 3).unwrap().contains("merged or erased"));
+        assert!(refusal(&m, None, "ads", &person(true, true, &granted), 3).unwrap().contains("suppressed"));
     }
 
     #[test]

@@ -629,55 +629,83 @@ impl Worker {
         claimed: Vec<Delivery>,
         rng: &mut crate::rng::Rng,
     ) -> Vec<(i64, Settle)> {
-        let m = &self.snap.manifest;
         let t = &d.target;
-        let now = now_ms();
-        let mut out: Vec<(i64, Settle)> = Vec::with_capacity(claimed.len());
+        let (mut out, sending) = match self.screen(t, &claimed).await {
+            Ok(x) => x,
+            Err(e) => return retry_all(t, &claimed, &e, None, rng),
+        };
+        if !sending.is_empty() {
+            let result = self.write(d, instance, &sending).await;
+            if let Err(e) = &result
+                && (instance.as_ref().is_none_or(DestinationInstance::is_poisoned) || !e.retryable())
+            {
+                *instance = None;
+            }
+            out.extend(self.outcomes(t, &sending, result, rng));
+        }
+        for (_, s) in &out {
+            metrics::counter!(crate::metrics::DELIVERIES, "destination" => self.name.clone(), "outcome" => s.outcome())
+                .increment(1);
+        }
+        out
+    }
+
+    /// Settles what must not be sent now — records a later one replaced,
+    /// adds for people merged away, erased, suppressed or without consent —
+    /// and returns the rest to send. `Err` when the store cannot say.
+    async fn screen<'c>(
+        &self,
+        t: &Target,
+        claimed: &'c [Delivery],
+    ) -> Result<(Vec<(i64, Settle)>, Vec<&'c Delivery>), String> {
+        let m = &self.snap.manifest;
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
-        let superseded: HashSet<i64> = match self.store.superseded(&ids).await {
-            Ok(s) => s.into_iter().collect(),
-            Err(e) => return retry_all(t, &claimed, &format!("cannot read the queue: {e}"), None, rng),
-        };
+        let superseded: HashSet<i64> =
+            self.store.superseded(&ids).await.map_err(|e| format!("cannot read the queue: {e}"))?.into_iter().collect();
         let adds: Vec<i64> = claimed.iter().filter(|c| c.op != Op::Exit.as_str()).map(|c| c.profile).collect();
-        let (ledger, live) = match self.store.consent_now(&adds).await {
-            Ok(x) => x,
-            Err(e) => return retry_all(t, &claimed, &format!("cannot read consent: {e}"), None, rng),
-        };
-        let suppressed = match self.store.suppressed_profiles(&adds).await {
-            Ok(x) => x,
-            Err(e) => return retry_all(t, &claimed, &format!("cannot read suppressions: {e}"), None, rng),
-        };
-        let expiry = crate::consent::expiry(m);
-        let mut sending: Vec<&Delivery> = Vec::new();
-        for c in &claimed {
+        let (ledger, live) = self.store.consent_now(&adds).await.map_err(|e| format!("cannot read consent: {e}"))?;
+        let suppressed =
+            self.store.suppressed_profiles(&adds).await.map_err(|e| format!("cannot read suppressions: {e}"))?;
+        let (expiry, now) = (crate::consent::expiry(m), now_ms());
+        let mut out = Vec::new();
+        let mut sending = Vec::new();
+        for c in claimed {
             if superseded.contains(&c.id) {
                 out.push((c.id, Settle::Superseded));
                 continue;
             }
             if c.op != Op::Exit.as_str() {
-                if !live.contains(&c.profile) {
-                    out.push((c.id, Settle::Suppressed("the profile was merged or erased before sending".into())));
-                    continue;
-                }
-                if suppressed.contains(&c.profile) {
-                    out.push((c.id, Settle::Suppressed("the person is suppressed (cdp privacy suppress)".into())));
-                    continue;
-                }
-                let rows = ledger.get(&c.profile).map(Vec::as_slice).unwrap_or_default();
-                let decisions = crate::consent::decide(m, expiry, rows, now);
-                if let Err(why) = crate::consent::basis(&decisions, &t.def.purpose) {
-                    out.push((c.id, Settle::Suppressed(format!("at send time: {why}"))));
+                let person = crate::activation::delivery::Person {
+                    live: live.contains(&c.profile),
+                    suppressed: suppressed.contains(&c.profile),
+                    ledger: ledger.get(&c.profile).map(Vec::as_slice).unwrap_or_default(),
+                };
+                if let Some(why) = crate::activation::delivery::refusal(m, expiry, &t.def.purpose, &person, now) {
+                    out.push((c.id, Settle::Suppressed(why)));
                     continue;
                 }
             }
             sending.push(c);
         }
-        if !sending.is_empty() {
-            match self.write(d, instance, &sending).await {
-                Ok(ack) => {
-                    let rejected: HashMap<u32, &crate::plugin::ConnectorError> =
-                        ack.rejected.iter().map(|(i, e)| (*i, e)).collect();
-                    for (i, c) in sending.iter().enumerate() {
+        Ok((out, sending))
+    }
+
+    /// How each sent record ended, from the plugin's answer.
+    fn outcomes(
+        &self,
+        t: &Target,
+        sending: &[&Delivery],
+        result: Result<crate::plugin::WriteAck, PluginError>,
+        rng: &mut crate::rng::Rng,
+    ) -> Vec<(i64, Settle)> {
+        match result {
+            Ok(ack) => {
+                let rejected: HashMap<u32, &crate::plugin::ConnectorError> =
+                    ack.rejected.iter().map(|(i, e)| (*i, e)).collect();
+                sending
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
                         let settle = match rejected.get(&(i as u32)) {
                             None => {
                                 metrics::histogram!(crate::metrics::DELIVERY_LATENCY, "destination" => self.name.clone())
@@ -690,47 +718,36 @@ impl Worker {
                                 if e.retryable { retry_one(t, c, &msg, after, rng) } else { Settle::Dead(msg) }
                             }
                         };
-                        out.push((c.id, settle));
-                    }
-                }
-                Err(e) => {
-                    let retryable = e.retryable()
-                        || matches!(
-                            e,
-                            PluginError::Trap { .. }
-                                | PluginError::Poisoned { .. }
-                                | PluginError::Limit { .. }
-                                | PluginError::Memory { .. }
-                                | PluginError::Instantiate { .. }
-                        );
-                    if instance.as_ref().is_none_or(DestinationInstance::is_poisoned) || !e.retryable() {
-                        *instance = None;
-                    }
-                    let after = e.connector().and_then(|c| c.retry_after_ms).map(Duration::from_millis);
-                    tracing::warn!(destination = %self.name, records = sending.len(), error = %e, "delivery failed");
-                    for c in &sending {
+                        (c.id, settle)
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                // A crash or a host limit may not recur with a fresh instance.
+                let retryable = e.retryable()
+                    || matches!(
+                        e,
+                        PluginError::Trap { .. }
+                            | PluginError::Poisoned { .. }
+                            | PluginError::Limit { .. }
+                            | PluginError::Memory { .. }
+                            | PluginError::Instantiate { .. }
+                    );
+                let after = e.connector().and_then(|c| c.retry_after_ms).map(Duration::from_millis);
+                tracing::warn!(destination = %self.name, records = sending.len(), error = %e, "delivery failed");
+                sending
+                    .iter()
+                    .map(|c| {
                         let settle = if retryable {
                             retry_one(t, c, &e.to_string(), after, rng)
                         } else {
                             Settle::Dead(e.to_string())
                         };
-                        out.push((c.id, settle));
-                    }
-                }
+                        (c.id, settle)
+                    })
+                    .collect()
             }
         }
-        for (_, s) in &out {
-            let outcome = match s {
-                Settle::Delivered => "delivered",
-                Settle::Retry { .. } => "retried",
-                Settle::Dead(_) => "dead",
-                Settle::Suppressed(_) => "suppressed",
-                Settle::Superseded => "superseded",
-            };
-            metrics::counter!(crate::metrics::DELIVERIES, "destination" => self.name.clone(), "outcome" => outcome)
-                .increment(1);
-        }
-        out
     }
 
     /// Writes and flushes one batch, opening the plugin instance when needed.

@@ -109,6 +109,17 @@ pub enum Settle {
 }
 
 impl Settle {
+    /// The metric outcome: `delivered`, `retried`, `dead`, `suppressed`, `superseded`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Settle::Delivered => "delivered",
+            Settle::Retry { .. } => "retried",
+            Settle::Dead(_) => "dead",
+            Settle::Suppressed(_) => "suppressed",
+            Settle::Superseded => "superseded",
+        }
+    }
+
     fn state(&self) -> &'static str {
         match self {
             Settle::Delivered => "delivered",
