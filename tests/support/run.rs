@@ -69,15 +69,22 @@ impl CdpRun {
     }
 
     /// SIGKILL.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    pub fn kill(self) {}
 
     /// SIGTERM; the process must exit 0.
     pub fn stop(mut self) {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         let status = self.child.wait().expect("wait");
         assert!(status.success(), "cdp run did not stop cleanly: {status:?}\n{}", self.log());
+    }
+}
+
+/// A test that fails (or ends) without stopping it leaves no process behind.
+impl Drop for CdpRun {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
