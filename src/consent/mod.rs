@@ -76,37 +76,46 @@ pub fn expiry(m: &Manifest) -> Option<std::time::Duration> {
 }
 
 /// Every declared purpose's state, in the manifest's order, from the
-/// profile's ledger rows (`expiry` from [`expiry`]). The latest answer wins (at one instant, a grant
-/// over a withdrawal); a grant older than `consent.expiry` has lapsed.
+/// profile's ledger rows (`expiry` from [`expiry`]); see [`decision`].
 pub fn decide(
     m: &Manifest,
     expiry: Option<std::time::Duration>,
     rows: &[LedgerRow],
     now: i64,
 ) -> IndexMap<String, Decision> {
-    let mut out = IndexMap::new();
-    for p in &m.consent.purposes {
-        let latest = rows.iter().filter(|r| r.purpose == *p).max_by_key(|r| (r.at, r.granted));
-        let decision = match latest {
-            Some(r) => {
-                let lapsed = expiry.is_some_and(|e| r.granted && now - r.at > e.as_millis() as i64);
-                Decision {
-                    granted: r.granted && !lapsed,
-                    basis: if lapsed { Basis::Expired } else { Basis::Recorded },
-                    at: Some(r.at),
-                    source: Some(r.source.clone()),
-                }
+    m.consent.purposes.iter().map(|p| (p.clone(), decision(m, expiry, rows, p, now))).collect()
+}
+
+/// One purpose's state from the profile's ledger rows. The latest answer
+/// wins (at one instant, a grant over a withdrawal); a grant older than
+/// `consent.expiry` has lapsed; without an answer `consent.default` holds.
+pub fn decision(
+    m: &Manifest,
+    expiry: Option<std::time::Duration>,
+    rows: &[LedgerRow],
+    purpose: &str,
+    now: i64,
+) -> Decision {
+    let latest = rows.iter().filter(|r| r.purpose == purpose).max_by_key(|r| (r.at, r.granted));
+    match latest {
+        Some(r) => {
+            let lapsed = expiry.is_some_and(|e| {
+                r.granted && now.saturating_sub(r.at) > i64::try_from(e.as_millis()).unwrap_or(i64::MAX)
+            });
+            Decision {
+                granted: r.granted && !lapsed,
+                basis: if lapsed { Basis::Expired } else { Basis::Recorded },
+                at: Some(r.at),
+                source: Some(r.source.clone()),
             }
-            None => Decision {
-                granted: m.consent.default == ConsentDefault::Granted,
-                basis: Basis::Default,
-                at: None,
-                source: None,
-            },
-        };
-        out.insert(p.clone(), decision);
+        }
+        None => Decision {
+            granted: m.consent.default == ConsentDefault::Granted,
+            basis: Basis::Default,
+            at: None,
+            source: None,
+        },
     }
-    out
 }
 
 /// Labels a profile field carries: a trait's own labels; an identity key

@@ -2,12 +2,13 @@
 //! declares under `model.computed` (`count`, `sum`, `avg`, `min`, `max`,
 //! `first`, `last`, `distinct`, `last_seen`), optionally within a time
 //! window and over the events an expression selects. Evaluated when the
-//! golden record is read, from all of the profile's events.
+//! golden record (or a profile's audience membership) is read, from the
+//! profile's events.
 
 use indexmap::IndexMap;
 use serde_json::Value;
 
-use super::{EventView, number};
+use super::{EventRow, iso, number, parse_json};
 use crate::audience::{self, Program, Val};
 use crate::manifest::types::Aggregate;
 use crate::manifest::{Computed, EventType, FieldType, Manifest};
@@ -33,7 +34,7 @@ impl Spec {
         let et = m.model.events.get(event)?;
         let window = match c.within.as_deref() {
             None => None,
-            Some(w) => Some(crate::units::parse_duration(w).ok()?.as_millis() as i64),
+            Some(w) => Some(i64::try_from(crate::units::parse_duration(w).ok()?.as_millis()).unwrap_or(i64::MAX)),
         };
         let filter = match c.filter.as_deref() {
             None => None,
@@ -47,6 +48,51 @@ impl Spec {
         };
         Some(Spec { agg, event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
     }
+
+    /// The event it aggregates.
+    pub fn event(&self) -> &str {
+        &self.event
+    }
+}
+
+/// One event as computed traits read it: borrowed from its stored row, its
+/// properties parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<'a> {
+    /// Empty when the row has none.
+    pub name: &'a str,
+    /// When it happened, milliseconds since the epoch, as stored.
+    pub at: i64,
+    pub source: &'a str,
+    pub message_id: &'a str,
+    pub properties: Value,
+}
+
+impl Event<'_> {
+    /// Its time as the golden record shows it (RFC 3339, to the second):
+    /// the time windows compare and events are ordered by.
+    pub fn shown_at(&self) -> i64 {
+        self.at.div_euclid(1000).saturating_mul(1000)
+    }
+}
+
+/// The events of `rows` whose name `keep` accepts, properties parsed,
+/// newest first as the golden record lists them: by shown time, then
+/// message id, both descending; rows that tie keep their stored order.
+pub fn newest_first<'a>(rows: &'a [EventRow], keep: impl Fn(&str) -> bool) -> Vec<Event<'a>> {
+    let mut events: Vec<Event<'a>> = rows
+        .iter()
+        .filter(|r| keep(r.name.as_deref().unwrap_or_default()))
+        .map(|r| Event {
+            name: r.name.as_deref().unwrap_or_default(),
+            at: r.at,
+            source: &r.source,
+            message_id: &r.message_id,
+            properties: parse_json(&r.payload),
+        })
+        .collect();
+    events.sort_by(|a, b| (b.shown_at(), b.message_id).cmp(&(a.shown_at(), a.message_id)));
+    events
 }
 
 /// Every computed trait of `m`'s model that resolves, in its order.
@@ -55,31 +101,32 @@ pub fn specs(m: &Manifest) -> Vec<(String, Spec)> {
 }
 
 /// Every computed trait of the model, in its order, from the profile's
-/// events (newest first).
+/// events (newest first, [`newest_first`]).
 pub fn computed_traits(
     m: &Manifest,
     specs: &[(String, Spec)],
-    events: &[EventView],
+    events: &[Event<'_>],
     now: i64,
 ) -> IndexMap<String, Value> {
     let mut out = IndexMap::new();
     for (name, spec) in specs {
-        if let Some(et) = m.model.events.get(&spec.event) {
-            out.insert(name.clone(), computed_trait(spec, et, events, now));
+        if let Some(v) = computed_trait(m, spec, events, now) {
+            out.insert(name.clone(), v);
         }
     }
     out
 }
 
-/// One computed trait over the profile's events.
-fn computed_trait(spec: &Spec, et: &EventType, events: &[EventView], now: i64) -> Value {
-    let since = spec.window.map(|w| now - w);
-    let matching: Vec<&EventView> = events
+/// One computed trait over the profile's events (newest first); `None`
+/// when its event is not in the model.
+pub fn computed_trait(m: &Manifest, spec: &Spec, events: &[Event<'_>], now: i64) -> Option<Value> {
+    let et = m.model.events.get(&spec.event)?;
+    let since = spec.window.map(|w| now.saturating_sub(w));
+    let matching: Vec<&Event<'_>> = events
         .iter()
         .filter(|e| e.name == spec.event)
         .filter(|e| {
-            let at = audience::program::parse_timestamp(&e.at).unwrap_or(0);
-            since.is_none_or(|s| at >= s)
+            since.is_none_or(|s| e.shown_at() >= s)
                 && spec.filter.as_ref().is_none_or(|p| {
                     let vals: Vec<Val> = p
                         .vars
@@ -94,19 +141,19 @@ fn computed_trait(spec: &Spec, et: &EventType, events: &[EventView], now: i64) -
                 })
         })
         .collect();
-    aggregate(spec.agg, spec.prop.as_deref(), et, &matching)
+    Some(aggregate(spec.agg, spec.prop.as_deref(), et, &matching))
 }
 
 /// An aggregate over the matching events (newest first) or over their
 /// property `prop`.
-fn aggregate(agg: Aggregate, prop: Option<&str>, et: &EventType, matching: &[&EventView]) -> Value {
+fn aggregate(agg: Aggregate, prop: Option<&str>, et: &EventType, matching: &[&Event<'_>]) -> Value {
     let values = || -> Vec<&Value> { matching.iter().filter_map(|e| prop.and_then(|p| e.properties.get(p))).collect() };
     let numbers = || -> Vec<f64> { values().into_iter().filter_map(Value::as_f64).collect() };
     let integer = prop.and_then(|p| et.properties.get(p)) == Some(&FieldType::Integer);
     let num = |x: Option<f64>, integer: bool| x.map_or(Value::Null, |x| number(x, integer));
     match agg {
         Aggregate::Count => Value::from(matching.len() as i64),
-        Aggregate::LastSeen => matching.first().map_or(Value::Null, |e| Value::String(e.at.clone())),
+        Aggregate::LastSeen => matching.first().map_or(Value::Null, |e| Value::String(iso(e.at))),
         Aggregate::Sum => num(Some(numbers().iter().fold(0.0, |a, b| a + b)), integer),
         Aggregate::Avg => {
             let n = numbers();
@@ -160,19 +207,20 @@ model:
         l.manifest.expect("manifest")
     }
 
-    fn order(day: i64, total: f64, items: i64, channel: &str) -> EventView {
-        EventView {
-            name: "order".into(),
-            at: super::super::iso(day * DAY),
+    fn order(day: i64, total: f64, items: i64, channel: &str) -> EventRow {
+        EventRow {
+            name: Some("order".into()),
+            at: day * DAY,
             source: "pos".into(),
             message_id: format!("o-{day}"),
-            properties: json!({ "total": total, "items": items, "channel": channel }),
+            payload: json!({ "total": total, "items": items, "channel": channel }).to_string(),
         }
     }
 
     #[test]
     fn aggregates_over_the_events_given_newest_first() {
-        let events = [order(20, 10.5, 2, "web"), order(10, 4.0, 1, "store"), order(1, 0.5, 3, "store")];
+        let rows = [order(10, 4.0, 1, "store"), order(1, 0.5, 3, "store"), order(20, 10.5, 2, "web")];
+        let events = newest_first(&rows, |_| true);
         let m = manifest();
         let c = computed_traits(&m, &specs(&m), &events, 21 * DAY);
         let want = json!({
@@ -191,5 +239,26 @@ model:
         assert_eq!(c["avg_total"], Value::Null);
         assert_eq!(c["last_channel"], Value::Null);
         assert_eq!(c["last_order_at"], Value::Null);
+    }
+
+    /// Times count as the record shows them, to the second: an event 0.2 s
+    /// inside a window that opens mid-second shows at the second before it,
+    /// outside the window.
+    #[test]
+    fn windows_compare_times_to_the_second() {
+        let m = manifest();
+        let mut edge = order(1, 1.0, 1, "web");
+        edge.at = DAY - 300;
+        let mut older = order(1, 1.0, 1, "web");
+        older.at = DAY - 2_000;
+        older.message_id = "o-older".into();
+        let rows = [older, edge];
+        let events = newest_first(&rows, |_| true);
+        assert_eq!((events[0].message_id, events[0].shown_at()), ("o-1", DAY - 1_000));
+        // `recent_orders` is `within: 7d`: the window opens at DAY - 500.
+        let c = computed_traits(&m, &specs(&m), &events, 8 * DAY - 500);
+        assert_eq!(c["recent_orders"], json!(0));
+        let c = computed_traits(&m, &specs(&m), &events, 8 * DAY - 1_000);
+        assert_eq!(c["recent_orders"], json!(1));
     }
 }

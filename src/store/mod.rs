@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod audit;
+mod bulk;
 pub mod export;
 pub mod ingest;
 pub mod lease;
