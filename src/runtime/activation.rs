@@ -502,14 +502,15 @@ async fn load(
 ) -> Result<Vec<ProfileState>> {
     let now = now_ms();
     let suppressed = store.suppressed_profiles(profiles).await?;
-    let mut out = Vec::with_capacity(profiles.len());
-    for p in profiles {
-        let rows = store.profile_rows(*p).await?;
-        let mut s = activation::state_of(m, model, rows, now);
-        s.suppressed = suppressed.contains(p);
-        out.push(s);
-    }
-    Ok(out)
+    let rows = store.profile_rows_many(profiles).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut s = activation::state_of(m, model, r, now);
+            s.suppressed = suppressed.contains(&s.profile);
+            s
+        })
+        .collect())
 }
 
 /// One destination's delivery worker.
