@@ -146,12 +146,28 @@ async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
         settle(&mut ev, store).await;
     }
 
-    // Membership equals the golden record's, profile by profile.
+    // Membership and computed traits equal a fresh evaluation of each
+    // profile's rows (not the store's kept values), profile by profile.
+    let model = cdp::profile::Model::new(&m);
     let mut truth = BTreeSet::new();
+    let mut computed_truth = BTreeSet::new();
     for p in store.live_profiles().await.expect("profiles") {
-        for a in store.golden(&m, p, 0).await.expect("golden").audiences {
+        let rows = store.profile_rows(p).await.expect("rows");
+        let g = cdp::profile::golden_record(&m, &model, rows, 0, cdp::store::now_ms());
+        for a in g.audiences {
             truth.insert((a, p));
         }
+        for (n, v) in g.computed {
+            computed_truth.insert((p, n, v.to_string()));
+        }
+    }
+    let rows =
+        sqlx::query("SELECT profile_id, name, value FROM computed_values").fetch_all(store.pool()).await.unwrap();
+    let kept_computed: BTreeSet<(i64, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(kept_computed, computed_truth, "kept computed traits differ from a fresh evaluation");
+    // `profile get` reads the kept values and agrees.
+    for (p, n, v) in computed_truth.iter().take(5) {
+        assert_eq!(&store.golden(&m, *p, 0).await.unwrap().computed[n].to_string(), v);
     }
     let rows = sqlx::query("SELECT audience, profile_id FROM audience_members").fetch_all(store.pool()).await.unwrap();
     let kept: BTreeSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -240,5 +256,39 @@ fn incremental_equals_full_on_postgres() {
         assert!(members >= 3 && deliveries >= 5, "{members} memberships, {deliveries} deliveries");
         drop(store);
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+    });
+}
+
+/// `profile get` reads the kept computed traits while activation is current,
+/// and evaluates them again when the definitions differ or a change is pending.
+#[test]
+fn the_golden_record_reads_kept_computed_traits_only_while_they_are_current() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect("sqlite://cdp.db", dir.path()).await.expect("sqlite");
+        let batches =
+            vec![vec![(0, None, Some(0), None, Some(80), Some(true), 3), (0, None, None, None, Some(40), None, 4)]];
+        check(&store, &batches).await;
+        let m = manifest();
+        let p = store.find_profile(&m, "email", "p0@example.org").await.unwrap();
+        assert_eq!(store.golden(&m, p, 0).await.unwrap().computed["ltv"], json!(120.0));
+        // A kept value is what the golden record shows…
+        sqlx::query("UPDATE computed_values SET value = '999' WHERE name = 'ltv'").execute(store.pool()).await.unwrap();
+        let g = store.golden(&m, p, 0).await.unwrap();
+        assert_eq!((g.computed["ltv"].clone(), g.audiences.contains(&"big".to_owned())), (json!(999), true));
+        // …unless the definitions changed…
+        let other = load_str(
+            &MANIFEST.replace("ltv: { sum: order_completed.revenue }", "ltv: { max: order_completed.revenue }"),
+            &Options::validate("."),
+        )
+        .manifest
+        .unwrap();
+        assert_eq!(store.golden(&other, p, 0).await.unwrap().computed["ltv"], json!(80.0));
+        // …or a change is waiting in the outbox.
+        let cfg = IdentityConfig::from_manifest(&m);
+        let mut mapper = Mapper::new(&m, "web").unwrap();
+        let r = mapper.map(&raw(99, &(0, None, None, None, Some(5), None, 9)), 0).unwrap();
+        store.apply_batch(&cfg, vec![r], None).await.unwrap();
+        assert_eq!(store.golden(&m, p, 0).await.unwrap().computed["ltv"], json!(125.0));
     });
 }

@@ -95,6 +95,14 @@ pub fn newest_first<'a>(rows: &'a [EventRow], keep: impl Fn(&str) -> bool) -> Ve
     events
 }
 
+/// Names the definitions computed traits are evaluated by (`model.computed`
+/// and the event types they read): stored values of another are stale.
+pub fn fingerprint(m: &Manifest) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::json!({"computed": m.model.computed, "events": m.model.events}).to_string();
+    hex::encode(&Sha256::digest(text.as_bytes())[..12])
+}
+
 /// Every computed trait of `m`'s model that resolves, in its order.
 pub fn specs(m: &Manifest) -> Vec<(String, Spec)> {
     m.model.computed.iter().filter_map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s))).collect()

@@ -154,11 +154,33 @@ impl Model {
 /// Computed traits and audiences read all of its events. `model` is
 /// [`Model::new`] of `m`.
 pub fn golden_record(m: &Manifest, model: &Model, rows: ProfileRows, recent_events: usize, now: i64) -> GoldenRecord {
+    golden_record_with(m, model, rows, recent_events, now, None)
+}
+
+/// [`golden_record`] with the computed traits given (`stored`: as activation
+/// keeps them, JSON text by name) instead of evaluated over the events; a
+/// computed trait `stored` lacks is evaluated.
+pub fn golden_record_with(
+    m: &Manifest,
+    model: &Model,
+    rows: ProfileRows,
+    recent_events: usize,
+    now: i64,
+    stored: Option<&[(String, String)]>,
+) -> GoldenRecord {
     let traits = merge::merged_traits(m, &rows.traits);
     let decisions = consent::decide(m, model.consent_expiry, &rows.consent, now);
     let identities: Vec<IdentityView> = rows.identities.into_iter().map(IdentityView::from).collect();
     let events = computed::newest_first(&rows.events, |_| true);
-    let computed = computed_traits(m, &model.computed, &events, now);
+    let kept: Option<IndexMap<String, Value>> = stored.and_then(|st| {
+        let by: std::collections::HashMap<&str, &str> = st.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        model
+            .computed
+            .iter()
+            .map(|(n, _)| by.get(n.as_str()).and_then(|v| serde_json::from_str(v).ok()).map(|v| (n.clone(), v)))
+            .collect()
+    });
+    let computed = kept.unwrap_or_else(|| computed_traits(m, &model.computed, &events, now));
     let audiences = audiences::members(&model.audiences, now, |v| {
         audience_value(m, v, &traits, &computed, &decisions, &identities)
     });

@@ -49,6 +49,8 @@ const ENTRIES: usize = 256;
 const CLOCK_SWEEP: i64 = 3_600_000;
 /// How long a claim on a delivery lasts (longer than any plugin call).
 const CLAIM_TTL: Duration = Duration::from_secs(180);
+/// `cdp_meta` name of the time every profile's computed traits were last evaluated.
+const SWEPT: &str = "computed_swept_at";
 /// Finished deliveries kept per destination (dead letters are all kept).
 const KEEP_FINISHED: i64 = 10_000;
 
@@ -211,6 +213,8 @@ pub struct Evaluator {
     model: crate::profile::Model,
     targets: Vec<Target>,
     sha256: String,
+    /// The fingerprint of the computed traits' definitions.
+    computed_spec: String,
     deps: Dependencies,
     /// Audiences evaluated when their profiles change (no `refresh:`).
     realtime: Vec<String>,
@@ -225,6 +229,8 @@ struct Scope {
     targets: BTreeSet<String>,
     /// Targets reconciled without the shrink guard (an operator resumed them).
     forced: BTreeSet<String>,
+    /// Every profile's computed traits are re-evaluated (windows slide with time).
+    computed: bool,
 }
 
 impl Evaluator {
@@ -249,7 +255,8 @@ impl Evaluator {
                 None => realtime.push(name.clone()),
             }
         }
-        Evaluator { m, model, targets, sha256: sha256.to_owned(), deps, realtime, scheduled }
+        let computed_spec = crate::profile::computed::fingerprint(&m);
+        Evaluator { m, model, targets, sha256: sha256.to_owned(), computed_spec, deps, realtime, scheduled }
     }
 
     fn targets(&self) -> impl Iterator<Item = &Target> {
@@ -260,7 +267,7 @@ impl Evaluator {
     /// entries. `false` when there was nothing to do.
     pub async fn step(&mut self, store: &Store) -> Result<bool> {
         let scope = self.due(store).await?;
-        if !scope.audiences.is_empty() || !scope.targets.is_empty() {
+        if !scope.audiences.is_empty() || !scope.targets.is_empty() || scope.computed {
             self.full_pass(store, scope).await?;
             return Ok(true);
         }
@@ -286,6 +293,14 @@ impl Evaluator {
             if due {
                 scope.audiences.insert(name.clone());
             }
+        }
+        if !m.model.computed.is_empty() {
+            // `AT SPEC`: when, and under which definitions, every profile was evaluated.
+            let swept = store.meta(SWEPT).await?;
+            let (at, spec) = swept.as_deref().and_then(|v| v.split_once(' ')).unwrap_or(("", ""));
+            let windowed = m.model.computed.values().any(|c| c.within.is_some());
+            scope.computed =
+                spec != self.computed_spec || at.parse::<i64>().map_or(true, |at| windowed && now - at >= CLOCK_SWEEP);
         }
         for t in self.targets() {
             match dstates.get(&t.name) {
@@ -326,7 +341,8 @@ impl Evaluator {
         for (i, page) in pages.iter().enumerate() {
             let states = load(store, &self.m, &self.model, page).await?;
             let stored = store.activation_stored(page).await?;
-            let mut w = ActivationWrite { origin_at, ..ActivationWrite::default() };
+            let mut w =
+                ActivationWrite { origin_at, computed_spec: self.computed_spec.clone(), ..ActivationWrite::default() };
             for s in &states {
                 let before = stored.audiences.get(&s.profile).cloned().unwrap_or_default();
                 let mut after = before.clone();
@@ -340,6 +356,7 @@ impl Evaluator {
                     }
                 }
                 self.emit(s, &before, &after, &stored.held, &paused, None, &origin, &mut w);
+                w.computed.push((s.profile, self.computed_of(s)));
             }
             if i + 1 == pages.len() {
                 w.outbox = Some(last_seq);
@@ -387,6 +404,14 @@ impl Evaluator {
         }
     }
 
+    /// The profile's computed traits as stored values (none for a profile that is gone).
+    fn computed_of(&self, s: &ProfileState) -> Vec<(String, String)> {
+        if !s.live {
+            return Vec::new();
+        }
+        self.m.model.computed.keys().filter_map(|n| s.values.get(n).map(|v| (n.clone(), v.to_string()))).collect()
+    }
+
     /// Re-evaluates `scope`'s audiences for every profile and reconciles
     /// its destinations (and those of its audiences) with what they hold.
     async fn full_pass(&mut self, store: &Store, scope: Scope) -> Result<()> {
@@ -428,7 +453,11 @@ impl Evaluator {
         for page in profiles.chunks(PAGE) {
             let states = load(store, &self.m, &self.model, page).await?;
             let stored = store.activation_stored(page).await?;
-            let mut w = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
+            let mut w = ActivationWrite {
+                origin_at: now,
+                computed_spec: self.computed_spec.clone(),
+                ..ActivationWrite::default()
+            };
             for s in &states {
                 let before = stored.audiences.get(&s.profile).cloned().unwrap_or_default();
                 let mut after = before.clone();
@@ -440,6 +469,7 @@ impl Evaluator {
                     }
                 }
                 self.emit(s, &before, &after, &stored.held, &skip, Some(&targets), &origin, &mut w);
+                w.computed.push((s.profile, self.computed_of(s)));
             }
             let (keep, hold): (Vec<_>, Vec<_>) =
                 w.outgoing.drain(..).partition(|(o, _)| !guarded.contains_key(&o.destination));
@@ -450,7 +480,8 @@ impl Evaluator {
             store.apply_activation(&w).await?;
             count_changes(&w);
         }
-        let mut last = ActivationWrite { origin_at: now, ..ActivationWrite::default() };
+        let mut last =
+            ActivationWrite { origin_at: now, computed_spec: self.computed_spec.clone(), ..ActivationWrite::default() };
         for t in self.targets() {
             if !targets.contains(&t.name) {
                 continue;
@@ -473,6 +504,9 @@ impl Evaluator {
             last.evaluated.push((a.clone(), m.audiences[a].rule.clone(), true));
         }
         store.apply_activation(&last).await?;
+        if scope.computed {
+            store.set_meta(SWEPT, &format!("{now} {}", self.computed_spec)).await?;
+        }
         tracing::info!(
             profiles = profiles.len(),
             seconds = started.elapsed().as_secs_f64(),

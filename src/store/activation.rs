@@ -40,6 +40,11 @@ pub struct ActivationWrite {
     pub paused: Vec<(String, String, String)>,
     /// The outbox position the step covers, for reader `activation`.
     pub outbox: Option<i64>,
+    /// Computed traits of the profiles evaluated: (profile, [(name, JSON value)]);
+    /// an empty list for a profile that is gone.
+    pub computed: Vec<(i64, Vec<(String, String)>)>,
+    /// [`crate::profile::computed::fingerprint`] of the definitions they were computed by.
+    pub computed_spec: String,
 }
 
 /// The stored side of a set of profiles: their audiences and what each destination holds.
@@ -180,6 +185,47 @@ impl Store {
             out.held.insert((r.try_get(0)?, r.try_get(1)?), Held { digest: r.try_get(2)?, identities: r.try_get(3)? });
         }
         Ok(out)
+    }
+
+    /// The materialised computed traits of `profile`, when activation keeps
+    /// them current: it has read the whole outbox (so no change of the
+    /// profile is pending) and evaluated the profile under definitions
+    /// `spec`. Windowed traits are as of the last evaluation (swept hourly).
+    pub async fn computed_current(&self, profile: i64, spec: &str) -> Result<Option<Vec<(String, String)>>> {
+        let head = sqlx::query("SELECT seq FROM outbox_head WHERE id = 1").fetch_optional(self.read_pool()).await?;
+        let head: i64 = head.map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+        if self.outbox_position("activation").await? < head {
+            return Ok(None);
+        }
+        let rows = sqlx::query(&self.sql("SELECT name, value FROM computed_values WHERE profile_id = ? AND spec = ?"))
+            .bind(profile)
+            .bind(spec)
+            .fetch_all(self.read_pool())
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_>>()?))
+    }
+
+    /// A value of the store's own (`cdp_meta`).
+    pub async fn meta(&self, name: &str) -> Result<Option<String>> {
+        let row = sqlx::query(&self.sql("SELECT value FROM cdp_meta WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(self.read_pool())
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    pub async fn set_meta(&self, name: &str, value: &str) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO cdp_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        ))
+        .bind(name)
+        .bind(value)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Every member of `audience`.
@@ -372,6 +418,31 @@ impl Store {
                 .bind(p)
                 .execute(&mut *tx)
                 .await?;
+        }
+        // Computed traits: each evaluated profile's values replace its stored ones.
+        let profiles: Vec<i64> = w.computed.iter().map(|c| c.0).collect();
+        for chunk in profiles.chunks(super::IN_CHUNK) {
+            let sql = format!("DELETE FROM computed_values WHERE profile_id IN ({})", super::in_list(chunk.len()));
+            let sql = self.sql(&sql);
+            let mut q = sqlx::query(&sql);
+            for p in chunk {
+                q = q.bind(*p);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let values: Vec<(i64, &str, &str)> =
+            w.computed.iter().flat_map(|(p, vs)| vs.iter().map(move |(n, v)| (*p, n.as_str(), v.as_str()))).collect();
+        for chunk in values.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO computed_values (profile_id, name, value, spec, updated_at) VALUES {}",
+                values_clause(chunk.len(), 5)
+            );
+            let sql = self.sql(&sql);
+            let mut q = sqlx::query(&sql);
+            for (p, n, v) in chunk {
+                q = q.bind(*p).bind(*n).bind(*v).bind(&w.computed_spec).bind(now);
+            }
+            q.execute(&mut *tx).await?;
         }
         // Realtime steps keep each audience's size by its entries and exits.
         let mut delta: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();

@@ -107,7 +107,9 @@ impl Store {
         recent_events: usize,
     ) -> Result<GoldenRecord> {
         let rows = self.profile_rows(profile).await?;
-        Ok(profile::golden_record(m, model, rows, recent_events, now_ms()))
+        // Computed traits as activation keeps them, when it is current.
+        let stored = self.computed_current(profile, &profile::computed::fingerprint(m)).await?;
+        Ok(profile::golden_record_with(m, model, rows, recent_events, now_ms(), stored.as_deref()))
     }
 
     /// Everything stored of a profile: the rows its golden record is made of.

@@ -476,4 +476,20 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "CREATE INDEX deliveries_person ON deliveries (profile_id)",
         ],
     ),
+    (
+        8,
+        "materialised computed traits",
+        &[
+            // Each profile's computed traits as activation last evaluated
+            // them (JSON values), kept with the profile's changes.
+            "CREATE TABLE computed_values (
+            profile_id BIGINT NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (profile_id, name)
+        )",
+        ],
+    ),
 ];
