@@ -8,6 +8,7 @@
 //! committed batch survives power loss.
 
 pub mod audit;
+mod bulk;
 pub mod export;
 pub mod ingest;
 pub mod lease;

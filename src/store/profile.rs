@@ -4,10 +4,9 @@
 //! identifier off by hand.
 
 use super::{Result, Store, now_ms};
-use crate::consent::LedgerRow;
 use crate::identity::normalize;
 use crate::manifest::{Manifest, Normalizer};
-use crate::profile::{self, EntityRow, EventRow, GoldenRecord, IdentityRow, ProfileRows, TraitObs, iso};
+use crate::profile::{self, GoldenRecord, IdentityRow, ProfileRows, iso};
 use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -112,17 +111,13 @@ impl Store {
     }
 
     /// Everything stored of a profile: the rows its golden record is made of.
+    /// Identifiers by first sighting, trait observations by trait and
+    /// source, consent answers by identifier and purpose, events oldest
+    /// first, entities by entity and key. The read of one profile by
+    /// [`Store::profile_rows_many`].
     pub async fn profile_rows(&self, profile: i64) -> Result<ProfileRows> {
-        let identities = self.identities_of(profile).await?;
-        let ids: Vec<i64> = identities.iter().map(|i| i.id).collect();
-        let mut conn = self.pool.acquire().await?;
-        let traits = self.trait_obs_of(&mut conn, &ids).await?;
-        let consent = self.consent_of(&mut conn, &ids).await?;
-        let events = self.events_of(&mut conn, &ids).await?;
-        // SQLite has one connection: give it back before the next query.
-        drop(conn);
-        let entities = self.entities_of(profile).await?;
-        Ok(ProfileRows { profile, identities, traits, consent, events, entities })
+        let mut rows = self.profile_rows_many(&[profile]).await?;
+        rows.pop().ok_or_else(|| super::StoreError::Invariant(format!("no rows came back for profile {profile}")))
     }
 
     async fn identities_of(&self, profile: i64) -> Result<Vec<IdentityRow>> {
@@ -143,86 +138,6 @@ impl Store {
                     message_id: r.try_get(5)?,
                     isolated: r.try_get::<i64, _>(6)? != 0,
                 })
-            })
-            .collect()
-    }
-
-    /// The folded trait observations of identifiers `ids`, by trait and source.
-    async fn trait_obs_of(&self, conn: &mut sqlx::AnyConnection, ids: &[i64]) -> Result<Vec<TraitObs>> {
-        let rows = self
-            .select_in(
-                conn,
-                "SELECT name, source, first_value, first_at, last_value, last_at, min_value, max_value, num_sum, num_min, num_max \
-                 FROM trait_obs WHERE identity_id IN ({}) ORDER BY name, source",
-                ids,
-            )
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TraitObs {
-                    name: r.try_get(0)?,
-                    source: r.try_get(1)?,
-                    first: (r.try_get(3)?, r.try_get(2)?),
-                    last: (r.try_get(5)?, r.try_get(4)?),
-                    min: r.try_get(6)?,
-                    max: r.try_get(7)?,
-                    sum: r.try_get(8)?,
-                    nmin: r.try_get(9)?,
-                    nmax: r.try_get(10)?,
-                })
-            })
-            .collect()
-    }
-
-    /// The consent ledger of identifiers `ids`.
-    async fn consent_of(&self, conn: &mut sqlx::AnyConnection, ids: &[i64]) -> Result<Vec<LedgerRow>> {
-        let rows = self
-            .select_in(conn, "SELECT purpose, granted, at, source FROM consent WHERE identity_id IN ({})", ids)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(LedgerRow {
-                    purpose: r.try_get(0)?,
-                    granted: r.try_get::<i64, _>(1)? != 0,
-                    at: r.try_get(2)?,
-                    source: r.try_get(3)?,
-                })
-            })
-            .collect()
-    }
-
-    /// Every event anchored on identifiers `ids`, in no particular order.
-    async fn events_of(&self, conn: &mut sqlx::AnyConnection, ids: &[i64]) -> Result<Vec<EventRow>> {
-        let rows = self
-            .select_in(
-                conn,
-                "SELECT name, at, source, message_id, payload FROM records WHERE kind = 'event' AND identity_id IN ({})",
-                ids,
-            )
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(EventRow {
-                    name: r.try_get(0)?,
-                    at: r.try_get(1)?,
-                    source: r.try_get(2)?,
-                    message_id: r.try_get(3)?,
-                    payload: r.try_get(4)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn entities_of(&self, profile: i64) -> Result<Vec<EntityRow>> {
-        let rows = sqlx::query(
-            &self.sql("SELECT entity, key, fields, at FROM entities WHERE profile_id = ? ORDER BY entity, key"),
-        )
-        .bind(profile)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(EntityRow { entity: r.try_get(0)?, key: r.try_get(1)?, fields: r.try_get(2)?, at: r.try_get(3)? })
             })
             .collect()
     }
