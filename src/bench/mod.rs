@@ -2,6 +2,7 @@
 //! taken in the same run on the same machine and prints the ratio, so figures
 //! from noisy machines still compare. They are commands, not timed tests.
 
+pub mod audience;
 pub mod collector;
 pub mod identity;
 pub mod ingest;
