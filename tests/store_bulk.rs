@@ -137,6 +137,7 @@ fn a_page_of_profiles_reads_as_each_profile_alone() {
             }
             assert_eq!(paged, live, "{name}: pages cover every live profile once, ascending");
             assert!(store.live_profile_page(i64::MAX, 10).await.expect("past the end").is_empty());
+            assert_eq!(store.live_profile_page(i64::MIN, usize::MAX).await.expect("no limit"), live, "{name}");
 
             // Newest first, an id that holds nothing, and a repeat.
             let mut asked: Vec<i64> = live.iter().rev().copied().collect();

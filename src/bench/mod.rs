@@ -3,6 +3,7 @@
 //! from noisy machines still compare. They are commands, not timed tests.
 
 pub mod activation;
+pub mod audience;
 pub mod collector;
 pub mod erase;
 pub mod identity;

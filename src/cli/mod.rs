@@ -372,6 +372,15 @@ pub enum Bench {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// Ten audiences over every profile of generated customers; compare with the same rules as SQL.
+    Audience {
+        /// How many customers (one profile each, about 4 records each).
+        #[arg(long, default_value_t = 1_000_000)]
+        profiles: usize,
+        /// Evaluations of each kind, alternating (medians are shown).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Identity accuracy: pairwise precision, recall and F1 against generated ground truth.
     Identity {
         /// How many people (about 12 records each).
@@ -516,6 +525,11 @@ pub fn run() -> ExitCode {
         Command::Bench(Bench::Erase { records, people }) => block_on(async {
             let tmp = tempfile::tempdir()?;
             out!("{}", crate::bench::erase::run(records, people.max(1), tmp.path()).await?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Bench(Bench::Audience { profiles, runs }) => block_on(async {
+            let tmp = tempfile::tempdir()?;
+            out!("{}", crate::bench::audience::run(profiles, runs, tmp.path()).await?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Bench(Bench::Identity { people }) => block_on(async {

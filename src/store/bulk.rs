@@ -15,9 +15,10 @@ use crate::consent::LedgerRow;
 use crate::profile::{EntityRow, EventRow, IdentityRow, ProfileRows, TraitObs};
 
 /// One table's part of a profile's rows: its columns (the profile first),
-/// where they come from (`{}` is the IN list of profiles) and a total order
-/// after the profile, so a profile's rows come in one order whichever page
-/// it is read with. `real(x)` marks a floating-point column.
+/// where they come from (`{}` is the IN list of profiles) and their order:
+/// by profile, then total within a profile, so a profile's rows come in one
+/// order whichever page it is read with. `real(x)` marks a floating-point
+/// column.
 trait Part: Sized {
     const COLS: &'static str;
     const FROM: &'static str;
@@ -151,7 +152,7 @@ impl Store {
     /// through every profile by passing the last id of one page as `after`
     /// of the next, starting from `i64::MIN`.
     pub async fn live_profile_page(&self, after: i64, limit: usize) -> Result<Vec<i64>> {
-        self.profile_ids_after(after, limit).await
+        self.profile_ids_after(after, limit.min(i64::MAX as usize)).await
     }
 
     /// The rows of each of `profiles`, in their order: for each, what
