@@ -39,6 +39,8 @@ use crate::store::{Store, now_ms};
 /// The outbox reader and lease name of the evaluator.
 const READER: &str = "activation";
 const LEASE_TTL: Duration = Duration::from_secs(30);
+/// How often the evaluator looks for full passes to run.
+const DUE_EVERY: Duration = Duration::from_secs(1);
 /// How often an idle evaluator or worker looks for work.
 const POLL: Duration = Duration::from_millis(20);
 /// Profiles per evaluation transaction.
@@ -184,7 +186,10 @@ async fn evaluate(
             ev = Some(Evaluator::of(&snap));
         }
         let Some(e) = ev.as_mut() else { continue };
-        match e.step(&store).await {
+        e.lease = lease.take();
+        let stepped = e.step(&store).await;
+        lease = e.lease.take();
+        match stepped {
             Ok(true) => failures = 0,
             Ok(false) => {
                 failures = 0;
@@ -215,6 +220,10 @@ pub struct Evaluator {
     sha256: String,
     /// The fingerprint of the computed traits' definitions.
     computed_spec: String,
+    /// When [`Evaluator::due`] last looked for full passes to run.
+    checked_at: Option<std::time::Instant>,
+    /// The `activation` lease, renewed page by page during a full pass.
+    lease: Option<crate::store::lease::Lease>,
     deps: Dependencies,
     /// Audiences evaluated when their profiles change (no `refresh:`).
     realtime: Vec<String>,
@@ -256,7 +265,18 @@ impl Evaluator {
             }
         }
         let computed_spec = crate::profile::computed::fingerprint(&m);
-        Evaluator { m, model, targets, sha256: sha256.to_owned(), computed_spec, deps, realtime, scheduled }
+        Evaluator {
+            m,
+            model,
+            targets,
+            sha256: sha256.to_owned(),
+            computed_spec,
+            checked_at: None,
+            lease: None,
+            deps,
+            realtime,
+            scheduled,
+        }
     }
 
     fn targets(&self) -> impl Iterator<Item = &Target> {
@@ -266,12 +286,27 @@ impl Evaluator {
     /// One unit of work: a full pass when one is due, else the next outbox
     /// entries. `false` when there was nothing to do.
     pub async fn step(&mut self, store: &Store) -> Result<bool> {
-        let scope = self.due(store).await?;
-        if !scope.audiences.is_empty() || !scope.targets.is_empty() || scope.computed {
-            self.full_pass(store, scope).await?;
-            return Ok(true);
+        // Full passes are looked for once a second (and at once for a new manifest).
+        if self.checked_at.is_none_or(|t| t.elapsed() >= DUE_EVERY) {
+            self.checked_at = Some(std::time::Instant::now());
+            let scope = self.due(store).await?;
+            if !scope.audiences.is_empty() || !scope.targets.is_empty() || scope.computed {
+                self.full_pass(store, scope).await?;
+                return Ok(true);
+            }
         }
         self.follow(store).await
+    }
+
+    /// Renews the lease this evaluator holds, if it holds one.
+    async fn renew(&mut self, store: &Store) -> Result<()> {
+        if let Some(l) = &self.lease {
+            match store.renew_lease(l, LEASE_TTL).await? {
+                Some(renewed) => self.lease = Some(renewed),
+                None => anyhow::bail!("the activation lease was lost during a full evaluation"),
+            }
+        }
+        Ok(())
     }
 
     /// Which audiences and destinations need a full pass now.
@@ -451,6 +486,7 @@ impl Evaluator {
         let mut buffered: HashMap<String, Vec<(Outgoing, String)>> = HashMap::new();
         let started = std::time::Instant::now();
         for page in profiles.chunks(PAGE) {
+            self.renew(store).await?;
             let states = load(store, &self.m, &self.model, page).await?;
             let stored = store.activation_stored(page).await?;
             let mut w = ActivationWrite {
