@@ -47,6 +47,15 @@ pub struct Erasure {
     pub pending: usize,
 }
 
+/// The person an erasure is about.
+struct Person {
+    profile: i64,
+    /// Every profile id that was ever theirs.
+    profiles: Vec<i64>,
+    /// (id, key, value) of every identifier of those profiles.
+    ids: Vec<(i64, String, String)>,
+}
+
 /// A privacy request.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Request {
@@ -216,26 +225,40 @@ impl Store {
         deletable: &(dyn Fn(&str) -> Option<bool> + Sync),
     ) -> Result<Erasure> {
         let secret = self.privacy_secret().await?;
-        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let profiles = self.lineage(&mut tx, profile).await?;
-        let in_p = super::in_list(profiles.len());
-        let sql = self.sql(&format!("SELECT id, key, value FROM identities WHERE profile_id IN ({in_p})")).into_owned();
-        let q = bind_all(sqlx::query(&sql), &profiles);
+        let p = self.person(&mut tx, profile).await?;
+        let mut er = Erasure { request_id, profiles: p.profiles.len(), identifiers: p.ids.len(), ..Erasure::default() };
+        // Tombstones first: from this commit on, ingest refuses the identifiers.
+        self.tombstone(&mut tx, &secret, request_id, &p).await?;
+        self.queue_receipts(&mut tx, request_id, &p, deletable, &mut er).await?;
+        self.delete_rows(&mut tx, &p, &mut er).await?;
+        self.redact(&mut tx, request_id, &p, &mut er).await?;
+        tx.commit().await?;
+        Ok(er)
+    }
+
+    /// Every profile id that was ever the person's, and every identifier of them.
+    async fn person(&self, tx: &mut sqlx::AnyConnection, profile: i64) -> Result<Person> {
+        let profiles = self.lineage(&mut *tx, profile).await?;
         let mut ids: Vec<(i64, String, String)> = Vec::new();
-        for r in q.fetch_all(&mut *tx).await? {
+        for r in self
+            .select_in(&mut *tx, "SELECT id, key, value FROM identities WHERE profile_id IN ({})", &profiles)
+            .await?
+        {
             ids.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
         }
-        let id_list: Vec<i64> = ids.iter().map(|i| i.0).collect();
-        let mut er = Erasure { request_id, profiles: profiles.len(), identifiers: ids.len(), ..Erasure::default() };
+        Ok(Person { profile, profiles, ids })
+    }
 
-        // Tombstones first: from this commit on, ingest refuses the identifiers.
-        for (_, k, v) in &ids {
+    /// A keyed-hash tombstone per identifier.
+    async fn tombstone(&self, tx: &mut sqlx::AnyConnection, secret: &[u8], request_id: i64, p: &Person) -> Result<()> {
+        let now = now_ms();
+        for (_, k, v) in &p.ids {
             sqlx::query(&self.sql(
                 "INSERT INTO privacy_marks (hash, kind, key, request_id, created_at) VALUES (?, 'erased', ?, ?, ?) \
                  ON CONFLICT (hash, kind) DO NOTHING",
             ))
-            .bind(mark_hash(&secret, k, v))
+            .bind(mark_hash(secret, k, v))
             .bind(k)
             .bind(request_id)
             .bind(now)
@@ -243,12 +266,27 @@ impl Store {
             .await?;
         }
 
+        Ok(())
+    }
+
+    /// A receipt for every destination that holds or was sent the person:
+    /// `pending` with what to delete where the plugin can delete.
+    async fn queue_receipts(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        request_id: i64,
+        p: &Person,
+        deletable: &(dyn Fn(&str) -> Option<bool> + Sync),
+        er: &mut Erasure,
+    ) -> Result<()> {
+        let now = now_ms();
+        let in_p = super::in_list(p.profiles.len());
         // The destinations that hold or were sent the person, with what they were sent.
         let mut sent: std::collections::BTreeMap<String, serde_json::Value> = std::collections::BTreeMap::new();
         let sql = self
             .sql(&format!("SELECT destination, identities FROM destination_members WHERE profile_id IN ({in_p})"))
             .into_owned();
-        let q = bind_all(sqlx::query(&sql), &profiles);
+        let q = bind_all(sqlx::query(&sql), &p.profiles);
         for r in q.fetch_all(&mut *tx).await? {
             let d: String = r.try_get(0)?;
             let v: String = r.try_get(1)?;
@@ -259,12 +297,12 @@ impl Store {
                 "SELECT DISTINCT destination FROM deliveries WHERE state = 'delivered' AND profile_id IN ({in_p})"
             ))
             .into_owned();
-        let q = bind_all(sqlx::query(&sql), &profiles);
+        let q = bind_all(sqlx::query(&sql), &p.profiles);
         for r in q.fetch_all(&mut *tx).await? {
             sent.entry(r.try_get(0)?).or_insert(serde_json::Value::Null);
         }
         let mut all: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-        for (_, k, v) in &ids {
+        for (_, k, v) in &p.ids {
             all.entry(k.clone()).or_default().push(v.clone());
         }
         for (d, was_sent) in &sent {
@@ -281,7 +319,7 @@ impl Store {
             }
             let line = serde_json::json!({
                 "key": format!("erasure-{request_id}"),
-                "profile_id": profile.to_string(),
+                "profile_id": p.profile.to_string(),
                 "identities": identities,
             });
             let (state, payload) = match deletable(d) {
@@ -312,9 +350,15 @@ impl Store {
             }
         }
 
+        Ok(())
+    }
+
+    /// The person's rows in every table.
+    async fn delete_rows(&self, tx: &mut sqlx::AnyConnection, p: &Person, er: &mut Erasure) -> Result<()> {
+        let id_list: Vec<i64> = p.ids.iter().map(|i| i.0).collect();
         // Rows keyed by identifier.
         for (table, col) in [("records", "identity_id"), ("trait_obs", "identity_id"), ("consent", "identity_id")] {
-            let n = self.delete_in(&mut tx, &format!("DELETE FROM {table} WHERE {col} IN ({{}})"), &id_list).await?;
+            let n = self.delete_in(&mut *tx, &format!("DELETE FROM {table} WHERE {col} IN ({{}})"), &id_list).await?;
             *er.rows.entry(table.to_owned()).or_default() += n;
         }
         // Links that name any of the identifiers.
@@ -324,7 +368,7 @@ impl Store {
         let mut links_deleted = 0u64;
         for r in self
             .select_in(
-                &mut tx,
+                &mut *tx,
                 "SELECT ids FROM links WHERE component IN (SELECT component FROM identities WHERE id IN ({}))",
                 &id_list,
             )
@@ -353,16 +397,20 @@ impl Store {
             ("identities", "DELETE FROM identities WHERE profile_id IN ({})"),
             ("profiles", "DELETE FROM profiles WHERE id IN ({})"),
         ] {
-            let n = self.delete_in(&mut tx, sql, &profiles).await?;
+            let n = self.delete_in(&mut *tx, sql, &p.profiles).await?;
             *er.rows.entry(table.to_owned()).or_default() += n;
         }
-        let n = self.delete_in(&mut tx, "DELETE FROM entities WHERE identity_id IN ({})", &id_list).await?;
+        let n = self.delete_in(&mut *tx, "DELETE FROM entities WHERE identity_id IN ({})", &id_list).await?;
         *er.rows.entry("entities".to_owned()).or_default() += n;
-        let n = self.delete_in(&mut tx, "DELETE FROM ledger WHERE identity_id IN ({})", &id_list).await?;
+        let n = self.delete_in(&mut *tx, "DELETE FROM ledger WHERE identity_id IN ({})", &id_list).await?;
         *er.rows.entry("ledger".to_owned()).or_default() += n;
 
-        // Free text that may quote an identifier: rejected records, audit targets.
-        for (_, _, v) in &ids {
+        Ok(())
+    }
+
+    /// Free text that may quote an identifier: rejected records go, audit targets are redacted.
+    async fn redact(&self, tx: &mut sqlx::AnyConnection, request_id: i64, p: &Person, er: &mut Erasure) -> Result<()> {
+        for (_, _, v) in &p.ids {
             if v.len() < 3 {
                 continue;
             }
@@ -384,8 +432,7 @@ impl Store {
                 .rows_affected();
             *er.rows.entry("audit_log (redacted)".to_owned()).or_default() += n;
         }
-        tx.commit().await?;
-        Ok(er)
+        Ok(())
     }
 
     async fn delete_in(&self, conn: &mut sqlx::AnyConnection, template: &str, ids: &[i64]) -> Result<u64> {
