@@ -180,8 +180,9 @@ async fn profiles(
         let page = store.profile_ids_after(after, PROFILE_PAGE).await?;
         let Some(last) = page.last() else { break };
         after = *last;
-        for id in page {
-            let g = store.golden_with(m, &model, id, 0).await?;
+        let now = crate::store::now_ms();
+        for r in store.profile_rows_many(&page).await? {
+            let g = crate::profile::golden_record(m, &model, r, 0, now);
             rows.row(|| columns.row(&g), || profile_json(&g))?;
             written += 1;
         }

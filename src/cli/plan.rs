@@ -154,42 +154,48 @@ async fn evaluate(
     let mut sends: BTreeMap<String, u64> = destinations.iter().map(|c| (c.name.clone(), 0)).collect();
     let new_model = crate::profile::Model::new(new);
     let old_model = old.map(crate::profile::Model::new);
-    for id in profiles {
-        let after = store.golden_with(new, &new_model, id, 0).await?;
-        let before: BTreeSet<String> = match (old, &old_model) {
-            (Some(m), Some(model)) => store.golden_with(m, model, id, 0).await?.audiences.into_iter().collect(),
-            _ => BTreeSet::new(),
-        };
-        let now: BTreeSet<&str> = after.audiences.iter().map(String::as_str).collect();
-        let example =
-            || after.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value));
-        for (name, mv) in &mut moves {
-            match (before.contains(name), now.contains(name.as_str())) {
-                (false, true) => {
-                    mv.enter += 1;
-                    if mv.enter_examples.len() < EXAMPLES {
-                        mv.enter_examples.push(example());
+    let at = crate::store::now_ms();
+    // Pages of profiles read in bulk, each evaluated under both manifests.
+    for page in profiles.chunks(500) {
+        for rows in store.profile_rows_many(page).await? {
+            let id = rows.profile;
+            let before: BTreeSet<String> = match (old, &old_model) {
+                (Some(m), Some(model)) => crate::profile::audiences_of(m, model, &rows, at).into_iter().collect(),
+                _ => BTreeSet::new(),
+            };
+            let after = crate::profile::golden_record(new, &new_model, rows, 0, at);
+            let now: BTreeSet<&str> = after.audiences.iter().map(String::as_str).collect();
+            let example = || {
+                after.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value))
+            };
+            for (name, mv) in &mut moves {
+                match (before.contains(name), now.contains(name.as_str())) {
+                    (false, true) => {
+                        mv.enter += 1;
+                        if mv.enter_examples.len() < EXAMPLES {
+                            mv.enter_examples.push(example());
+                        }
                     }
-                }
-                (true, false) => {
-                    mv.exit += 1;
-                    if mv.exit_examples.len() < EXAMPLES {
-                        mv.exit_examples.push(example());
+                    (true, false) => {
+                        mv.exit += 1;
+                        if mv.exit_examples.len() < EXAMPLES {
+                            mv.exit_examples.push(example());
+                        }
                     }
+                    (true, true) => mv.stay += 1,
+                    (false, false) => {}
                 }
-                (true, true) => mv.stay += 1,
-                (false, false) => {}
             }
-        }
-        for (name, n) in &mut sends {
-            let Some(d) = new.destinations.get(name) else { continue };
-            let member = d.audience.as_ref().is_none_or(|a| now.contains(a.as_str()));
-            let consented = after.consent.get(&d.purpose).is_some_and(|c| c.granted);
-            if member && consented {
-                *n += 1;
+            for (name, n) in &mut sends {
+                let Some(d) = new.destinations.get(name) else { continue };
+                let member = d.audience.as_ref().is_none_or(|a| now.contains(a.as_str()));
+                let consented = after.consent.get(&d.purpose).is_some_and(|c| c.granted);
+                if member && consented {
+                    *n += 1;
+                }
             }
+            bar.inc(1);
         }
-        bar.inc(1);
     }
     bar.finish_and_clear();
     let moves = moves
