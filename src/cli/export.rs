@@ -177,7 +177,7 @@ async fn profiles(
     let mut after = i64::MIN;
     let mut written = 0u64;
     loop {
-        let page = store.profile_ids_after(after, PROFILE_PAGE).await?;
+        let page = store.live_profile_page(after, PROFILE_PAGE).await?;
         let Some(last) = page.last() else { break };
         after = *last;
         let now = crate::store::now_ms();

@@ -152,7 +152,14 @@ impl Store {
     /// through every profile by passing the last id of one page as `after`
     /// of the next, starting from `i64::MIN`.
     pub async fn live_profile_page(&self, after: i64, limit: usize) -> Result<Vec<i64>> {
-        self.profile_ids_after(after, limit.min(i64::MAX as usize)).await
+        let rows = sqlx::query(
+            &self.sql("SELECT DISTINCT profile_id FROM identities WHERE profile_id > ? ORDER BY profile_id LIMIT ?"),
+        )
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.read_pool())
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     /// The rows of each of `profiles`, in their order: for each, what

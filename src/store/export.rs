@@ -27,18 +27,6 @@ pub struct RecordRow {
 pub type RecordKey = (String, String);
 
 impl Store {
-    /// Up to `limit` profile ids holding at least one identifier, above `after`, ascending.
-    pub async fn profile_ids_after(&self, after: i64, limit: usize) -> Result<Vec<i64>> {
-        let rows = sqlx::query(
-            &self.sql("SELECT DISTINCT profile_id FROM identities WHERE profile_id > ? ORDER BY profile_id LIMIT ?"),
-        )
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
-    }
-
     /// How many profiles hold at least one identifier.
     pub async fn profile_count(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(DISTINCT profile_id) FROM identities").fetch_one(&self.pool).await?;
