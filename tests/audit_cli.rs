@@ -158,13 +158,14 @@ fn without_user_or_logname_the_actor_is_still_the_os_user() {
 fn a_profile_command_whose_row_cannot_be_written_shows_nothing() {
     let dir = workspace();
     let d = dir.path();
-    // The store refuses audit rows from now on (python3's sqlite3, as in export_cli).
+    // The audit log (a SQLite store keeps it in `<file>-audit`) refuses rows
+    // from now on (python3's sqlite3, as in export_cli).
     let refuse =
         "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'audit log offline'); END";
     let o = Command::new("python3")
         .arg("-c")
         .arg(format!("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute({refuse:?}); c.commit()"))
-        .arg(d.join("t.db"))
+        .arg(d.join(format!("t.db{}", cdp::store::AUDIT_SUFFIX)))
         .output()
         .expect("python3 sqlite3");
     assert!(o.status.success(), "{}", text(&o));

@@ -353,6 +353,76 @@ fn probabilistic_matching_links_people_without_a_shared_key() {
     });
 }
 
+/// Two CRM records of one person under different CRM ids share an email;
+/// `crm_id: { limit: 1 }` keeps them apart. With `cross_limits`, a match of
+/// their profiles strong enough joins them, and the joined profile still
+/// takes a web visitor by the email; without, the limit holds.
+#[test]
+fn a_strong_match_crosses_a_unique_key_only_where_the_manifest_allows() {
+    rt().block_on(async {
+        const FIRST: [&str; 12] =
+            ["Anna", "Erik", "Maria", "Lars", "Karin", "Johan", "Eva", "Nils", "Sara", "Olof", "Ida", "Per"];
+        const LAST: [&str; 10] =
+            ["Berg", "Lind", "Holm", "Ek", "Sjöberg", "Wall", "Strand", "Falk", "Nyman", "Dahl"];
+        let crm = |id: &str, i: usize| {
+            json!({
+                "id": format!("{id}-rec"), "at": format!("2026-01-{:02}T00:00:00Z", 1 + i % 27), "crm_id": id,
+                "email": format!("p{i}@x.org"), "first_name": FIRST[i % 12], "last_name": LAST[(i / 12) % 10],
+                "birth_date": format!("19{:02}-{:02}-{:02}", 40 + i % 50, 1 + i % 12, 1 + i % 28),
+                "postcode": format!("1{i:04}"),
+            })
+        };
+        let mut raws: Vec<Value> = (0..300).map(|i| crm(&format!("C{i}"), i)).collect();
+        // Five people entered again under new contact ids.
+        raws.extend((0..5).map(|i| crm(&format!("D{i}"), i * 37)));
+        let web = json!({"id": "w1", "at": "2026-02-01T00:00:00Z", "anonymousId": "cookie-1", "email": "p37@x.org", "event": "product_viewed", "sku": "s"});
+        let mut seen = Vec::new();
+        for cross in [true, false] {
+            let shipped = "\n    cross_limits: { crm_id: 0.995 }";
+            assert!(cdp::bench::people::MANIFEST.contains(shipped));
+            let text = if cross {
+                cdp::bench::people::MANIFEST.to_owned()
+            } else {
+                cdp::bench::people::MANIFEST.replace(shipped, "")
+            };
+            let l = load_str(&text, &Options::validate("."));
+            assert!(!l.has_errors(), "{:#?}", l.diagnostics);
+            let m = l.manifest.expect("manifest");
+            let cfg = IdentityConfig::from_manifest(&m);
+            for (name, store, db, _dir) in backends().await {
+                store.apply_batch(&cfg, records(&m, "crm", &raws), None).await.expect("crm");
+                let apart = store.find_profile(&m, "crm_id", "D1").await.expect("D1");
+                assert_ne!(apart, store.find_profile(&m, "crm_id", "C37").await.expect("C37"), "{name}");
+                store.match_profiles(&m).await.expect("match");
+                store.apply_batch(&cfg, records(&m, "web", std::slice::from_ref(&web)), None).await.expect("web");
+                let c37 = store.find_profile(&m, "crm_id", "C37").await.expect("C37");
+                let d1 = store.find_profile(&m, "crm_id", "D1").await.expect("D1");
+                let cookie = store.find_profile(&m, "anonymous_id", "cookie-1").await.expect("cookie");
+                assert_eq!(c37, cookie, "{name}: the visitor joins by the email");
+                assert_eq!(c37 == d1, cross, "{name}: cross_limits {cross}");
+                let joined = duplicates_joined(&store, &m).await;
+                seen.push((cross, name, joined));
+                drop_db(db).await;
+            }
+        }
+        // With cross_limits all five pairs join, on both backends; without, none.
+        for (cross, name, joined) in seen {
+            assert_eq!(joined, if cross { 5 } else { 0 }, "{name}: cross_limits {cross}");
+        }
+    });
+}
+
+/// How many of the duplicates `D0…D4` share a profile with their first CRM id.
+async fn duplicates_joined(store: &Store, m: &Manifest) -> usize {
+    let mut n = 0;
+    for i in 0..5 {
+        let d = store.find_profile(m, "crm_id", &format!("D{i}")).await.expect("D");
+        let c = store.find_profile(m, "crm_id", &format!("C{}", i * 37)).await.expect("C");
+        n += usize::from(c == d);
+    }
+    n
+}
+
 /// Random records over a small pool of identifiers, so merges, limits and
 /// conflicts are frequent.
 fn arb_records() -> impl Strategy<Value = Vec<Value>> {
@@ -481,6 +551,72 @@ fn mixed_trait_types_ingest_alike_on_both_backends() {
         }
         if golden.len() == 2 {
             assert_eq!(golden[0], golden[1], "both backends agree");
+        }
+    });
+}
+
+/// Batches large enough for PostgreSQL's bulk path (COPY into a staging
+/// table) store what the small-batch path and SQLite store: text with the
+/// characters COPY's format reserves, numbers and NULLs, duplicates of
+/// stored records counted as such, upserts of stored rows; and no staged
+/// row outlives its batch.
+#[test]
+fn large_batches_store_the_same_on_both_backends() {
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        let raw = |i: i64| {
+            let tier = ["gold", "silver\tplus"][i as usize % 2];
+            let mut r = json!({
+                "id": format!("m{i}\t{}", i % 3),
+                "at": 1_700_000_000_000i64 + i,
+                "crm": format!("c{}\\{}", i % 4_000, i % 2),
+                "name": format!("Ada\n{i}\r\\N"),
+                "tier": tier,
+            });
+            if i % 3 == 0 {
+                r["points"] = json!(i % 101);
+                r["email"] = json!(format!("p{}@x.org", i % 5_000));
+            }
+            if i % 7 == 0 {
+                r["visits"] = json!(1);
+            }
+            r
+        };
+        let first: Vec<Value> = (0..6_000).map(raw).collect();
+        // Half of these are stored already.
+        let second: Vec<Value> = (3_000..9_000).map(raw).collect();
+        let mut seen = Vec::new();
+        for (name, store, db, _dir) in backends().await {
+            let a = store.apply_batch(&cfg, records(&m, "web", &first), None).await.expect("first batch");
+            assert_eq!((a.accepted, a.duplicates), (6_000, 0), "{name}");
+            let b = store.apply_batch(&cfg, records(&m, "web", &second), None).await.expect("second batch");
+            assert_eq!((b.accepted, b.duplicates), (3_000, 3_000), "{name}");
+            assert_eq!(store.record_count().await.expect("count"), 9_000, "{name}");
+            let mut golden = Vec::new();
+            for c in ["c0\\0", "c1\\1", "c3999\\1"] {
+                let p = store.find_profile(&m, "crm_id", c).await.expect("profile");
+                let g = store.golden(&m, p, 0).await.expect("golden");
+                let mut t: Vec<(String, Value)> = g.traits.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
+                t.sort_by(|a, b| a.0.cmp(&b.0));
+                golden.push(t);
+            }
+            assert!(
+                golden[0].iter().any(|(k, v)| k == "name" && v.as_str().is_some_and(|s| s.contains('\n'))),
+                "{name}: {golden:?}"
+            );
+            if name == "postgres" {
+                let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cdp_stage")
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("staged rows");
+                assert_eq!(left, 0, "no staged row outlives its batch");
+            }
+            seen.push((store.partition().await.expect("partition"), golden));
+            drop_db(db).await;
+        }
+        if seen.len() == 2 {
+            assert_eq!(seen[0], seen[1], "both backends agree");
         }
     });
 }

@@ -113,7 +113,7 @@ async fn receive(listener: tokio::net::TcpListener, arrivals: Arrivals) {
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

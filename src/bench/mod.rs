@@ -10,6 +10,7 @@ pub mod identity;
 pub mod ingest;
 pub mod people;
 pub mod plugin;
+pub mod reads;
 pub mod sync;
 pub mod validate;
 

@@ -341,6 +341,7 @@ identity:
       postcode: exact
     block_on: [[last_name, postcode], [birth_date, postcode], [first_name, birth_date]]
     threshold: 0.95
+    cross_limits: { crm_id: 0.995 }
 model:
   traits:
     first_name: { type: string }

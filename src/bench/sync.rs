@@ -15,7 +15,7 @@ const TIERS: [&str; 3] = ["bronze", "silver", "gold"];
 
 /// Writes `rows` member rows, one person each; every 50th shares the email
 /// of the one before (a household), so some records merge.
-fn write_members(path: &Path, rows: usize) -> Result<()> {
+pub(crate) fn write_members(path: &Path, rows: usize) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(f, "member_no,email,phone,first_name,last_name,tier,email_opt_in,updated_at")?;
     for i in 0..rows {

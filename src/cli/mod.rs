@@ -408,6 +408,15 @@ pub enum Bench {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// `cdp profile get` while `cdp ingest` writes to the same SQLite store, next to the same reads idle.
+    Reads {
+        /// How many CSV rows the ingest writes.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Milliseconds between reads.
+        #[arg(long, default_value_t = 50)]
+        gap_ms: u64,
+    },
     /// A CSV file through `cdp sync` (the source-csv plugin, sandboxed) next to `cdp ingest --file`.
     Sync {
         /// How many CSV rows.
@@ -510,6 +519,12 @@ pub fn run() -> ExitCode {
         Command::Bench(Bench::Sync { rows, runs, plugin }) => (|| {
             let tmp = tempfile::tempdir()?;
             out!("{}", crate::bench::sync::run(rows, runs, plugin.as_deref(), tmp.path())?);
+            Ok(ExitCode::SUCCESS)
+        })(),
+        Command::Bench(Bench::Reads { rows, gap_ms }) => (|| {
+            let tmp = tempfile::tempdir()?;
+            let gap = std::time::Duration::from_millis(gap_ms);
+            out!("{}", crate::bench::reads::run(rows, gap, tmp.path())?);
             Ok(ExitCode::SUCCESS)
         })(),
         Command::Bench(Bench::Collector { events, connections, runs }) => block_on(async {

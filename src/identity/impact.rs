@@ -29,6 +29,8 @@ pub struct StoredLink {
     pub source: String,
     pub message_id: String,
     pub ids: Vec<i64>,
+    /// A probabilistic match's probability.
+    pub probability: Option<f64>,
 }
 
 /// Profiles that would merge and split.
@@ -85,6 +87,7 @@ pub fn impact(
                 source: l.source.clone(),
                 message_id: l.message_id.clone(),
                 ids: l.ids.iter().filter_map(|id| local.get(id).copied()).collect(),
+                probability: l.probability,
             })
             .collect();
         let p = partition(&ids, &comp_links, rules);
@@ -127,7 +130,14 @@ mod tests {
     }
 
     fn link(at: i64, ids: &[i64]) -> StoredLink {
-        StoredLink { component: 1, at, source: "crm".into(), message_id: format!("m{at}"), ids: ids.to_vec() }
+        StoredLink {
+            component: 1,
+            at,
+            source: "crm".into(),
+            message_id: format!("m{at}"),
+            ids: ids.to_vec(),
+            probability: None,
+        }
     }
 
     /// Two CRM ids share a family email. Under `email: limit 1` (stored) they
@@ -142,12 +152,12 @@ mod tests {
             ident(3, "crm_id", "C2", 20),
         ];
         let links = vec![link(1, &[1, 2]), link(2, &[3, 2])];
-        let unique_crm = KeyRules { limits: vec![Some(1), None], rank: vec![0, 1] };
+        let unique_crm = KeyRules { limits: vec![Some(1), None], rank: vec![0, 1], cross: Vec::new() };
         let none = impact(&idents, &links, &keys, &unique_crm, 3);
         assert_eq!((none.merged_profiles, none.split_profiles), (0, 0), "{none:?}");
         assert_eq!((none.profiles_before, none.profiles_after), (2, 2));
 
-        let no_limits = KeyRules { limits: vec![None, None], rank: vec![0, 1] };
+        let no_limits = KeyRules { limits: vec![None, None], rank: vec![0, 1], cross: Vec::new() };
         let merged = impact(&idents, &links, &keys, &no_limits, 3);
         assert_eq!((merged.merged_profiles, merged.split_profiles, merged.profiles_after), (1, 0, 1));
         assert_eq!(merged.merge_examples[0].len(), 3);

@@ -111,12 +111,23 @@ fn provider_rules(email: &str) -> String {
 /// prefixes (`070…` in Sweden), a trunk prefix written after the country code
 /// (`+46 (0)70…`), `00` and other international prefixes, and each region's
 /// number lengths.
+/// The region a `default_region` names (ISO 3166 alpha-2).
+fn region_id(r: &str) -> Result<phonenumber::country::Id, NormalizeError> {
+    r.parse::<phonenumber::country::Id>().map_err(|_| NormalizeError::Region(r.to_owned()))
+}
+
+/// Whether `normalize: e164` accepts `region` as its `default_region`;
+/// cheap (the numbering plans load on the first number).
+pub fn known_region(region: &str) -> bool {
+    region_id(region).is_ok()
+}
+
 fn e164(s: &str, region: Option<&str>) -> Result<String, NormalizeError> {
     if s.chars().any(char::is_alphabetic) {
         return Err(NormalizeError::Phone(s.to_owned(), "it contains letters"));
     }
     let country = match region {
-        Some(r) => Some(r.parse::<phonenumber::country::Id>().map_err(|_| NormalizeError::Region(r.to_owned()))?),
+        Some(r) => Some(region_id(r)?),
         None => None,
     };
     let international = s.starts_with('+') || s.starts_with("00");

@@ -11,6 +11,14 @@
 //! and the conflict is reported. Because the order is canonical, not arrival
 //! order, any permutation of the same input yields the same profiles; the
 //! store recomputes a component whenever a new link touches it.
+//!
+//! A limit stops a union that would bring values of one key from two
+//! clusters past the limit. Strong probabilistic evidence may cross it: a
+//! match link (one with a probability) at or above a key's `cross`
+//! probability may join clusters past that key's limit (two CRM records of
+//! one person under different CRM ids), so a cluster can hold more values
+//! than the limit; it then still takes identifiers of other keys, and no
+//! further values of that key except by another such link.
 
 use rustc_hash::FxHashMap;
 use std::cmp::Ordering;
@@ -24,16 +32,26 @@ pub struct Ident {
     pub isolated: bool,
 }
 
-/// Per key type: its limit and its priority rank (0 = strongest).
-#[derive(Debug, Clone)]
+/// Per key type: its limit, its priority rank (0 = strongest), and the
+/// match probability from which a match link may exceed the limit.
+#[derive(Debug, Clone, Default)]
 pub struct KeyRules {
     pub limits: Vec<Option<u32>>,
     pub rank: Vec<u32>,
+    pub cross: Vec<Option<f64>>,
 }
 
 impl KeyRules {
     fn limit(&self, key: u16) -> Option<u32> {
         self.limits.get(usize::from(key)).copied().flatten()
+    }
+
+    /// Whether `link` may join clusters past `key`'s limit.
+    fn crosses(&self, key: u16, link: &Link) -> bool {
+        match (link.probability, self.cross.get(usize::from(key)).copied().flatten()) {
+            (Some(p), Some(at)) => p >= at,
+            _ => false,
+        }
     }
 
     fn rank(&self, key: u16) -> u32 {
@@ -42,7 +60,7 @@ impl KeyRules {
 }
 
 /// One record's identifiers, linked together.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Link {
     /// Observed time, milliseconds since the epoch.
     pub at: i64,
@@ -50,6 +68,8 @@ pub struct Link {
     pub message_id: String,
     /// Indexes into the identifier table passed to [`partition`].
     pub ids: Vec<u32>,
+    /// A probabilistic match's probability; `None` for a record's link.
+    pub probability: Option<f64>,
 }
 
 impl Link {
@@ -108,32 +128,43 @@ impl Clusters<'_> {
         self.members.get(&root).is_some_and(|m| m.iter().any(|i| self.idents[*i as usize].isolated))
     }
 
-    /// Whether the union of these roots stays within every key's limit.
-    fn fits(&self, roots: &[u32]) -> bool {
+    /// Keys the union of these roots, made by `link`, would take past
+    /// their limit: those with values from two or more of the roots and
+    /// more values than the limit in all, unless `link` may cross it.
+    /// Strongest key first.
+    fn over_limit(&self, roots: &[u32], link: &Link) -> Vec<u16> {
+        // Per key: values in the union, and roots holding any.
+        let mut counts: FxHashMap<u16, (u32, u32)> = FxHashMap::default();
+        for r in roots {
+            let mut here: Vec<u16> = Vec::new();
+            for &m in self.members.get(r).map(Vec::as_slice).unwrap_or_default() {
+                let k = self.idents[m as usize].key;
+                let e = counts.entry(k).or_default();
+                e.0 += 1;
+                if !here.contains(&k) {
+                    here.push(k);
+                    e.1 += 1;
+                }
+            }
+        }
+        let mut over: Vec<u16> = counts
+            .into_iter()
+            .filter(|(k, (n, from))| {
+                *from > 1 && self.rules.limit(*k).is_some_and(|l| *n > l) && !self.rules.crosses(*k, link)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        over.sort_by_key(|k| (self.rules.rank(*k), *k));
+        over
+    }
+
+    /// Whether `link` may join these roots: none is split off by hand (when
+    /// there are several) and no limit stops it.
+    fn fits(&self, roots: &[u32], link: &Link) -> bool {
         if roots.len() > 1 && roots.iter().any(|r| self.isolated(*r)) {
             return false;
         }
-        let mut counts: FxHashMap<u16, u32> = FxHashMap::default();
-        for r in roots {
-            for &m in self.members.get(r).map(Vec::as_slice).unwrap_or_default() {
-                *counts.entry(self.idents[m as usize].key).or_default() += 1;
-            }
-        }
-        counts.iter().all(|(k, n)| self.rules.limit(*k).is_none_or(|l| *n <= l))
-    }
-
-    /// The first key over its limit in the union of these roots.
-    fn over_limit(&self, roots: &[u32]) -> Option<u16> {
-        let mut counts: FxHashMap<u16, u32> = FxHashMap::default();
-        for r in roots {
-            for &m in self.members.get(r).map(Vec::as_slice).unwrap_or_default() {
-                *counts.entry(self.idents[m as usize].key).or_default() += 1;
-            }
-        }
-        let mut over: Vec<u16> =
-            counts.into_iter().filter(|(k, n)| self.rules.limit(*k).is_some_and(|l| *n > l)).map(|(k, _)| k).collect();
-        over.sort_by_key(|k| (self.rules.rank(*k), *k));
-        over.first().copied()
+        self.over_limit(roots, link).is_empty()
     }
 
     fn union(&mut self, a: u32, b: u32) -> u32 {
@@ -179,7 +210,7 @@ pub fn partition(idents: &[Ident], links: &[Link], rules: &KeyRules) -> Partitio
         if roots.len() == 1 {
             continue;
         }
-        if c.fits(&roots) {
+        if c.fits(&roots, link) {
             for &i in &ids[1..] {
                 let (ra, rb) = (c.find(anchor), c.find(i));
                 if ra != rb {
@@ -195,13 +226,13 @@ pub fn partition(idents: &[Ident], links: &[Link], rules: &KeyRules) -> Partitio
             if ra == ri {
                 continue;
             }
-            if c.fits(&[ra, ri]) {
+            if c.fits(&[ra, ri], link) {
                 events.push(Event::Merged { link: li, a: ra, b: ri, via: i });
                 c.union(ra, ri);
             } else if c.isolated(ra) || c.isolated(ri) {
                 events.push(Event::Isolated { link: li, ident: i });
             } else {
-                let key = c.over_limit(&[ra, ri]).unwrap_or(idents[i as usize].key);
+                let key = c.over_limit(&[ra, ri], link).first().copied().unwrap_or(idents[i as usize].key);
                 events.push(Event::Conflict { link: li, anchor, ident: i, key });
             }
         }
@@ -216,7 +247,7 @@ mod tests {
 
     // Keys: 0 crm_id (limit 1), 1 email (limit 2), 2 anonymous_id.
     fn rules() -> KeyRules {
-        KeyRules { limits: vec![Some(1), Some(2), None], rank: vec![0, 1, 2] }
+        KeyRules { limits: vec![Some(1), Some(2), None], rank: vec![0, 1, 2], cross: vec![Some(0.99), None, None] }
     }
 
     fn id(key: u16, v: &str) -> Ident {
@@ -233,7 +264,17 @@ mod tests {
     }
 
     fn link(at: i64, msg: &str, ids: &[u32]) -> Link {
-        Link { at, source: "s".into(), message_id: msg.into(), ids: ids.to_vec() }
+        Link { at, source: "s".into(), message_id: msg.into(), ids: ids.to_vec(), probability: None }
+    }
+
+    fn matched(at: i64, probability: f64, ids: &[u32]) -> Link {
+        Link {
+            at,
+            source: "match".into(),
+            message_id: format!("p{at}"),
+            ids: ids.to_vec(),
+            probability: Some(probability),
+        }
     }
 
     fn groups(p: &Partition) -> Vec<Vec<u32>> {
@@ -274,6 +315,36 @@ mod tests {
         let p = partition(&idents, &links, &rules());
         // A third email would exceed limit 2: it stays on its own.
         assert_eq!(groups(&p), vec![vec![0, 1, 2], vec![3]]);
+    }
+
+    #[test]
+    fn a_strong_match_crosses_a_limit_and_the_profile_still_grows() {
+        // CRM ids A and B share an email; a match of their profiles at 0.995 joins them.
+        let idents = vec![id(0, "A"), id(0, "B"), id(1, "e@x"), id(2, "cookie"), id(0, "C")];
+        let links = vec![link(1, "a", &[0, 2]), link(2, "b", &[1, 2])];
+        let apart = partition(&idents, &links, &rules());
+        assert_eq!(groups(&apart), vec![vec![0, 2], vec![1], vec![3], vec![4]]);
+
+        let mut more = links.clone();
+        more.push(matched(3, 0.995, &[0, 1]));
+        // Later: a cookie joins by the email, a third CRM id does not.
+        more.push(link(4, "c", &[2, 3]));
+        more.push(link(5, "d", &[4, 3]));
+        let p = partition(&idents, &more, &rules());
+        assert_eq!(groups(&p), vec![vec![0, 1, 2, 3], vec![4]]);
+        assert!(
+            p.events.iter().any(|e| matches!(e, Event::Conflict { key: 0, ident: 3, anchor: 4, .. })),
+            "{:?}",
+            p.events
+        );
+
+        // Below the key's cross probability, or without one, the limit holds.
+        let mut weak = links.clone();
+        weak.push(matched(3, 0.98, &[0, 1]));
+        assert_eq!(groups(&partition(&idents, &weak, &rules())), groups(&apart));
+        let mut no_cross = rules();
+        no_cross.cross = Vec::new();
+        assert_eq!(groups(&partition(&idents, &more[..3], &no_cross)), groups(&apart));
     }
 
     #[test]

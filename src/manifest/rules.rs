@@ -679,6 +679,45 @@ impl<'a> Ctx<'a> {
                 );
                 self.hint("typical values are 0.9 to 0.99");
             }
+            for (k, at) in &mt.cross_limits {
+                let p = format!("{base}/cross_limits{}", push_segment("", k));
+                match m.identity.keys.get(k) {
+                    None if !self.g.covers("identity.keys", k) => {
+                        let known: Vec<&str> = m.identity.keys.keys().map(String::as_str).collect();
+                        self.key_unknown(diag::UNKNOWN_IDENTITY, &p, "identity key", k, &known, "identity.keys");
+                    }
+                    Some(key) if key.limit.is_none() => {
+                        self.warn(diag::BAD_MATCH, &p, format!("`{k}` has no `limit`, so there is nothing to cross"));
+                    }
+                    _ => {}
+                }
+                if !(*at > 0.0 && *at <= 1.0) {
+                    self.err(diag::BAD_MATCH, &p, format!("{at} is not a probability between 0 and 1"));
+                } else if *at < mt.threshold {
+                    self.warn(
+                        diag::BAD_MATCH,
+                        &p,
+                        format!(
+                            "{at} is below the match threshold {}: every match crosses `{k}`'s limit",
+                            mt.threshold
+                        ),
+                    );
+                    self.hint("crossing a limit should take stronger evidence than linking, e.g. 0.995 for a threshold of 0.9");
+                }
+            }
+            // A match links two profiles' strongest identifiers; when the only
+            // key allows one value per profile, no match can ever join two.
+            if let [(only, key)] = m.identity.keys.iter().collect::<Vec<_>>()[..]
+                && key.limit == Some(1)
+                && !mt.cross_limits.contains_key(only)
+            {
+                self.warn(
+                    diag::BAD_MATCH,
+                    base,
+                    format!("`{only}` is the only identity key and allows one value per profile: matching can never merge two profiles"),
+                );
+                self.hint(format!("let strong matches cross it: `cross_limits: {{ {only}: 0.995 }}`"));
+            }
             if mt.block_on.is_empty() {
                 self.key_err(diag::BAD_MATCH, &format!("{base}/block_on"), "`block_on` needs at least one rule".into());
                 self.hint("comparing every pair of profiles does not scale; block on e.g. `[last_name, postcode]`");
@@ -1406,9 +1445,7 @@ fn find_cycle<'s>(start: &'s str, deps: &IndexMap<&'s str, Vec<&'s str>>) -> Opt
 /// Whether phone normalisation refuses `region` (asked of the normaliser
 /// itself, so validation accepts exactly the regions ingest can use).
 fn unknown_region(region: &str) -> bool {
-    use crate::identity::normalize::{NormalizeError, Options, normalize};
-    let opts = Options { default_region: Some(region), provider_rules: false };
-    matches!(normalize(Normalizer::E164, "23456789", &opts), Err(NormalizeError::Region(_)))
+    !crate::identity::normalize::known_region(region)
 }
 
 /// A number outside its cron field's range, named with the range (the cron

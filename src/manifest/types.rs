@@ -351,6 +351,12 @@ pub struct Match {
     pub block_on: Vec<Vec<String>>,
     /// Match probability (0–1) above which two profiles are linked.
     pub threshold: f64,
+    /// Identity key → match probability at or above which a match may join
+    /// two profiles past that key's `limit` (e.g. `crm_id: 0.995`: name,
+    /// birth date and address agreeing join two CRM records of one person
+    /// under different CRM ids). Records never cross a limit, only matches.
+    #[serde(default)]
+    pub cross_limits: IndexMap<String, f64>,
 }
 
 /// How one trait is compared: a method name, or a method with options.

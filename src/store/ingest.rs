@@ -34,7 +34,9 @@ impl IdentityConfig {
         let mut order: Vec<&String> = m.identity.priority.iter().collect();
         order.extend(keys.iter().filter(|k| !m.identity.priority.contains(k)));
         let rank = keys.iter().map(|k| order.iter().position(|o| *o == k).unwrap_or(usize::MAX) as u32).collect();
-        IdentityConfig { keys, rules: KeyRules { limits, rank } }
+        let cross =
+            keys.iter().map(|k| m.identity.matching.as_ref().and_then(|mt| mt.cross_limits.get(k).copied())).collect();
+        IdentityConfig { keys, rules: KeyRules { limits, rank, cross } }
     }
 
     fn key_index(&self, key: &str) -> u16 {
@@ -411,7 +413,7 @@ async fn insert_rows(
     rows: impl ExactSizeIterator<Item = Vec<P>>,
     suffix: &str,
 ) -> Result<()> {
-    insert_chunks(store, conn, prefix, cols, rows, suffix, false).await.map(drop)
+    insert_chunks(store, conn, prefix, cols, rows, suffix).await.map(drop)
 }
 
 /// Inserts rows that cannot exist yet (fresh ids, or keys this transaction
@@ -451,7 +453,7 @@ async fn insert_fresh_as(
         None => (prefix, ""),
         Some(select) => (format!("{prefix} {select} FROM ("), ") AS v"),
     };
-    let (_, written) = insert_chunks(store, conn, &prefix, cols, rows, suffix, false).await?;
+    let written = insert_chunks(store, conn, &prefix, cols, rows, suffix).await?;
     if written != expected {
         return Err(super::StoreError::Invariant(format!(
             "{into}: {written} of {expected} new rows written; another writer changed the store during this batch"
@@ -465,40 +467,47 @@ async fn insert_fresh_as(
 /// were: one pass over the message-id index instead of a probe and then an
 /// insert.
 ///
-/// PostgreSQL says which rows it inserted with RETURNING. On SQLite every
-/// returned row is a hand-off between sqlx's database thread and this one, so
-/// the insert only counts; when the count falls short, the duplicates are the
-/// batch's pairs stored under a row id from before the batch (the transaction
-/// holds the write lock, so no other writer can add rows in between).
+/// The insert only counts (returning the rows it wrote would send every
+/// pair back); when the count falls short, the duplicates are the batch's
+/// pairs whose stored row this transaction did not write: on SQLite one
+/// stored under a row id from before the batch (the transaction holds the
+/// write lock, so no other writer can add rows in between), on PostgreSQL
+/// one whose `xmin` is another transaction's.
 async fn insert_records(
     store: &Store,
     conn: &mut AnyConnection,
     batch: &[Record],
     rows: impl ExactSizeIterator<Item = Vec<P>>,
 ) -> Result<FxHashSet<(String, String)>> {
-    if store.backend() == super::Backend::Postgres {
-        let suffix = "ON CONFLICT (source, message_id) DO NOTHING RETURNING source, message_id";
-        let inserted = insert_chunks(store, conn, RECORDS_INSERT, 8, rows, suffix, true).await?.0;
-        return Ok(batch
-            .iter()
-            .filter(|r| !inserted.contains(&(r.source.clone(), r.message_id.clone())))
-            .map(|r| (r.source.clone(), r.message_id.clone()))
-            .collect());
-    }
-    let before: i64 =
-        sqlx::query("SELECT COALESCE(MAX(rowid), 0) FROM records").fetch_one(&mut *conn).await?.try_get(0)?;
-    let prefix = format!("INSERT OR IGNORE {}", RECORDS_INSERT.trim_start_matches("INSERT "));
-    let (_, written) = insert_chunks(store, conn, &prefix, 8, rows, "", false).await?;
+    let (prefix, suffix, older) = match store.backend() {
+        super::Backend::Postgres => (
+            RECORDS_INSERT.to_owned(),
+            "ON CONFLICT (source, message_id) DO NOTHING",
+            "r.xmin::text <> (txid_current() % 4294967296)::text AND ? = 0",
+        ),
+        super::Backend::Sqlite => {
+            (format!("INSERT OR IGNORE {}", RECORDS_INSERT.trim_start_matches("INSERT ")), "", "r.rowid <= ?")
+        }
+    };
+    let before: i64 = match store.backend() {
+        super::Backend::Postgres => 0,
+        super::Backend::Sqlite => {
+            sqlx::query("SELECT COALESCE(MAX(rowid), 0) FROM records").fetch_one(&mut *conn).await?.try_get(0)?
+        }
+    };
+    let written = insert_chunks(store, conn, &prefix, 8, rows, suffix).await?;
     let mut stored = FxHashSet::default();
     if written == batch.len() as u64 {
         return Ok(stored);
     }
     for chunk in batch.chunks(IN_CHUNK / 2) {
-        let sql = format!(
-            "SELECT r.source, r.message_id FROM (VALUES {}) AS v \
-             JOIN records r ON r.source = v.column1 AND r.message_id = v.column2 WHERE r.rowid <= ?",
-            values_clause(chunk.len(), 2)
-        );
+        let sql = store
+            .sql(&format!(
+                "SELECT r.source, r.message_id FROM (VALUES {}) AS v \
+             JOIN records r ON r.source = v.column1 AND r.message_id = v.column2 WHERE {older}",
+                values_clause(chunk.len(), 2)
+            ))
+            .into_owned();
         let mut q = sqlx::query(&sql);
         for r in chunk {
             q = q.bind(r.source.as_str()).bind(r.message_id.as_str());
@@ -507,15 +516,22 @@ async fn insert_records(
             stored.insert((row.try_get(0)?, row.try_get(1)?));
         }
     }
+    if stored.len() as u64 + written != batch.len() as u64 {
+        return Err(super::StoreError::Invariant(format!(
+            "records: {written} written and {} already stored of {} in the batch",
+            stored.len(),
+            batch.len()
+        )));
+    }
     Ok(stored)
 }
 
-/// Runs the chunks; returns the `(source, message_id)` pairs a RETURNING
-/// clause reported (when `returning`) and the rows written.
+/// Runs the chunks; returns the rows written.
 ///
 /// Binding a chunk's parameters is as much work for this thread as running
 /// the chunk is for the database's, so the two overlap: while the database
-/// runs one chunk, this task binds the next.
+/// runs one chunk, this task binds the next. On PostgreSQL many rows take
+/// the bulk path instead ([`insert_staged`]).
 async fn insert_chunks(
     store: &Store,
     conn: &mut AnyConnection,
@@ -523,12 +539,19 @@ async fn insert_chunks(
     cols: usize,
     rows: impl ExactSizeIterator<Item = Vec<P>>,
     suffix: &str,
-    returning: bool,
-) -> Result<(FxHashSet<(String, String)>, u64)> {
+) -> Result<u64> {
     let per = (ROW_PARAMS / cols).max(1);
     let n = rows.len();
     if n == 0 {
-        return Ok((FxHashSet::default(), 0));
+        return Ok(0);
+    }
+    if let Some(staging) = store.staging()
+        && n >= super::stage::STAGE_MIN
+        && cols <= super::stage::STAGE_COLUMNS
+        && !prefix.contains('?')
+        && !suffix.contains('?')
+    {
+        return insert_staged(store, staging, conn, prefix, cols, rows, suffix).await;
     }
     // One statement shape for the full chunks, one for the last.
     let shape = |k: usize| store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned();
@@ -558,21 +581,56 @@ async fn insert_chunks(
     let run_chunks = async {
         // Owned here: a failed chunk drops the receiver, which stops the binding.
         let mut rx = rx;
-        let mut out = FxHashSet::default();
         let mut written = 0;
         while let Some(q) = rx.recv().await {
-            if returning {
-                for row in q.fetch_all(&mut *conn).await? {
-                    out.insert((row.try_get(0)?, row.try_get(1)?));
-                    written += 1;
-                }
-            } else {
-                written += q.execute(&mut *conn).await?.rows_affected();
-            }
+            written += q.execute(&mut *conn).await?.rows_affected();
         }
-        Ok((out, written))
+        Ok(written)
     };
     tokio::join!(bind_chunks, run_chunks).1
+}
+
+/// [`insert_chunks`] on PostgreSQL's bulk path (see `stage.rs`): the rows
+/// go over COPY and one statement reads them.
+async fn insert_staged(
+    store: &Store,
+    staging: &super::stage::Staging,
+    conn: &mut AnyConnection,
+    prefix: &str,
+    cols: usize,
+    rows: impl ExactSizeIterator<Item = Vec<P>>,
+    suffix: &str,
+) -> Result<u64> {
+    let started = std::time::Instant::now();
+    let staged = staging.copy(cols, rows).await?;
+    let copied = started.elapsed();
+    let sql = store.sql(&format!("{prefix} {} {suffix}", staged.select)).into_owned();
+    let run = async {
+        let written = sqlx::query(&sql).bind(staged.batch).execute(&mut *conn).await?.rows_affected();
+        let seen = sqlx::query("DELETE FROM cdp_stage WHERE batch = $1")
+            .bind(staged.batch)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        tracing::trace!(
+            rows = staged.rows,
+            copy_ms = copied.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "staged rows applied"
+        );
+        if seen != staged.rows {
+            return Err(super::StoreError::Invariant(format!(
+                "the batch's transaction saw {seen} of {} staged rows (is its isolation level READ COMMITTED?)",
+                staged.rows
+            )));
+        }
+        Ok(written)
+    };
+    let result = run.await;
+    if result.is_err() {
+        staging.discard(staged.batch).await;
+    }
+    result
 }
 
 /// `UPDATE {set} FROM (VALUES …) AS v WHERE {cond}` over `rows`, in chunks:
@@ -590,8 +648,24 @@ async fn update_rows(
     insert_rows(store, conn, &format!("UPDATE {set} FROM ("), cols, rows, &format!(") AS v WHERE {cond}")).await
 }
 
-/// A link from this batch: observed time, source, message id, identifier ids.
-type PendingLink = (i64, String, String, Vec<i64>);
+/// A link: the record that made it, the identifiers it joins, and for a
+/// probabilistic match its probability (see `identity::resolve`).
+#[derive(Debug, Clone)]
+struct PendingLink {
+    at: i64,
+    source: String,
+    message_id: String,
+    ids: Vec<i64>,
+    probability: Option<f64>,
+}
+
+/// The probability a match link record carries (`cdp match` writes it).
+fn match_probability(r: &Record) -> Option<f64> {
+    if r.source != "match" {
+        return None;
+    }
+    r.meta.as_ref()?.get("probability")?.as_f64()
+}
 
 /// An identifier of a batch: its id, and what the store holds for it
 /// (nothing when this batch creates it).
@@ -967,7 +1041,13 @@ impl Store {
                 let _ = write!(key, "{id}");
             }
             if let std::collections::hash_map::Entry::Vacant(e) = batch_links.entry(key) {
-                e.insert((r.at, r.source.clone(), r.message_id.clone(), ids));
+                e.insert(PendingLink {
+                    at: r.at,
+                    source: r.source.clone(),
+                    message_id: r.message_id.clone(),
+                    ids,
+                    probability: match_probability(r),
+                });
             }
         }
         let stored_links = self.lookup_links(conn, batch_links.keys().cloned().collect()).await?;
@@ -976,7 +1056,7 @@ impl Store {
             .into_iter()
             .filter(|(key, l)| match stored_links.get(key) {
                 None => true,
-                Some((at, src, msg)) => (l.0, &l.1, &l.2) < (*at, src, msg),
+                Some((at, src, msg)) => (l.at, &l.source, &l.message_id) < (*at, src, msg),
             })
             .collect();
 
@@ -996,7 +1076,7 @@ impl Store {
             let touched: Vec<i64> = {
                 let mut t: Vec<i64> = changing
                     .iter()
-                    .flat_map(|(_, l)| l.3.iter())
+                    .flat_map(|(_, l)| l.ids.iter())
                     .filter_map(|id| component_of.get(id).copied())
                     .collect();
                 t.sort_unstable();
@@ -1010,7 +1090,7 @@ impl Store {
             steps.mark("components");
             let mut nodes: Vec<Node> = stored_nodes;
             let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
-            let linked: FxHashSet<i64> = changing.iter().flat_map(|(_, l)| l.3.iter().copied()).collect();
+            let linked: FxHashSet<i64> = changing.iter().flat_map(|(_, l)| l.ids.iter().copied()).collect();
             for n in &new_nodes {
                 if linked.contains(&n.0) && !index.contains_key(&n.0) {
                     index.insert(n.0, nodes.len() as u32);
@@ -1026,17 +1106,22 @@ impl Store {
             let changing_keys: FxHashSet<&String> = changing.iter().map(|(k, _)| k).collect();
             let mut links: Vec<Link> = Vec::new();
             let mut link_is_new: Vec<bool> = Vec::new();
-            for (key, at, src, msg, ids) in old_links {
-                if changing_keys.contains(&key) {
+            let as_link = |l: &PendingLink| Link {
+                at: l.at,
+                source: l.source.clone(),
+                message_id: l.message_id.clone(),
+                ids: l.ids.iter().filter_map(|i| index.get(i).copied()).collect(),
+                probability: l.probability,
+            };
+            for (key, l) in &old_links {
+                if changing_keys.contains(key) {
                     continue; // replaced by an earlier occurrence in this batch
                 }
-                let ids: Vec<u32> = ids.iter().filter_map(|i| index.get(i).copied()).collect();
-                links.push(Link { at, source: src, message_id: msg, ids });
+                links.push(as_link(l));
                 link_is_new.push(false);
             }
-            for (_, (at, src, msg, ids)) in &changing {
-                let ids: Vec<u32> = ids.iter().filter_map(|i| index.get(i).copied()).collect();
-                links.push(Link { at: *at, source: src.clone(), message_id: msg.clone(), ids });
+            for (_, l) in &changing {
+                links.push(as_link(l));
                 link_is_new.push(true);
             }
             let idents: Vec<Ident> = nodes
@@ -1316,17 +1401,24 @@ impl Store {
         }
         steps.mark("updates");
         if !changing.is_empty() {
-            let rows = changing.iter().map(|(key, (at, src, msg, ids))| {
-                vec![P::I(component_of[&ids[0]]), P::I(*at), P::S(src.clone()), P::S(msg.clone()), P::S(key.clone())]
+            let rows = changing.iter().map(|(key, l)| {
+                vec![
+                    P::I(component_of[&l.ids[0]]),
+                    P::I(l.at),
+                    P::S(l.source.clone()),
+                    P::S(l.message_id.clone()),
+                    P::S(key.clone()),
+                    P::OF(l.probability),
+                ]
             });
             insert_rows(
                 self,
                 conn,
-                "INSERT INTO links (component, at, source, message_id, ids)",
-                5,
+                "INSERT INTO links (component, at, source, message_id, ids, probability)",
+                6,
                 rows,
                 "ON CONFLICT (ids) DO UPDATE SET component = excluded.component, at = excluded.at, \
-                 source = excluded.source, message_id = excluded.message_id",
+                 source = excluded.source, message_id = excluded.message_id, probability = excluded.probability",
             )
             .await?;
         }
@@ -1589,13 +1681,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Every identifier and link of the given components.
-    #[allow(clippy::type_complexity)]
+    /// Every identifier and link (by its key) of the given components.
     async fn load_components(
         &self,
         conn: &mut AnyConnection,
         components: &[i64],
-    ) -> Result<(Vec<Node>, Vec<(String, i64, String, String, Vec<i64>)>)> {
+    ) -> Result<(Vec<Node>, Vec<(String, PendingLink)>)> {
         let mut nodes = Vec::new();
         let mut links = Vec::new();
         let rows = self
@@ -1615,12 +1706,20 @@ impl Store {
                 isolated: row.int(5)? != 0,
             });
         }
-        let rows =
-            self.rows_in(conn, "ids, at, source, message_id", "FROM links WHERE component IN ({})", components).await?;
+        let rows = self
+            .rows_in(conn, "ids, at, source, message_id, probability", "FROM links WHERE component IN ({})", components)
+            .await?;
         for row in rows {
             let key = row.text(0)?;
             let ids = key.split(',').filter_map(|x| x.parse().ok()).collect();
-            links.push((key, row.int(1)?, row.text(2)?, row.text(3)?, ids));
+            let l = PendingLink {
+                at: row.int(1)?,
+                source: row.text(2)?,
+                message_id: row.text(3)?,
+                ids,
+                probability: row.float_opt(4)?,
+            };
+            links.push((key, l));
         }
         nodes.sort_by_key(|n| n.id);
         Ok((nodes, links))
@@ -1769,7 +1868,7 @@ mod tests {
     fn a_prepared_batch_indexes_identifiers_and_folds_traits() {
         let cfg = IdentityConfig {
             keys: vec!["crm_id".into(), "email".into()],
-            rules: KeyRules { limits: vec![Some(1), None], rank: vec![0, 1] },
+            rules: KeyRules { limits: vec![Some(1), None], rank: vec![0, 1], cross: Vec::new() },
         };
         let mut a = record("crm", "a", 1, &[("tier", json!("silver")), ("ltv", json!(10))]);
         a.ids.insert(0, ("crm_id".into(), "c1".into()));
@@ -1806,8 +1905,10 @@ mod tests {
                 (1, "tier", "web", 1, "\"bronze\"", "\"bronze\"", None),
             ]
         );
-        let other =
-            IdentityConfig { keys: cfg.keys.clone(), rules: KeyRules { limits: vec![None, None], rank: vec![1, 0] } };
+        let other = IdentityConfig {
+            keys: cfg.keys.clone(),
+            rules: KeyRules { limits: vec![None, None], rank: vec![1, 0], cross: Vec::new() },
+        };
         assert!(!index.fits(&other), "an index is rebuilt for other priorities");
     }
 

@@ -24,10 +24,12 @@ pub mod runs;
 mod scan;
 mod schema;
 mod setup;
+mod stage;
 
 pub use lease::Lease;
 pub use outbox::OutboxEntry;
 pub use queue::{Job, JobState};
+pub use setup::AUDIT_SUFFIX;
 
 use sqlx::{AnyPool, Row};
 use std::borrow::Cow;
@@ -85,6 +87,12 @@ pub struct Store {
     writer_tag: String,
     /// Whether this process's first write recorded it there.
     registered: std::sync::atomic::AtomicBool,
+    /// PostgreSQL: the COPY connections of the bulk path (`stage.rs`).
+    staging: Option<stage::Staging>,
+    /// The audit log's pool (`audit.rs`).
+    audit: AnyPool,
+    /// Whether the audit log is a database of its own (a SQLite file's).
+    audit_apart: bool,
 }
 
 /// Most values bound in one IN list or VALUES table.
@@ -125,8 +133,12 @@ impl Store {
     /// Opens (creating if needed) the database named by `url` and applies
     /// migrations. Relative SQLite paths are relative to `base_dir`.
     pub async fn connect(url: &str, base_dir: &Path) -> Result<Store> {
-        let (backend, pool, writer) = setup::open(url, base_dir).await?;
+        let setup::Pools { backend, readers: pool, writer, audit, audit_apart } = setup::open(url, base_dir).await?;
         let writer_tag = setup::writer_tag();
+        let staging = match backend {
+            Backend::Postgres => Some(stage::Staging::new(url)?),
+            Backend::Sqlite => None,
+        };
         let store = Store {
             pool,
             writer,
@@ -134,8 +146,18 @@ impl Store {
             ids: Mutex::new(VecDeque::new()),
             writer_tag,
             registered: Default::default(),
+            staging,
+            audit,
+            audit_apart,
         };
         store.migrate().await?;
+        store.open_audit().await?;
+        if let Some(staging) = &store.staging {
+            let swept = staging.sweep().await?;
+            if swept > 0 {
+                tracing::info!(rows = swept, "deleted rows staged by batches that never finished");
+            }
+        }
         if backend == Backend::Sqlite {
             let mut conn = store.writer.acquire().await?;
             store.seed_sqlite_ids(&mut conn).await?;
@@ -158,10 +180,18 @@ impl Store {
             }
             Backend::Postgres => {
                 let mut tx = self.writer.begin().await?;
+                // The bulk path's staged rows are committed by another
+                // connection while this transaction runs (`stage.rs`).
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *tx).await?;
                 self.reserve_ids(&mut tx, 64).await?;
                 tx
             }
         })
+    }
+
+    /// PostgreSQL's COPY path for large row sets (`stage.rs`).
+    pub(crate) fn staging(&self) -> Option<&stage::Staging> {
+        self.staging.as_ref()
     }
 
     pub fn backend(&self) -> Backend {
@@ -380,6 +410,16 @@ impl Rowish {
             Rowish::Json(v) => {
                 v.get(i).and_then(|x| x.as_str().map(str::to_owned)).ok_or_else(|| bad_column(i, "text"))
             }
+            Rowish::Row(r) => Ok(r.try_get(i)?),
+        }
+    }
+
+    pub(crate) fn float_opt(&self, i: usize) -> Result<Option<f64>> {
+        match self {
+            Rowish::Json(v) => match v.get(i) {
+                Some(serde_json::Value::Null) => Ok(None),
+                x => x.and_then(serde_json::Value::as_f64).map(Some).ok_or_else(|| bad_column(i, "a number")),
+            },
             Rowish::Row(r) => Ok(r.try_get(i)?),
         }
     }

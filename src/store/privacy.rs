@@ -9,7 +9,9 @@
 //! other people stay, also when they shared an identifier the person's
 //! profile did not hold (a household address, a recycled phone owned by
 //! another profile). The audit log is append-only except for this: an
-//! erasure redacts the person's identifier values from row targets.
+//! erasure redacts the person's identifier values from row targets (on a
+//! SQLite store, whose audit log is a file of its own, right after the
+//! erasure commits).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -234,6 +236,14 @@ impl Store {
         self.delete_rows(&mut tx, &p, &mut er).await?;
         self.redact(&mut tx, request_id, &p, &mut er).await?;
         tx.commit().await?;
+        if let Some(pool) = self.audit_pool() {
+            // The audit log's own file (`audit.rs`): redacted right after.
+            let mut conn = pool.acquire().await?;
+            for pattern in redactions(&p) {
+                let n = self.redact_audit(&mut conn, request_id, &pattern).await?;
+                *er.rows.entry("audit_log (redacted)".to_owned()).or_default() += n;
+            }
+        }
         Ok(er)
     }
 
@@ -410,11 +420,7 @@ impl Store {
 
     /// Free text that may quote an identifier: rejected records go, audit targets are redacted.
     async fn redact(&self, tx: &mut sqlx::AnyConnection, request_id: i64, p: &Person, er: &mut Erasure) -> Result<()> {
-        for (_, _, v) in &p.ids {
-            if v.len() < 3 {
-                continue;
-            }
-            let pattern = format!("%{}%", v.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        for pattern in redactions(p) {
             let n = sqlx::query(
                 &self.sql("DELETE FROM sync_rejects WHERE record LIKE ? ESCAPE '\\' OR reason LIKE ? ESCAPE '\\'"),
             )
@@ -424,13 +430,10 @@ impl Store {
             .await?
             .rows_affected();
             *er.rows.entry("sync_rejects".to_owned()).or_default() += n;
-            let n = sqlx::query(&self.sql("UPDATE audit_log SET target = ? WHERE target LIKE ? ESCAPE '\\'"))
-                .bind(format!("erased (request {request_id})"))
-                .bind(&pattern)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            *er.rows.entry("audit_log (redacted)".to_owned()).or_default() += n;
+            if self.audit_pool().is_none() {
+                let n = self.redact_audit(&mut *tx, request_id, &pattern).await?;
+                *er.rows.entry("audit_log (redacted)".to_owned()).or_default() += n;
+            }
         }
         Ok(())
     }
@@ -764,6 +767,17 @@ impl Store {
             "identity_ledger": ledger,
         }))
     }
+}
+
+/// LIKE patterns (`\\` escapes) for free text that may quote one of the
+/// person's identifier values; values shorter than 3 characters would match
+/// too much to mean them.
+fn redactions(p: &Person) -> Vec<String> {
+    p.ids
+        .iter()
+        .filter(|(_, _, v)| v.len() >= 3)
+        .map(|(_, _, v)| format!("%{}%", v.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")))
+        .collect()
 }
 
 fn bind_all<'q>(

@@ -45,8 +45,9 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let rows =
-            sqlx::query("SELECT component, at, source, message_id, ids FROM links").fetch_all(self.read_pool()).await?;
+        let rows = sqlx::query("SELECT component, at, source, message_id, ids, probability FROM links")
+            .fetch_all(self.read_pool())
+            .await?;
         let links = rows
             .iter()
             .map(|r| {
@@ -57,6 +58,7 @@ impl Store {
                     source: r.try_get(2)?,
                     message_id: r.try_get(3)?,
                     ids: ids.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+                    probability: r.try_get(5)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

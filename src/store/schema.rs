@@ -492,4 +492,34 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
         )",
         ],
     ),
+    (
+        9,
+        "PostgreSQL bulk path: staged rows",
+        &[
+            // Rows a batch copied in and reads back in its transaction
+            // (`stage.rs`). Unlogged: they never outlive the batch, so a
+            // crash may lose them.
+            "-- postgres only
+        CREATE UNLOGGED TABLE cdp_stage (
+            batch BIGINT NOT NULL,
+            seq INTEGER NOT NULL,
+            staged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            c1 TEXT, c2 TEXT, c3 TEXT, c4 TEXT, c5 TEXT, c6 TEXT, c7 TEXT, c8 TEXT,
+            c9 TEXT, c10 TEXT, c11 TEXT, c12 TEXT, c13 TEXT, c14 TEXT, c15 TEXT, c16 TEXT
+        )",
+            "-- postgres only
+        CREATE INDEX cdp_stage_rows ON cdp_stage (batch, seq)",
+            "-- postgres only
+        CREATE SEQUENCE cdp_stage_batch",
+        ],
+    ),
+    (
+        10,
+        "match links keep their probability",
+        &[
+            // A probabilistic match's probability (NULL for a record's
+            // link): resolution lets a strong match cross key limits.
+            "ALTER TABLE links ADD COLUMN probability {f64}",
+        ],
+    ),
 ];

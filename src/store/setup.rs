@@ -30,8 +30,19 @@ fn sqlite_write_wait() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Opens the pools: (backend, readers, writers).
-pub(super) async fn open(url: &str, base_dir: &Path) -> Result<(Backend, AnyPool, AnyPool)> {
+/// The pools of a store.
+pub(super) struct Pools {
+    pub backend: Backend,
+    pub readers: AnyPool,
+    pub writer: AnyPool,
+    /// The audit log's: on a SQLite file, its own database next to it
+    /// (see [`Store::open_audit`]); otherwise `writer`.
+    pub audit: AnyPool,
+    pub audit_apart: bool,
+}
+
+/// Opens the pools.
+pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
     sqlx::any::install_default_drivers();
     let (backend, url, memory) =
         if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
@@ -57,23 +68,48 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<(Backend, AnyPool
     let opts = AnyConnectOptions::from_str(&url)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Info, Duration::from_secs(2));
-    let writer = AnyPoolOptions::new()
+    let writer = pool_options()
         // SQLite has one writer; more connections would only wait on its lock.
         .max_connections(if backend == Backend::Sqlite { 1 } else { 16 })
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }))
         .connect_with(opts.clone())
         .await?;
     if backend == Backend::Postgres || memory {
-        return Ok((backend, writer.clone(), writer));
+        return Ok(Pools { backend, readers: writer.clone(), audit: writer.clone(), writer, audit_apart: false });
     }
     // Create the file and switch it to WAL before readers open it.
     drop(writer.acquire().await?);
-    let readers = AnyPoolOptions::new()
+    let readers = pool_options()
         .max_connections(4)
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, false).await }))
         .connect_with(opts)
         .await?;
-    Ok((backend, readers, writer))
+    let audit_url = match url.split_once('?') {
+        Some((path, query)) => format!("{path}{AUDIT_SUFFIX}?{query}"),
+        None => format!("{url}{AUDIT_SUFFIX}"),
+    };
+    let audit_opts = AnyConnectOptions::from_str(&audit_url)?.log_statements(tracing::log::LevelFilter::Trace);
+    let audit = pool_options()
+        .max_connections(1)
+        .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }))
+        .connect_with(audit_opts)
+        .await?;
+    Ok(Pools { backend, readers, writer, audit, audit_apart: true })
+}
+
+/// What a SQLite store's file name gets for its audit log's file
+/// (`cdp.db` → `cdp.db-audit`, next to SQLite's own `cdp.db-wal`).
+pub const AUDIT_SUFFIX: &str = "-audit";
+
+/// Pool options without sqlx's idle-connection reaper. sqlx 0.8.6's reaper
+/// loops `num_idle()` times at once when a pool starts, and `release` adds
+/// to that count only after the connection is back in the queue, so a pop
+/// in between makes it wrap to `usize::MAX`: a process that caught the
+/// window spun at full CPU forever (seen once in some 700 `cdp profile get`
+/// runs). Connections are pinged before each use instead
+/// (`test_before_acquire`, on by default), so none is reused dead.
+pub(super) fn pool_options() -> AnyPoolOptions {
+    AnyPoolOptions::new().idle_timeout(None).max_lifetime(None)
 }
 
 /// Session settings of each new connection.
