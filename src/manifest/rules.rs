@@ -702,21 +702,8 @@ impl<'a> Ctx<'a> {
                             mt.threshold
                         ),
                     );
-                    self.hint("crossing a limit should take stronger evidence than linking, e.g. 0.995 for a threshold of 0.9");
+                    self.hint("crossing a limit should take stronger evidence than linking: a probability above the threshold, e.g. 0.995");
                 }
-            }
-            // A match links two profiles' strongest identifiers; when the only
-            // key allows one value per profile, no match can ever join two.
-            if let [(only, key)] = m.identity.keys.iter().collect::<Vec<_>>()[..]
-                && key.limit == Some(1)
-                && !mt.cross_limits.contains_key(only)
-            {
-                self.warn(
-                    diag::BAD_MATCH,
-                    base,
-                    format!("`{only}` is the only identity key and allows one value per profile: matching can never merge two profiles"),
-                );
-                self.hint(format!("let strong matches cross it: `cross_limits: {{ {only}: 0.995 }}`"));
             }
             if mt.block_on.is_empty() {
                 self.key_err(diag::BAD_MATCH, &format!("{base}/block_on"), "`block_on` needs at least one rule".into());
@@ -800,6 +787,7 @@ impl<'a> Ctx<'a> {
             // key, unique, two profiles' identifiers never fit one profile.
             if let [(key, k)] = m.identity.keys.iter().collect::<Vec<_>>()[..]
                 && k.limit == Some(1)
+                && !mt.cross_limits.contains_key(key)
             {
                 self.warn(
                     diag::BAD_MATCH,
@@ -808,7 +796,10 @@ impl<'a> Ctx<'a> {
                         "`{key}` is the only identity key and has `limit: 1`, so no probabilistic link can ever merge two profiles"
                     ),
                 );
-                self.hint("raise the key's `limit`, or add the keys matched records carry (email, phone, …)");
+                self.hint(format!(
+                    "let strong matches cross the limit (`cross_limits: {{ {key}: 0.995 }}`), raise it, or add the keys \
+                     matched records carry (email, phone, …)"
+                ));
             }
         }
     }
