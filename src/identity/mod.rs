@@ -4,6 +4,7 @@
 //! identifiers belong together under the manifest's limits and priorities;
 //! [`matching`] links people who share no key, probabilistically.
 
+pub mod explain;
 pub mod impact;
 pub mod matching;
 pub mod normalize;

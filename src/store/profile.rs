@@ -4,12 +4,12 @@
 //! identifier off by hand.
 
 use super::{Result, Store, now_ms};
+use crate::identity::explain::{self, ExplainRows, LedgerRow, LinkRow};
 use crate::identity::normalize;
 use crate::manifest::{Manifest, Normalizer};
-use crate::profile::{self, GoldenRecord, IdentityRow, ProfileRows, iso};
+use crate::profile::{self, GoldenRecord, IdentityRow, ProfileRows};
 use indexmap::IndexMap;
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::Row;
 
 /// Why a profile lookup found nothing.
@@ -33,28 +33,7 @@ impl From<sqlx::Error> for LookupError {
     }
 }
 
-/// One line of `cdp profile explain`.
-#[derive(Debug, Serialize)]
-pub struct Explanation {
-    pub profile_id: String,
-    pub identities: Vec<ExplainedIdentity>,
-    pub ledger: Vec<Value>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ExplainedIdentity {
-    #[serde(rename = "type")]
-    pub key: String,
-    pub value: String,
-    pub first_seen: String,
-    pub first_record: String,
-    /// Records that carried this identifier together with another one of this profile.
-    pub linked_by: Vec<Value>,
-    pub isolated: bool,
-}
-
-/// The rule of a link made by probabilistic matching.
-const PROBABILISTIC: &str = "probabilistic (Fellegi-Sunter)";
+pub use crate::identity::explain::{ExplainedIdentity, Explanation};
 
 /// The value a lookup of `key = value` compares: the key's own rules applied
 /// as ingest applies them (its `pattern`, first group kept, then its
@@ -144,19 +123,14 @@ impl Store {
             .collect()
     }
 
-    /// Why this profile's identifiers are together.
+    /// Why this profile's identifiers are together: the rows
+    /// [`explain::explain`] builds the answer from.
     pub async fn explain(&self, profile: i64) -> Result<Explanation> {
-        let identities = self.identities_of(profile).await?;
-        let mut out = Vec::new();
-        let mut by_id: IndexMap<i64, (String, String)> = IndexMap::new();
-        for i in &identities {
-            by_id.insert(i.id, (i.key.clone(), i.value.clone()));
-        }
+        let mut rows = ExplainRows { profile, identities: self.identities_of(profile).await?, ..Default::default() };
         let comps = sqlx::query(&self.sql("SELECT DISTINCT component FROM identities WHERE profile_id = ?"))
             .bind(profile)
             .fetch_all(&self.pool)
             .await?;
-        let mut links: Vec<(Vec<i64>, i64, String, String)> = Vec::new();
         for c in comps {
             let c: i64 = c.try_get(0)?;
             for r in
@@ -166,95 +140,45 @@ impl Store {
                     .await?
             {
                 let ids: String = r.try_get(0)?;
-                links.push((
-                    ids.split(',').filter_map(|x| x.parse().ok()).collect(),
-                    r.try_get(1)?,
-                    r.try_get(2)?,
-                    r.try_get(3)?,
-                ));
+                rows.links.push(LinkRow {
+                    ids: ids.split(',').filter_map(|x| x.parse().ok()).collect(),
+                    at: r.try_get(1)?,
+                    source: r.try_get(2)?,
+                    message_id: r.try_get(3)?,
+                });
             }
         }
-        // Probabilistic links carry their score in the link record's payload.
-        let mut scores: IndexMap<String, Value> = IndexMap::new();
-        for l in links.iter().filter(|l| l.2 == "match") {
-            let row = sqlx::query(&self.sql("SELECT payload FROM records WHERE source = ? AND message_id = ?"))
-                .bind(&l.2)
-                .bind(&l.3)
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(r) = row {
-                scores.insert(l.3.clone(), parse_json(&r.try_get::<String, _>(0)?));
-            }
-        }
-        for i in identities {
-            let linked_by: Vec<Value> = links
-                .iter()
-                .filter(|l| l.0.contains(&i.id) && l.0.iter().any(|o| *o != i.id && by_id.contains_key(o)))
-                .map(|l| {
-                    let with: Vec<String> =
-                        l.0.iter()
-                            .filter(|o| **o != i.id)
-                            .filter_map(|o| by_id.get(o))
-                            .map(|(k, v)| format!("{k}={v}"))
-                            .collect();
-                    match scores.get(&l.3) {
-                        Some(score) => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
-                            "rule": PROBABILISTIC, "probability": score["probability"], "fields": score["fields"]}),
-                        None => json!({"record": format!("{}/{}", l.2, l.3), "at": iso(l.1), "with": with,
-                            "rule": "deterministic: identifiers in one record"}),
-                    }
-                })
-                .collect();
-            out.push(ExplainedIdentity {
-                key: i.key,
-                value: i.value,
-                first_seen: iso(i.first_at),
-                first_record: format!("{}/{}", i.source, i.message_id),
-                linked_by,
-                isolated: i.isolated,
-            });
-        }
-        let rows = sqlx::query(&self.sql(
+        for r in sqlx::query(&self.sql(
             "SELECT at, kind, profile_id, other_profile_id, source, message_id, rule FROM ledger \
              WHERE profile_id = ? OR other_profile_id = ? ORDER BY id",
         ))
         .bind(profile)
         .bind(profile)
         .fetch_all(&self.pool)
-        .await?;
-        let mut ledger = Vec::new();
-        for r in rows {
-            let src: Option<String> = r.try_get(4)?;
-            let msg: Option<String> = r.try_get(5)?;
-            let mut entry = json!({
-                "at": iso(r.try_get(0)?),
-                "kind": r.try_get::<String, _>(1)?,
-                "profile_id": r.try_get::<i64, _>(2)?.to_string(),
-                "other_profile_id": r.try_get::<Option<i64>, _>(3)?.map(|x| x.to_string()),
-                "record": src.as_ref().zip(msg.as_ref()).map(|(s, m)| format!("{s}/{m}")),
-                "rule": r.try_get::<String, _>(6)?,
+        .await?
+        {
+            rows.ledger.push(LedgerRow {
+                at: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                profile_id: r.try_get(2)?,
+                other_profile_id: r.try_get(3)?,
+                source: r.try_get(4)?,
+                message_id: r.try_get(5)?,
+                rule: r.try_get(6)?,
             });
-            // A merge made by a probabilistic link says so, with its score, as
-            // the identifiers' `linked_by` does: one account of each link.
-            if let (Some("match"), Some(msg)) = (src.as_deref(), &msg) {
-                if !scores.contains_key(msg)
-                    && let Some(row) =
-                        sqlx::query(&self.sql("SELECT payload FROM records WHERE source = 'match' AND message_id = ?"))
-                            .bind(msg)
-                            .fetch_optional(&self.pool)
-                            .await?
-                {
-                    scores.insert(msg.clone(), parse_json(&row.try_get::<String, _>(0)?));
-                }
-                if let Some(score) = scores.get(msg) {
-                    entry["rule"] = json!(PROBABILISTIC);
-                    entry["probability"] = score["probability"].clone();
-                    entry["fields"] = score["fields"].clone();
-                }
-            }
-            ledger.push(entry);
         }
-        Ok(Explanation { profile_id: profile.to_string(), identities: out, ledger })
+        // Probabilistic links carry their score in the link record's payload.
+        for msg in rows.match_records() {
+            let row = sqlx::query(&self.sql("SELECT payload FROM records WHERE source = ? AND message_id = ?"))
+                .bind(explain::MATCH_SOURCE)
+                .bind(&msg)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(r) = row {
+                rows.scores.insert(msg, parse_json(&r.try_get::<String, _>(0)?));
+            }
+        }
+        Ok(explain::explain(rows))
     }
 
     /// Splits `key = value` off its profile for good: the identifier becomes
