@@ -13,6 +13,8 @@
 use super::{Result, Store, now_ms};
 use sqlx::Row;
 
+/// The audit file's table: the columns of the store's own `audit_log`
+/// (migration 5, whose text stays as applied: its checksum is recorded).
 const AUDIT_TABLE: &str = "CREATE TABLE IF NOT EXISTS audit_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at BIGINT NOT NULL,
