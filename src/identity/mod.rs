@@ -8,4 +8,5 @@ pub mod explain;
 pub mod impact;
 pub mod matching;
 pub mod normalize;
+pub mod regroup;
 pub mod resolve;

@@ -11,7 +11,8 @@
 
 use super::outbox::Changes;
 use super::{IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
-use crate::identity::resolve::{self, Ident, KeyRules, Link};
+use crate::identity::regroup::{self, Node, PendingLink};
+use crate::identity::resolve::KeyRules;
 use crate::ingest::Record;
 use crate::manifest::Manifest;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -648,17 +649,6 @@ async fn update_rows(
     insert_rows(store, conn, &format!("UPDATE {set} FROM ("), cols, rows, &format!(") AS v WHERE {cond}")).await
 }
 
-/// A link: the record that made it, the identifiers it joins, and for a
-/// probabilistic match its probability (see `identity::resolve`).
-#[derive(Debug, Clone)]
-struct PendingLink {
-    at: i64,
-    source: String,
-    message_id: String,
-    ids: Vec<i64>,
-    probability: Option<f64>,
-}
-
 /// The probability a match link record carries (`cdp match` writes it).
 fn match_probability(r: &Record) -> Option<f64> {
     if r.source != "match" {
@@ -717,16 +707,6 @@ fn anchor_id(known: &[Known], anchor: u32) -> i64 {
 
 fn unindexed() -> super::StoreError {
     super::StoreError::Invariant("a batch was applied without its identifier index".to_owned())
-}
-
-/// A stored or new identifier in the working set of a resolution.
-#[derive(Debug, Clone)]
-struct Node {
-    id: i64,
-    key: String,
-    value: String,
-    old: Option<(i64, i64)>,
-    isolated: bool,
 }
 
 /// Folded trait observations of one (identifier, trait, source): enough to
@@ -1088,228 +1068,24 @@ impl Store {
             let more = self.take_ids(conn, stored_nodes.len() + new_nodes.len()).await?;
             profile_ids.extend(more);
             steps.mark("components");
-            let mut nodes: Vec<Node> = stored_nodes;
-            let mut index: FxHashMap<i64, u32> = nodes.iter().enumerate().map(|(i, n)| (n.id, i as u32)).collect();
-            let linked: FxHashSet<i64> = changing.iter().flat_map(|(_, l)| l.ids.iter().copied()).collect();
-            for n in &new_nodes {
-                if linked.contains(&n.0) && !index.contains_key(&n.0) {
-                    index.insert(n.0, nodes.len() as u32);
-                    nodes.push(Node {
-                        id: n.0,
-                        key: n.1.to_owned(),
-                        value: n.2.to_owned(),
-                        old: None,
-                        isolated: false,
-                    });
-                }
-            }
-            let changing_keys: FxHashSet<&String> = changing.iter().map(|(k, _)| k).collect();
-            let mut links: Vec<Link> = Vec::new();
-            let mut link_is_new: Vec<bool> = Vec::new();
-            let as_link = |l: &PendingLink| Link {
-                at: l.at,
-                source: l.source.clone(),
-                message_id: l.message_id.clone(),
-                ids: l.ids.iter().filter_map(|i| index.get(i).copied()).collect(),
-                probability: l.probability,
-            };
-            for (key, l) in &old_links {
-                if changing_keys.contains(key) {
-                    continue; // replaced by an earlier occurrence in this batch
-                }
-                links.push(as_link(l));
-                link_is_new.push(false);
-            }
-            for (_, l) in &changing {
-                links.push(as_link(l));
-                link_is_new.push(true);
-            }
-            let idents: Vec<Ident> = nodes
-                .iter()
-                .map(|n| Ident { key: cfg.key_index(&n.key), value: n.value.clone(), isolated: n.isolated })
-                .collect();
-            let part = resolve::partition(&idents, &links, &cfg.rules);
-
-            // Components: plain connectivity of the working set.
-            let mut comp_root: Vec<u32> = (0..nodes.len() as u32).collect();
-            fn find(p: &mut [u32], mut x: u32) -> u32 {
-                while p[x as usize] != x {
-                    p[x as usize] = p[p[x as usize] as usize];
-                    x = p[x as usize];
-                }
-                x
-            }
-            for l in &links {
-                for w in l.ids.windows(2) {
-                    let (a, b) = (find(&mut comp_root, w[0]), find(&mut comp_root, w[1]));
-                    if a != b {
-                        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-                        comp_root[hi as usize] = lo;
-                    }
-                }
-            }
-            let mut comp_id: FxHashMap<u32, i64> = FxHashMap::default();
-            let mut comp_members: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
-            for i in 0..nodes.len() {
-                let r = find(&mut comp_root, i as u32);
-                comp_members.entry(r).or_default().push(i);
-            }
-            for (root, members) in &comp_members {
-                let olds: Vec<i64> = members.iter().filter_map(|i| nodes[*i].old.map(|o| o.1)).collect();
-                let id = olds
-                    .iter()
-                    .min()
-                    .copied()
-                    .unwrap_or_else(|| members.iter().map(|i| nodes[*i].id).min().unwrap_or(0));
-                comp_id.insert(*root, id);
-                let mut merged: Vec<i64> = olds.into_iter().filter(|c| *c != id).collect();
-                merged.sort_unstable();
-                merged.dedup();
-                if !merged.is_empty() {
-                    component_moves.push((id, merged));
-                }
-            }
-
-            // Profiles: each cluster keeps the profile most of its stored identifiers had.
-            let mut clusters: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
-            for (i, c) in part.cluster.iter().enumerate() {
-                clusters.entry(*c).or_default().push(i);
-            }
-            let mut order: Vec<(u32, Vec<usize>)> = clusters.into_iter().collect();
-            order.sort_by_key(|(c, m)| (std::cmp::Reverse(m.len()), *c));
-            let mut taken: FxHashSet<i64> = FxHashSet::default();
-            let mut cluster_profile: FxHashMap<u32, i64> = FxHashMap::default();
-            for (c, members) in &order {
-                let mut counts: FxHashMap<i64, usize> = FxHashMap::default();
-                for i in members {
-                    if let Some((p, _)) = nodes[*i].old {
-                        *counts.entry(p).or_default() += 1;
-                    }
-                }
-                let mut cands: Vec<(i64, usize)> = counts.into_iter().collect();
-                cands.sort_by_key(|(p, n)| (std::cmp::Reverse(*n), *p));
-                let pick = cands.iter().map(|(p, _)| *p).find(|p| !taken.contains(p));
-                let profile = match pick {
-                    Some(p) => p,
-                    None => {
-                        let p = profile_ids.next()?;
-                        new_profiles.push(p);
-                        if let Some((old, _)) = cands.first() {
-                            report.splits += 1;
-                            ledger.push(ledger_row(
-                                "split",
-                                p,
-                                Some(*old),
-                                None,
-                                None,
-                                None,
-                                "a limit separated identifiers that were one profile",
-                                None,
-                            ));
-                        }
-                        p
-                    }
-                };
-                taken.insert(profile);
-                cluster_profile.insert(*c, profile);
-            }
-            for (i, n) in nodes.iter().enumerate() {
-                let profile = cluster_profile[&part.cluster[i]];
-                let component = comp_id[&find(&mut comp_root, i as u32)];
-                profile_of.insert(n.id, profile);
-                component_of.insert(n.id, component);
-                if let Some((op, oc)) = n.old
-                    && (op != profile || oc != component)
-                {
-                    id_updates.push((n.id, profile, component));
-                    if op != profile {
-                        regrouped.push((op, profile));
-                    }
-                }
-            }
-            // Stored profiles that lost every identifier were merged into another.
-            let mut old_profiles: FxHashMap<i64, Vec<usize>> = FxHashMap::default();
-            for (i, n) in nodes.iter().enumerate() {
-                if let Some((p, _)) = n.old {
-                    old_profiles.entry(p).or_default().push(i);
-                }
-            }
-            // New links by the stored profiles they touch, to explain merges.
-            let mut new_links_of: FxHashMap<i64, Vec<usize>> = FxHashMap::default();
-            for (li, l) in links.iter().enumerate().filter(|(li, _)| link_is_new[*li]) {
-                for i in &l.ids {
-                    if let Some((p, _)) = nodes[*i as usize].old {
-                        let e = new_links_of.entry(p).or_default();
-                        if e.last() != Some(&li) {
-                            e.push(li);
-                        }
-                    }
-                }
-            }
-            let mut olds: Vec<(i64, Vec<usize>)> = old_profiles.into_iter().collect();
-            olds.sort_by_key(|(p, _)| *p);
-            for (p, members) in olds {
-                if taken.contains(&p) {
-                    continue;
-                }
-                let mut into: FxHashMap<i64, usize> = FxHashMap::default();
-                for i in &members {
-                    *into.entry(cluster_profile[&part.cluster[*i]]).or_default() += 1;
-                }
-                let Some(q) = into.into_iter().max_by_key(|(q, n)| (*n, std::cmp::Reverse(*q))).map(|(q, _)| q) else {
-                    continue;
-                };
-                absorbed.push((p, q));
-                report.merges += 1;
-                // The new link that carried identifiers of both explains the merge.
-                let why = new_links_of.get(&p).into_iter().flatten().map(|li| &links[*li]).find_map(|l| {
-                    let via = l.ids.iter().find(|i| nodes[**i as usize].old.is_some_and(|o| o.0 == p))?;
-                    let other = l.ids.iter().find(|i| {
-                        cluster_profile[&part.cluster[**i as usize]] == q
-                            && nodes[**i as usize].old.is_none_or(|o| o.0 != p)
-                    });
-                    other?;
-                    Some((l, *via))
-                });
-                let (src, msg, rule, ident) = match why {
-                    Some((l, via)) => {
-                        let n = &nodes[via as usize];
-                        (
-                            Some(l.source.clone()),
-                            Some(l.message_id.clone()),
-                            format!("deterministic: the record carries {} `{}` of both profiles", n.key, n.value),
-                            Some(n.id),
-                        )
-                    }
-                    None => (None, None, "deterministic: recomputed with an earlier record".to_owned(), None),
-                };
-                ledger.push(ledger_row("merge", q, Some(p), ident, src, msg, &rule, None));
-            }
-            for ev in &part.events {
-                if let resolve::Event::Conflict { link, anchor, ident, key } = ev
-                    && link_is_new[*link]
-                {
-                    report.conflicts += 1;
-                    let l = &links[*link];
-                    let n = &nodes[*ident as usize];
-                    let key_name = cfg.keys.get(usize::from(*key)).cloned().unwrap_or_default();
-                    let limit = cfg.rules.limits.get(usize::from(*key)).copied().flatten().unwrap_or(0);
-                    let profile = profile_of[&nodes[*anchor as usize].id];
-                    ledger.push(ledger_row(
-                        "conflict",
-                        profile,
-                        profile_of.get(&n.id).copied().filter(|x| *x != profile),
-                        Some(n.id),
-                        Some(l.source.clone()),
-                        Some(l.message_id.clone()),
-                        &format!(
-                            "limit: a profile holds at most {limit} {key_name}; {} `{}` stays apart",
-                            n.key, n.value
-                        ),
-                        None,
-                    ));
-                }
-            }
+            let fresh: Vec<(i64, &str, &str)> = new_nodes.iter().map(|n| (n.0, n.1, n.2)).collect();
+            let keys = regroup::Keys { names: &cfg.keys, rules: &cfg.rules };
+            let r = regroup::regroup(&keys, stored_nodes, &fresh, &old_links, &changing, &mut || profile_ids.next())?;
+            profile_of.extend(r.profile_of);
+            component_of.extend(r.component_of);
+            id_updates = r.id_updates;
+            new_profiles.extend(r.new_profiles);
+            absorbed = r.absorbed;
+            component_moves = r.component_moves;
+            regrouped = r.regrouped;
+            report.splits += r.report.splits;
+            report.merges += r.report.merges;
+            report.conflicts += r.report.conflicts;
+            ledger.extend(
+                r.ledger
+                    .into_iter()
+                    .map(|e| ledger_row(e.kind, e.profile, e.other, e.identity, e.source, e.message_id, &e.rule, None)),
+            );
         }
         // New identifiers outside any link (or in links already resolved) get profiles of their own.
         for n in &new_nodes {
