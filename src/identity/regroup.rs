@@ -12,7 +12,8 @@
 //! profile that lost every identifier was merged into the profile most of
 //! them went to, explained by the new link that carried identifiers of both.
 
-use super::resolve::{self, Ident, KeyRules, Link};
+use super::IdentityConfig;
+use super::resolve::{self, Ident, Link};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 /// An identifier of the working set: its id, key and value, and the
@@ -35,18 +36,6 @@ pub struct PendingLink {
     pub message_id: String,
     pub ids: Vec<i64>,
     pub probability: Option<f64>,
-}
-
-/// Identity keys by index, with their limits and priorities.
-pub struct Keys<'a> {
-    pub names: &'a [String],
-    pub rules: &'a KeyRules,
-}
-
-impl Keys<'_> {
-    fn key_index(&self, key: &str) -> u16 {
-        self.names.iter().position(|k| k == key).map_or(u16::MAX, |i| i as u16)
-    }
 }
 
 /// A ledger entry: a merge, split or limit conflict, with the record and rule behind it.
@@ -108,7 +97,7 @@ pub struct Regrouping {
 /// components' stored links by key; `changing`, the batch's new or earlier
 /// links by key. `next_profile` hands out ids for new profiles.
 pub fn regroup<E>(
-    keys: &Keys<'_>,
+    cfg: &IdentityConfig,
     stored: Vec<Node>,
     new_nodes: &[(i64, &str, &str)],
     old_links: &[(String, PendingLink)],
@@ -156,9 +145,9 @@ pub fn regroup<E>(
     }
     let idents: Vec<Ident> = nodes
         .iter()
-        .map(|n| Ident { key: keys.key_index(&n.key), value: n.value.clone(), isolated: n.isolated })
+        .map(|n| Ident { key: cfg.key_index(&n.key), value: n.value.clone(), isolated: n.isolated })
         .collect();
-    let part = resolve::partition(&idents, &links, keys.rules);
+    let part = resolve::partition(&idents, &links, &cfg.rules);
 
     // Components: plain connectivity of the working set.
     let mut comp_root: Vec<u32> = (0..nodes.len() as u32).collect();
@@ -316,8 +305,8 @@ pub fn regroup<E>(
             report.conflicts += 1;
             let l = &links[*link];
             let n = &nodes[*ident as usize];
-            let key_name = keys.names.get(usize::from(*key)).cloned().unwrap_or_default();
-            let limit = keys.rules.limits.get(usize::from(*key)).copied().flatten().unwrap_or(0);
+            let key_name = cfg.keys.get(usize::from(*key)).cloned().unwrap_or_default();
+            let limit = cfg.rules.limits.get(usize::from(*key)).copied().flatten().unwrap_or(0);
             let profile = profile_of[&nodes[*anchor as usize].id];
             ledger.push(ledger_row(
                 "conflict",
@@ -357,9 +346,12 @@ mod tests {
         (key, l)
     }
 
-    fn keys() -> (Vec<String>, KeyRules) {
-        let names = vec!["crm_id".to_owned(), "email".to_owned()];
-        (names, KeyRules { limits: vec![Some(1), None], rank: vec![0, 1], cross: Vec::new() })
+    fn cfg() -> IdentityConfig {
+        let keys = vec!["crm_id".to_owned(), "email".to_owned()];
+        IdentityConfig {
+            keys,
+            rules: resolve::KeyRules { limits: vec![Some(1), None], rank: vec![0, 1], cross: Vec::new() },
+        }
     }
 
     /// A new record carrying the email of one profile and a new identifier
@@ -367,8 +359,7 @@ mod tests {
     /// in, told in the ledger with the record behind it.
     #[test]
     fn a_new_link_merges_two_stored_profiles_and_says_why() {
-        let (names, rules) = keys();
-        let k = Keys { names: &names, rules: &rules };
+        let k = cfg();
         let stored = vec![node(1, "email", "a@x.org", 100), node(2, "email", "b@x.org", 200)];
         let changing = vec![link(5, "m9", &[1, 2, 3])];
         let mut next = 1000;
@@ -391,8 +382,7 @@ mod tests {
     /// splits: the cluster that cannot keep the old profile gets a new one.
     #[test]
     fn a_limit_splits_a_stored_profile_and_a_new_profile_takes_the_rest() {
-        let (names, rules) = keys();
-        let k = Keys { names: &names, rules: &rules };
+        let k = cfg();
         // C1 and C2 were one profile through e@x (a link from before limits applied).
         let stored = vec![node(1, "crm_id", "C1", 100), node(2, "crm_id", "C2", 100), node(3, "email", "e@x", 100)];
         let old = vec![link(10, "late", &[2, 3])];

@@ -12,42 +12,13 @@
 use super::outbox::Changes;
 use super::{IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
 use crate::identity::regroup::{self, Node, PendingLink};
-use crate::identity::resolve::KeyRules;
 use crate::ingest::Record;
-use crate::manifest::Manifest;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 use std::fmt::Write as _;
 
-/// Identity keys in priority order, with their limits.
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    pub keys: Vec<String>,
-    pub rules: KeyRules,
-}
-
-impl IdentityConfig {
-    pub fn from_manifest(m: &Manifest) -> Self {
-        let keys: Vec<String> = m.identity.keys.keys().cloned().collect();
-        let limits = m.identity.keys.values().map(|k| k.limit).collect();
-        // Priority: the listed order first, then the declaration order.
-        let mut order: Vec<&String> = m.identity.priority.iter().collect();
-        order.extend(keys.iter().filter(|k| !m.identity.priority.contains(k)));
-        let rank = keys.iter().map(|k| order.iter().position(|o| *o == k).unwrap_or(usize::MAX) as u32).collect();
-        let cross =
-            keys.iter().map(|k| m.identity.matching.as_ref().and_then(|mt| mt.cross_limits.get(k).copied())).collect();
-        IdentityConfig { keys, rules: KeyRules { limits, rank, cross } }
-    }
-
-    fn key_index(&self, key: &str) -> u16 {
-        self.keys.iter().position(|k| k == key).map_or(u16::MAX, |i| i as u16)
-    }
-
-    pub(crate) fn rank(&self, key: &str) -> u32 {
-        self.rules.rank.get(usize::from(self.key_index(key))).copied().unwrap_or(u32::MAX)
-    }
-}
+pub use crate::identity::IdentityConfig;
 
 /// What a batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -480,20 +451,21 @@ async fn insert_records(
     batch: &[Record],
     rows: impl ExactSizeIterator<Item = Vec<P>>,
 ) -> Result<FxHashSet<(String, String)>> {
+    // `older`: the stored row was written before this transaction.
     let (prefix, suffix, older) = match store.backend() {
         super::Backend::Postgres => (
             RECORDS_INSERT.to_owned(),
             "ON CONFLICT (source, message_id) DO NOTHING",
-            "r.xmin::text <> (txid_current() % 4294967296)::text AND ? = 0",
+            "r.xmin::text <> (txid_current() % 4294967296)::text".to_owned(),
         ),
         super::Backend::Sqlite => {
-            (format!("INSERT OR IGNORE {}", RECORDS_INSERT.trim_start_matches("INSERT ")), "", "r.rowid <= ?")
-        }
-    };
-    let before: i64 = match store.backend() {
-        super::Backend::Postgres => 0,
-        super::Backend::Sqlite => {
-            sqlx::query("SELECT COALESCE(MAX(rowid), 0) FROM records").fetch_one(&mut *conn).await?.try_get(0)?
+            let before: i64 =
+                sqlx::query("SELECT COALESCE(MAX(rowid), 0) FROM records").fetch_one(&mut *conn).await?.try_get(0)?;
+            (
+                format!("INSERT OR IGNORE {}", RECORDS_INSERT.trim_start_matches("INSERT ")),
+                "",
+                format!("r.rowid <= {before}"),
+            )
         }
     };
     let written = insert_chunks(store, conn, &prefix, 8, rows, suffix).await?;
@@ -513,7 +485,7 @@ async fn insert_records(
         for r in chunk {
             q = q.bind(r.source.as_str()).bind(r.message_id.as_str());
         }
-        for row in q.bind(before).fetch_all(&mut *conn).await? {
+        for row in q.fetch_all(&mut *conn).await? {
             stored.insert((row.try_get(0)?, row.try_get(1)?));
         }
     }
@@ -1044,14 +1016,8 @@ impl Store {
         let stored = || known.iter().filter_map(|x| Some((x.id, x.stored?)));
         let mut profile_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.profile)).collect();
         let mut component_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.component)).collect();
-        let mut id_updates: Vec<(i64, i64, i64)> = Vec::new(); // (identity, profile, component)
-        let mut new_profiles: Vec<i64> = Vec::new();
-        let mut absorbed: Vec<(i64, i64)> = Vec::new(); // (absorbed, into)
-        let mut ledger: Vec<Vec<P>> = Vec::new();
-        let mut component_moves: Vec<(i64, Vec<i64>)> = Vec::new();
-        // (old profile, new profile) of stored identifiers that moved.
-        let mut regrouped: Vec<(i64, i64)> = Vec::new();
         let mut profile_ids = self.take_ids(conn, new_nodes.len()).await?;
+        let mut regrouping = regroup::Regrouping::default();
         if !changing.is_empty() {
             let touched: Vec<i64> = {
                 let mut t: Vec<i64> = changing
@@ -1069,24 +1035,24 @@ impl Store {
             profile_ids.extend(more);
             steps.mark("components");
             let fresh: Vec<(i64, &str, &str)> = new_nodes.iter().map(|n| (n.0, n.1, n.2)).collect();
-            let keys = regroup::Keys { names: &cfg.keys, rules: &cfg.rules };
-            let r = regroup::regroup(&keys, stored_nodes, &fresh, &old_links, &changing, &mut || profile_ids.next())?;
-            profile_of.extend(r.profile_of);
-            component_of.extend(r.component_of);
-            id_updates = r.id_updates;
-            new_profiles.extend(r.new_profiles);
-            absorbed = r.absorbed;
-            component_moves = r.component_moves;
-            regrouped = r.regrouped;
-            report.splits += r.report.splits;
-            report.merges += r.report.merges;
-            report.conflicts += r.report.conflicts;
-            ledger.extend(
-                r.ledger
-                    .into_iter()
-                    .map(|e| ledger_row(e.kind, e.profile, e.other, e.identity, e.source, e.message_id, &e.rule, None)),
-            );
+            regrouping =
+                regroup::regroup(cfg, stored_nodes, &fresh, &old_links, &changing, &mut || profile_ids.next())?;
+            profile_of.extend(regrouping.profile_of.drain());
+            component_of.extend(regrouping.component_of.drain());
         }
+        let regroup::Regrouping {
+            mut id_updates,
+            mut new_profiles,
+            absorbed,
+            component_moves,
+            regrouped,
+            ledger,
+            report: counts,
+            ..
+        } = regrouping;
+        report.splits += counts.splits;
+        report.merges += counts.merges;
+        report.conflicts += counts.conflicts;
         // New identifiers outside any link (or in links already resolved) get profiles of their own.
         for n in &new_nodes {
             if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(n.0) {
@@ -1268,9 +1234,18 @@ impl Store {
             .await?;
         }
         if !ledger.is_empty() {
-            let rows = ledger.into_iter().map(|mut row| {
-                row.insert(0, P::I(received));
-                row
+            let rows = ledger.into_iter().map(|e| {
+                vec![
+                    P::I(received),
+                    P::S(e.kind.to_owned()),
+                    P::I(e.profile),
+                    P::OI(e.other),
+                    P::OI(e.identity),
+                    P::OS(e.source),
+                    P::OS(e.message_id),
+                    P::S(e.rule),
+                    P::OS(None),
+                ]
             });
             insert_rows(
                 self,
@@ -1571,32 +1546,10 @@ fn changed_profiles<'a>(
     changes
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ledger_row(
-    kind: &str,
-    profile: i64,
-    other: Option<i64>,
-    identity: Option<i64>,
-    source: Option<String>,
-    message_id: Option<String>,
-    rule: &str,
-    detail: Option<String>,
-) -> Vec<P> {
-    vec![
-        P::S(kind.to_owned()),
-        P::I(profile),
-        P::OI(other),
-        P::OI(identity),
-        P::OS(source),
-        P::OS(message_id),
-        P::S(rule.to_owned()),
-        P::OS(detail),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::resolve::KeyRules;
     use serde_json::json;
 
     fn record(source: &str, id: &str, at: i64, traits: &[(&str, Value)]) -> Record {
