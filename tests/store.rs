@@ -9,7 +9,9 @@ use cdp::store::Store;
 use cdp::store::ingest::IdentityConfig;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod support;
+
+use support::{backends, drop_db, rt};
 
 const MANIFEST: &str = r#"
 version: 1
@@ -76,52 +78,12 @@ fn records(m: &Manifest, source: &str, raws: &[Value]) -> Vec<Record> {
     raws.iter().map(|r| mapper.map(r, 0).unwrap_or_else(|e| panic!("{r}: {e}"))).collect()
 }
 
-static DB: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh store on each backend: (name, store, cleanup).
-async fn backends() -> Vec<(&'static str, Store, Option<String>, tempfile::TempDir)> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sqlite = Store::connect("sqlite://state/cdp.db", dir.path()).await.expect("sqlite");
-    let mut out = vec![("sqlite", sqlite, None, dir)];
-    if std::env::var_os("CDP_SKIP_PG").is_none() {
-        let admin_url = std::env::var("CDP_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-        let name = format!("cdp_t_{}_{}", std::process::id(), DB.fetch_add(1, Ordering::SeqCst));
-        sqlx::any::install_default_drivers();
-        let admin = sqlx::AnyPool::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is required (set CDP_SKIP_PG=1 to skip): {e}"));
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await.expect("drop");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create database");
-        admin.close().await;
-        let url = match admin_url.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{name}"),
-            None => panic!("bad CDP_TEST_PG"),
-        };
-        let pg = Store::connect(&url, std::path::Path::new(".")).await.expect("postgres");
-        out.push(("postgres", pg, Some(name), tempfile::tempdir().expect("tempdir")));
-    }
-    out
-}
-
-async fn drop_db(name: Option<String>) {
-    if let Some(name) = name {
-        let admin_url = std::env::var("CDP_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-        if let Ok(admin) = sqlx::AnyPool::connect(&admin_url).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
-        }
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
-}
-
 #[test]
 fn identify_and_events_make_one_golden_record_and_reingest_changes_nothing() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let batch = records(
                 &m,
                 "web",
@@ -160,7 +122,7 @@ fn unique_keys_never_merge_and_the_conflict_is_explained() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let batch = records(
                 &m,
                 "crm",
@@ -195,7 +157,7 @@ fn a_late_earlier_record_reresolves_the_component() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             // B claims the email first in arrival order, but A's record is older.
             let late =
                 records(&m, "crm", &[json!({"id": "b", "at": "2026-03-01T00:00:00Z", "crm": "B", "email": "e@x.org"})]);
@@ -220,7 +182,7 @@ fn merges_are_logged_with_their_record_and_unmerge_sticks() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let first = records(
                 &m,
                 "web",
@@ -264,7 +226,7 @@ fn merge_policies_keep_provenance() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let mut batch = records(
                 &m,
                 "web",
@@ -295,7 +257,7 @@ fn entities_attach_to_profiles_and_keep_the_newest_row() {
     rt().block_on(async {
         let m = manifest();
         let cfg = IdentityConfig::from_manifest(&m);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let batch = records(
                 &m,
                 "pos",
@@ -322,7 +284,7 @@ fn probabilistic_matching_links_people_without_a_shared_key() {
         let cfg = IdentityConfig::from_manifest(&m);
         let ppl = cdp::bench::people::people(5, 400);
         let recs = cdp::bench::people::records(5, &ppl, 3);
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             for src in ["crm", "pos"] {
                 let raws: Vec<Value> = recs.iter().filter(|r| r.source == src).map(|r| r.record.clone()).collect();
                 let mut mapper = Mapper::new(&m, src).expect("source");
@@ -389,7 +351,7 @@ fn a_strong_match_crosses_a_unique_key_only_where_the_manifest_allows() {
             assert!(!l.has_errors(), "{:#?}", l.diagnostics);
             let m = l.manifest.expect("manifest");
             let cfg = IdentityConfig::from_manifest(&m);
-            for (name, store, db, _dir) in backends().await {
+            for (name, store, db, _dir) in backends("store").await {
                 store.apply_batch(&cfg, records(&m, "crm", &raws), None).await.expect("crm");
                 let apart = store.find_profile(&m, "crm_id", "D1").await.expect("D1");
                 assert_ne!(apart, store.find_profile(&m, "crm_id", "C37").await.expect("C37"), "{name}");
@@ -456,7 +418,7 @@ fn arb_records() -> impl Strategy<Value = Vec<Value>> {
 async fn resolve_all(m: &Manifest, raws: &[Value], batch: usize) -> Vec<(Vec<Vec<String>>, Vec<Value>)> {
     let cfg = IdentityConfig::from_manifest(m);
     let mut out = Vec::new();
-    for (_, store, db, _dir) in backends().await {
+    for (_, store, db, _dir) in backends("store").await {
         for chunk in raws.chunks(batch.max(1)) {
             store.apply_batch(&cfg, records(m, "web", chunk), None).await.expect("apply");
         }
@@ -532,7 +494,7 @@ fn mixed_trait_types_ingest_alike_on_both_backends() {
             })
             .collect();
         let mut golden = Vec::new();
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             for chunk in raws.chunks(5_000) {
                 let r = store.apply_batch(&cfg, records(&m, "web", chunk), None).await;
                 assert!(r.is_ok(), "{name}: {r:?}");
@@ -587,7 +549,7 @@ fn large_batches_store_the_same_on_both_backends() {
         // Half of these are stored already.
         let second: Vec<Value> = (3_000..9_000).map(raw).collect();
         let mut seen = Vec::new();
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let a = store.apply_batch(&cfg, records(&m, "web", &first), None).await.expect("first batch");
             assert_eq!((a.accepted, a.duplicates), (6_000, 0), "{name}");
             let b = store.apply_batch(&cfg, records(&m, "web", &second), None).await.expect("second batch");
@@ -634,7 +596,7 @@ fn a_nul_character_in_strings_does_not_abort_ingest() {
         )
         .expect("json");
         let raws = raw.as_array().expect("array").clone();
-        for (name, store, db, _dir) in backends().await {
+        for (name, store, db, _dir) in backends("store").await {
             let r = store.apply_batch(&cfg, records(&m, "web", &raws), None).await.expect("ingest with NUL");
             assert_eq!(r.accepted, 2, "{name}");
             let p = store.find_profile(&m, "anonymous_id", "ab").await.expect("NUL removed from the identifier");
