@@ -30,8 +30,8 @@ use serde_json::{Map, Value};
 use crate::ingest::Mapper;
 use crate::manifest::{Manifest, yaml};
 use crate::profile::GoldenRecord;
+use crate::resolved::Resolved;
 use crate::store::Store;
-use crate::store::ingest::IdentityConfig;
 
 /// What one fixture file found.
 #[derive(Debug, Default)]
@@ -78,8 +78,8 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Runs one fixture file against `m` in a scratch store under `scratch`.
-pub async fn run(m: &Manifest, file: &Path, scratch: &Path) -> Outcome {
+/// Runs one fixture file against the resolved manifest `r` in a scratch store under `scratch`.
+pub async fn run(r: &Resolved, file: &Path, scratch: &Path) -> Outcome {
     let mut out = Outcome { file: file.to_path_buf(), ..Outcome::default() };
     let fixture = match read(file) {
         Ok(f) => f,
@@ -95,11 +95,11 @@ pub async fn run(m: &Manifest, file: &Path, scratch: &Path) -> Outcome {
             return out;
         }
     };
-    if let Err(e) = load(m, &store, &fixture, &mut out).await {
+    if let Err(e) = load(r, &store, &fixture, &mut out).await {
         out.fail("loading the given records", "no error", e);
         return out;
     }
-    if let Err(e) = expect(m, &store, &fixture, &mut out).await {
+    if let Err(e) = expect(r, &store, &fixture, &mut out).await {
         out.fail("reading the store", "no error", e);
     }
     out
@@ -122,8 +122,8 @@ fn read(file: &Path) -> Result<Value, String> {
 }
 
 /// Ingests the `given` records, source by source, then matches.
-async fn load(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome) -> Result<(), String> {
-    let cfg = IdentityConfig::from_manifest(m);
+async fn load(r: &Resolved, store: &Store, fixture: &Value, out: &mut Outcome) -> Result<(), String> {
+    let (m, cfg) = (&*r.manifest, &r.identity);
     let now = crate::store::now_ms();
     let given = fixture.get("given").and_then(Value::as_object).ok_or("`given` must map sources to record lists")?;
     for (source, records) in given {
@@ -136,7 +136,7 @@ async fn load(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome) -
                 Err(e) => out.fail(format!("given.{source}[{i}]"), "accepted", format!("rejected: {e}")),
             }
         }
-        store.apply_batch(&cfg, batch, None).await.map_err(|e| e.to_string())?;
+        store.apply_batch(cfg, batch, None).await.map_err(|e| e.to_string())?;
     }
     if m.identity.matching.is_some() {
         store.match_profiles(m).await.map_err(|e| e.to_string())?;
@@ -144,11 +144,12 @@ async fn load(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome) -
     Ok(())
 }
 
-async fn expect(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome) -> Result<(), String> {
+async fn expect(r: &Resolved, store: &Store, fixture: &Value, out: &mut Outcome) -> Result<(), String> {
+    let m = &*r.manifest;
     let empty = Map::new();
     let expect = fixture.get("expect").and_then(Value::as_object).unwrap_or(&empty);
     let profiles = store.live_profiles().await.map_err(|e| e.to_string())?;
-    let model = crate::profile::Model::new(m);
+    let model = &r.model;
     if let Some(n) = expect.get("profiles") {
         out.check(n.as_u64() == Some(profiles.len() as u64), || {
             ("number of profiles".into(), n.to_string(), profiles.len().to_string())
@@ -161,14 +162,14 @@ async fn expect(m: &Manifest, store: &Store, fixture: &Value, out: &mut Outcome)
             out.check(false, || (what.clone(), format!("a profile with {lookup}"), "none".into()));
             continue;
         };
-        let g = store.golden_with(m, &model, id, 0).await.map_err(|e| e.to_string())?;
+        let g = store.golden_with(m, model, id, 0).await.map_err(|e| e.to_string())?;
         check_profile(p, &g, &what, out);
     }
     if let Some(auds) = expect.get("audiences").and_then(Value::as_object) {
         let mut members: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
         let mut names: BTreeMap<i64, String> = BTreeMap::new();
         for id in &profiles {
-            let g = store.golden_with(m, &model, *id, 0).await.map_err(|e| e.to_string())?;
+            let g = store.golden_with(m, model, *id, 0).await.map_err(|e| e.to_string())?;
             for a in &g.audiences {
                 members.entry(a.clone()).or_default().insert(*id);
             }

@@ -145,23 +145,22 @@ impl RetentionRule {
     }
 }
 
-/// The manifest's retention rules (none without `retention:`).
-pub fn retention_rules(m: &Manifest) -> Vec<RetentionRule> {
-    let Some(r) = &m.retention else { return Vec::new() };
-    let dur = |s: &str| crate::units::parse_duration(s).ok();
+/// The manifest's retention rules (none without `retention:`); an error
+/// names a duration that does not parse (validation refuses it).
+pub fn retention_rules(m: &Manifest) -> Result<Vec<RetentionRule>, String> {
+    let Some(r) = &m.retention else { return Ok(Vec::new()) };
+    let dur = |what: String, s: &str| crate::units::parse_duration(s).map_err(|e| format!("retention.{what}: {e}"));
     let mut out = Vec::new();
-    if let Some(keep) = r.records.as_deref().and_then(dur) {
+    if let Some(keep) = r.records.as_deref().map(|d| dur("records".into(), d)).transpose()? {
         out.push(RetentionRule { source: None, except: r.sources.keys().cloned().collect(), event: None, keep });
     }
     for (s, d) in &r.sources {
-        if let Some(keep) = dur(d) {
-            out.push(RetentionRule { source: Some(s.clone()), except: Vec::new(), event: None, keep });
-        }
+        let keep = dur(format!("sources.{s}"), d)?;
+        out.push(RetentionRule { source: Some(s.clone()), except: Vec::new(), event: None, keep });
     }
     for (e, d) in &r.events {
-        if let Some(keep) = dur(d) {
-            out.push(RetentionRule { source: None, except: Vec::new(), event: Some(e.clone()), keep });
-        }
+        let keep = dur(format!("events.{e}"), d)?;
+        out.push(RetentionRule { source: None, except: Vec::new(), event: Some(e.clone()), keep });
     }
-    out
+    Ok(out)
 }

@@ -76,11 +76,12 @@ fn destination(audience: Option<&str>, sync: SyncMode, fields: &[&str]) -> Desti
 }
 
 fn the_targets(m: &Manifest) -> Vec<Target> {
-    assert!(targets(m).is_empty());
+    assert!(targets(m).expect("targets").is_empty());
     vec![
-        Target::resolve(m, "members", &destination(Some("vip"), SyncMode::Membership, &["email", "tier"])),
-        Target::resolve(m, "gold_list", &destination(Some("gold"), SyncMode::Membership, &["email"])),
-        Target::resolve(m, "crm", &destination(None, SyncMode::Upsert, &["email", "points", "ltv"])),
+        Target::resolve(m, "members", &destination(Some("vip"), SyncMode::Membership, &["email", "tier"]))
+            .expect("target"),
+        Target::resolve(m, "gold_list", &destination(Some("gold"), SyncMode::Membership, &["email"])).expect("target"),
+        Target::resolve(m, "crm", &destination(None, SyncMode::Upsert, &["email", "points", "ltv"])).expect("target"),
     ]
 }
 
@@ -130,7 +131,8 @@ async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
     let m = manifest();
     let cfg = IdentityConfig::from_manifest(&m);
     let m = Arc::new(m);
-    let mut ev = Evaluator::new(m.clone(), the_targets(&m), "v1");
+    let resolved = cdp::resolved::Resolved::from_manifest((*m).clone()).expect("resolves");
+    let mut ev = Evaluator::new(&resolved, the_targets(&m));
     settle(&mut ev, store).await;
     let mut mapper = Mapper::new(&m, "web").expect("source");
     let mut i = 0;
@@ -148,7 +150,7 @@ async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
 
     // Membership and computed traits equal a fresh evaluation of each
     // profile's rows (not the store's kept values), profile by profile.
-    let model = cdp::profile::Model::new(&m);
+    let model = cdp::profile::Model::new(&m).expect("model");
     let mut truth = BTreeSet::new();
     let mut computed_truth = BTreeSet::new();
     for p in store.live_profiles().await.expect("profiles") {
@@ -178,7 +180,7 @@ async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
     let changes = count(store, "SELECT COUNT(*) FROM audience_changes").await;
     sqlx::query("DELETE FROM audience_state").execute(store.pool()).await.unwrap();
     sqlx::query("DELETE FROM destination_state").execute(store.pool()).await.unwrap();
-    let mut full = Evaluator::new(m.clone(), the_targets(&m), "v2");
+    let mut full = Evaluator::new(&resolved, the_targets(&m));
     settle(&mut full, store).await;
     assert_eq!(count(store, "SELECT COUNT(*) FROM audience_changes").await, changes, "a full pass moved members");
     let extra: Vec<String> =

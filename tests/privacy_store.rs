@@ -318,8 +318,10 @@ fn a_suppressed_person_is_not_collected_and_leaves_every_destination() {
                     retry: None,
                     shrink_guard: None,
                 },
-            );
-            let mut ev = Evaluator::new(m.clone(), vec![target], "v1");
+            )
+            .expect("target");
+            let resolved = cdp::resolved::Resolved::from_manifest((*m).clone()).expect("resolves");
+            let mut ev = Evaluator::new(&resolved, vec![target]);
             while ev.step(&store).await.unwrap() {}
             let ada = store.find_profile(&m, "email", "ada.lovelace@example.org").await.expect("ada");
             assert_eq!(store.destination_held("list").await.unwrap().len(), 2, "{name}");
@@ -395,7 +397,7 @@ fn retention_counts_then_deletes_what_the_rules_no_longer_keep() {
         assert!(!l.has_errors(), "{:#?}", l.diagnostics);
         let m = l.manifest.unwrap();
         let cfg = IdentityConfig::from_manifest(&m);
-        let rules = cdp::privacy::retention_rules(&m);
+        let rules = cdp::privacy::retention_rules(&m).expect("rules");
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, url, db) in support::urls(dir.path(), "retention").await {
             let store = Store::connect(&url, dir.path()).await.expect("store");

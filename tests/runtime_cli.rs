@@ -218,6 +218,10 @@ fn run_syncs_on_schedule_reloads_changes_and_keeps_the_old_manifest_when_the_new
     assert!(changed.elapsed() < Duration::from_secs(5), "reload took {:?}", changed.elapsed());
     assert_eq!(doc["runtime"]["pid"], pid, "{doc:#}");
     assert_eq!(sync_status(&doc, "loyalty")["schedule"], "*/2 * * * * *");
+    // What the reload changed, as `cdp plan` names it (the two resolved manifests diffed).
+    assert_eq!(doc["reload"]["changes"], serde_json::json!(["~sources.loyalty", "~audiences.gold"]), "{doc:#}");
+    let human = text(&cdp(dir.path(), &["status"]));
+    assert!(human.contains("~sources.loyalty ~audiences.gold"), "{human}");
 
     // An invalid manifest: the old one keeps running, status shows why.
     let applied = doc["manifest"]["sha256"].clone();

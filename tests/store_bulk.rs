@@ -120,7 +120,7 @@ async fn fill(store: &Store, m: &Manifest) {
 fn a_page_of_profiles_reads_as_each_profile_alone() {
     rt().block_on(async {
         let m = manifest();
-        let model = Model::new(&m);
+        let model = Model::new(&m).expect("model");
         for (name, store, db, _dir) in backends("bulk").await {
             fill(&store, &m).await;
             let live = store.live_profiles().await.expect("live");

@@ -50,17 +50,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn from_manifest(r: Option<&Retry>) -> RetryPolicy {
+    pub fn from_manifest(r: Option<&Retry>) -> Result<RetryPolicy, String> {
         let d = RetryPolicy::default();
-        let Some(r) = r else { return d };
-        let dur = |v: &Option<String>, default| {
-            v.as_deref().and_then(|s| crate::units::parse_duration(s).ok()).unwrap_or(default)
+        let Some(r) = r else { return Ok(d) };
+        let dur = |what: &str, v: &Option<String>, default| match v.as_deref() {
+            None => Ok(default),
+            Some(s) => crate::units::parse_duration(s).map_err(|e| format!("{what}: {e}")),
         };
-        RetryPolicy {
+        Ok(RetryPolicy {
             max_attempts: r.max_attempts.unwrap_or(d.max_attempts).max(1),
-            initial: dur(&r.initial_backoff, d.initial),
-            max: dur(&r.max_backoff, d.max),
-        }
+            initial: dur("initial_backoff", &r.initial_backoff, d.initial)?,
+            max: dur("max_backoff", &r.max_backoff, d.max)?,
+        })
     }
 
     /// The wait before attempt `attempts + 1` after `attempts` failed ones:

@@ -55,33 +55,34 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn resolve(m: &Manifest, name: &str, def: &Destination) -> Target {
+    /// Destination `name` of `m`, its batch, rate and retry settings parsed.
+    /// An error names the setting that does not parse (validation refuses it).
+    pub fn resolve(m: &Manifest, name: &str, def: &Destination) -> Result<Target, String> {
         let mode = def.sync.unwrap_or(if def.audience.is_some() { SyncMode::Membership } else { SyncMode::Upsert });
         let rule = def.audience.as_ref().and_then(|a| m.audiences.get(a)).map(|a| a.rule.as_str());
         let what = json!({
             "audience": def.audience, "rule": rule, "purpose": def.purpose, "fields": def.fields,
             "hash": def.hash, "mode": format!("{mode:?}"), "policies": m.consent.policies,
         });
+        let err = |setting: &'static str| move |e: String| format!("destination `{name}`: {setting}: {e}");
         let batch = def.batch.as_ref();
-        Target {
+        let max_wait = batch.and_then(|b| b.max_wait.as_deref()).map(crate::units::parse_duration).transpose();
+        Ok(Target {
             name: name.to_owned(),
             mode,
             fingerprint: hex::encode(Sha256::digest(what.to_string().as_bytes())),
             max_records: batch.and_then(|b| b.max_records).map_or(500, |n| n.max(1) as usize),
-            max_wait: batch
-                .and_then(|b| b.max_wait.as_deref())
-                .and_then(|w| crate::units::parse_duration(w).ok())
-                .unwrap_or(Duration::from_secs(5)),
-            rate: def.rate_limit.as_deref().and_then(|r| crate::units::parse_rate(r).ok()),
-            retry: RetryPolicy::from_manifest(def.retry.as_ref()),
+            max_wait: max_wait.map_err(err("batch.max_wait"))?.unwrap_or(Duration::from_secs(5)),
+            rate: def.rate_limit.as_deref().map(crate::units::parse_rate).transpose().map_err(err("rate_limit"))?,
+            retry: RetryPolicy::from_manifest(def.retry.as_ref()).map_err(err("retry"))?,
             guard: def.shrink_guard.as_ref().map(|g| g.max_removal_percent),
             def: def.clone(),
-        }
+        })
     }
 }
 
 /// Every destination of `m`, in its order.
-pub fn targets(m: &Manifest) -> Vec<Target> {
+pub fn targets(m: &Manifest) -> Result<Vec<Target>, String> {
     m.destinations.iter().map(|(n, d)| Target::resolve(m, n, d)).collect()
 }
 
@@ -113,7 +114,7 @@ pub struct ProfileState {
 
 /// A profile's state from its stored rows at `now`.
 pub fn state_of(m: &Manifest, model: &profile::Model, rows: ProfileRows, now: i64) -> ProfileState {
-    let decisions = consent::decide(m, consent::expiry(m), &rows.consent, now);
+    let decisions = consent::decide(m, model.consent_expiry(), &rows.consent, now);
     let profile = rows.profile;
     let g = profile::golden_record(m, model, rows, 0, now);
     let mut values: HashMap<String, Value> = g.traits.into_iter().map(|(k, v)| (k, v.value)).collect();
@@ -253,8 +254,10 @@ pub struct Dependencies {
 }
 
 impl Dependencies {
-    pub fn new(m: &Manifest) -> Dependencies {
-        let programs: HashMap<String, crate::audience::Program> = profile::audiences::programs(m).into_iter().collect();
+    /// What each audience of `m` reads, from its rule compiled in `model`.
+    pub fn new(m: &Manifest, model: &profile::Model) -> Dependencies {
+        let programs: HashMap<&str, &crate::audience::Program> =
+            model.audiences().iter().map(|(n, p)| (n.as_str(), p)).collect();
         let mut deps = Dependencies::default();
         for name in m.audiences.keys() {
             let mut fields = HashSet::new();
@@ -265,7 +268,7 @@ impl Dependencies {
                 if !seen.insert(a.clone()) {
                     continue;
                 }
-                let Some(p) = programs.get(&a) else { continue };
+                let Some(p) = programs.get(a.as_str()) else { continue };
                 clocked |= p.reads_clock();
                 for v in &p.vars {
                     if let Some(other) = v.strip_prefix("audiences.") {

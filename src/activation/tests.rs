@@ -48,7 +48,7 @@ fn state(m: &Manifest, ledger: &[LedgerRow], now: i64) -> ProfileState {
         profile: 7,
         live: true,
         audiences: ["gold".to_owned()].into_iter().collect(),
-        decisions: consent::decide(m, consent::expiry(m), ledger, now),
+        decisions: consent::decide(m, consent::expiry(m).expect("expiry"), ledger, now),
         identities: vec![("email".into(), "ada@example.com".into()), ("phone".into(), "+46701234567".into())],
         values,
         suppressed: false,
@@ -66,7 +66,8 @@ fn a_grant_enters_a_withdrawal_exits_and_nothing_repeats() {
         &m,
         "vip",
         &destination("email_marketing", &["email", "first_name"], &[], Some("gold"), SyncMode::Membership),
-    );
+    )
+    .expect("target");
     let granted = state(&m, &[row("email_marketing", true, DAY)], 2 * DAY);
     let enter = plan(&m, &t, &granted, true, None, 2 * DAY).expect("enters");
     assert_eq!(enter.op, Op::Enter);
@@ -94,7 +95,8 @@ fn a_grant_enters_a_withdrawal_exits_and_nothing_repeats() {
 fn upserts_follow_field_changes_and_keys_are_stable() {
     let m = manifest("granted");
     let t =
-        Target::resolve(&m, "crm", &destination("email_marketing", &["email", "tier"], &[], None, SyncMode::Upsert));
+        Target::resolve(&m, "crm", &destination("email_marketing", &["email", "tier"], &[], None, SyncMode::Upsert))
+            .expect("target");
     let s = state(&m, &[], DAY);
     let first = plan(&m, &t, &s, true, None, DAY).expect("upsert");
     assert_eq!(first.op, Op::Upsert);
@@ -111,7 +113,7 @@ fn upserts_follow_field_changes_and_keys_are_stable() {
 #[test]
 fn dependencies_follow_rules_through_audiences() {
     let m = manifest("denied");
-    let d = Dependencies::new(&m);
+    let d = Dependencies::new(&m, &crate::profile::Model::new(&m).expect("model"));
     assert!(d.touches("gold", &["tier".into()]));
     assert!(!d.touches("gold", &["points".into()]));
     assert!(d.touches("spenders", &["tier".into()]), "through audiences.gold");
@@ -159,7 +161,8 @@ proptest! {
         let ledger: Vec<LedgerRow> = answers.iter().map(|(p, g, d)| row(purposes[*p], *g, d * DAY)).collect();
         let hash: Vec<&str> = fields.iter().enumerate().filter(|(i, _)| hash_mask & (1 << i) != 0).map(|(_, f)| *f).collect();
         let audience = (mode == SyncMode::Membership).then_some("gold");
-        let t = Target::resolve(&m, "d", &destination(purposes[purpose], &fields, &hash, audience, mode));
+        let t = Target::resolve(&m, "d", &destination(purposes[purpose], &fields, &hash, audience, mode))
+            .expect("target");
         let now = now_day * DAY;
         let s = state(&m, &ledger, now);
         let basis = has_basis(&ledger, purposes[purpose], default_granted, now);
@@ -209,7 +212,8 @@ fn an_identity_key_that_is_also_a_trait_is_sent_from_the_identifiers() {
     let l = load_str(text, &Options::validate("."));
     assert!(!l.has_errors(), "{:#?}", l.diagnostics);
     let m = l.manifest.unwrap();
-    let t = Target::resolve(&m, "ads", &destination("advertising", &["email"], &["email"], None, SyncMode::Upsert));
+    let t = Target::resolve(&m, "ads", &destination("advertising", &["email"], &["email"], None, SyncMode::Upsert))
+        .expect("target");
     let s = ProfileState {
         profile: 1,
         live: true,

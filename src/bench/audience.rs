@@ -446,7 +446,7 @@ pub async fn run(n: usize, runs: usize, dir: &Path) -> Result<String> {
 
 /// Evaluates every profile `runs` times each way, alternating which goes first.
 async fn measure(store: &Arc<Store>, m: &Manifest, now_ms: i64, runs: usize) -> Result<Measured> {
-    let model = Model::new(m);
+    let model = Model::new(m).map_err(anyhow::Error::msg)?;
     let rules = Arc::new(sql_rules(now_ms));
     let (mut cdp_times, mut read_times, mut sql_times) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cdp, mut sql) = (None, None);

@@ -19,8 +19,9 @@ fn time(ms: Option<i64>) -> String {
 
 /// `cdp audience list`.
 pub async fn list(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let store = super::connect(m, base).await?;
     let states = store.audience_states().await?;
     let day_ago = crate::store::now_ms() - 86_400_000;
     let mut rows = Vec::new();
@@ -73,12 +74,13 @@ pub async fn list(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
 
 /// `cdp audience show NAME [--members]`.
 pub async fn show(manifest: &Path, name: &str, members: bool, limit: u32, format: ReportFormat) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
     let Some(a) = m.audiences.get(name) else {
         let known: Vec<&str> = m.audiences.keys().map(String::as_str).collect();
         bail!("no audience `{name}` in the manifest{}", did_you_mean(name, known));
     };
-    let store = super::connect(&m, &base).await?;
+    let store = super::connect(m, base).await?;
     if members {
         super::audit::record(&store, "audience.members", name, "ok").await?;
     }
@@ -143,9 +145,10 @@ pub async fn dlq_list(
     limit: u32,
     format: ReportFormat,
 ) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    check_destination(&m, destination)?;
-    let store = super::connect(&m, &base).await?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    check_destination(m, destination)?;
+    let store = super::connect(m, base).await?;
     let rows = store.dead_letters(destination, i64::from(limit)).await?;
     match format {
         ReportFormat::Json => {
@@ -184,9 +187,10 @@ pub async fn dlq_list(
 
 /// `cdp dlq replay [--destination D]`.
 pub async fn dlq_replay(manifest: &Path, destination: Option<&str>) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    check_destination(&m, destination)?;
-    let store = super::connect(&m, &base).await?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    check_destination(m, destination)?;
+    let store = super::connect(m, base).await?;
     super::audit::record(&store, "dlq.replay", destination.unwrap_or("*"), "ok").await?;
     let n = store.replay_dead(destination).await?;
     outln!(
@@ -198,9 +202,10 @@ pub async fn dlq_replay(manifest: &Path, destination: Option<&str>) -> Result<Ex
 
 /// `cdp sync resume NAME`: releases a destination the shrink guard paused.
 pub async fn resume(manifest: &Path, name: &str) -> Result<ExitCode> {
-    let (m, base) = super::load_manifest(manifest)?;
-    check_destination(&m, Some(name))?;
-    let store = super::connect(&m, &base).await?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    check_destination(m, Some(name))?;
+    let store = super::connect(m, base).await?;
     super::audit::record(&store, "sync.resume", name, "ok").await?;
     if store.resume_destination(name).await? {
         outln!("`{name}` resumed: `cdp run` reconciles it in full now, sending the changes the guard held back");

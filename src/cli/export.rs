@@ -81,8 +81,9 @@ impl Sink {
 }
 
 pub async fn run(a: Args<'_>) -> Result<()> {
-    let (m, base) = load_manifest(a.manifest)?;
-    let store = connect(&m, &base).await?;
+    let r = load_manifest(a.manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let store = connect(m, base).await?;
     let started = Instant::now();
     let (total, noun) = match a.what {
         What::Profiles => (store.profile_count().await?, "profiles"),
@@ -98,7 +99,7 @@ pub async fn run(a: Args<'_>) -> Result<()> {
     let progress = progress_bar(total.max(0) as u64, noun, a.quiet);
     let mut sink = Sink::open(a.out)?;
     let written = match a.what {
-        What::Profiles => profiles(&store, &m, a.format, sink.writer(), &progress).await?,
+        What::Profiles => profiles(&store, &r, a.format, sink.writer(), &progress).await?,
         What::Records => records(&store, a.format, sink.writer(), &progress).await?,
     };
     sink.finish(a.out)?;
@@ -166,13 +167,13 @@ impl<'w> Rows<'w> {
 
 async fn profiles(
     store: &Store,
-    m: &Manifest,
+    r: &crate::resolved::Resolved,
     format: ExportFormat,
     out: &mut dyn Write,
     progress: &indicatif::ProgressBar,
 ) -> Result<u64> {
+    let (m, model) = (&*r.manifest, &r.model);
     let columns = ProfileColumns::new(m);
-    let model = crate::profile::Model::new(m);
     let mut rows = Rows::new(format, out, &columns.header)?;
     let mut after = i64::MIN;
     let mut written = 0u64;
@@ -182,7 +183,7 @@ async fn profiles(
         after = *last;
         let now = crate::store::now_ms();
         for r in store.profile_rows_many(&page).await? {
-            let g = crate::profile::golden_record(m, &model, r, 0, now);
+            let g = crate::profile::golden_record(m, model, r, 0, now);
             rows.row(|| columns.row(&g), || profile_json(&g))?;
             written += 1;
         }

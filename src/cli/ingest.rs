@@ -4,7 +4,7 @@
 
 use super::{connect, load_manifest};
 use crate::ingest::{Mapper, Rejection, file, pipeline};
-use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
+use crate::store::ingest::{Batch, BatchReport};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
@@ -110,15 +110,16 @@ pub struct Summary {
 }
 
 pub async fn run(a: Args<'_>) -> Result<Summary> {
-    let (m, base) = load_manifest(a.manifest)?;
+    let r = load_manifest(a.manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
     // Check the source before touching the database.
-    Mapper::new(&m, a.source).map_err(anyhow::Error::msg)?;
+    Mapper::new(m, a.source).map_err(anyhow::Error::msg)?;
     // And the file: a directory or a device is refused here.
     let canonical = a.file.canonicalize().with_context(|| format!("cannot open {}", a.file.display()))?;
     let lines = file::open(&canonical).with_context(|| format!("cannot open {}", a.file.display()))?;
-    let store = connect(&m, &base).await?;
+    let store = connect(m, base).await?;
     super::record_applied(&store, a.manifest, "cdp ingest").await?;
-    let cfg = IdentityConfig::from_manifest(&m);
+    let cfg = &r.identity;
     let stream = format!("file:{}:{}", a.source, canonical.display());
     let start_after: u64 =
         if a.resume { store.cursor(&stream).await?.and_then(|p| p.parse().ok()).unwrap_or(0) } else { 0 };
@@ -202,7 +203,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let position = last_line.to_string();
-        let r = pipeline::apply(&store, &cfg, recs, Some((&stream, &position)), None, "cli").await?;
+        let r = pipeline::apply(&store, cfg, recs, Some((&stream, &position)), None, "cli").await?;
         s.report.add(&r);
         progress.set_position(last_line);
         progress.set_message(format!("{} accepted, {} rejected", s.report.accepted, s.rejected));
@@ -216,7 +217,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     // New records, or a matching run a crash interrupted, leave matching pending.
     if a.run_match && m.identity.matching.is_some() && store.matching_pending().await? {
         let started = Instant::now();
-        let r = store.match_pending(&m).await?;
+        let r = store.match_pending(m).await?;
         if !a.quiet {
             print_match(&r)?;
             outln!("  matching took {:.2}s", started.elapsed().as_secs_f64());

@@ -580,12 +580,13 @@ pub fn run() -> ExitCode {
             })
         }),
         Command::Match => block_on(async {
-            let (m, base) = load_manifest(&file)?;
+            let r = load_manifest(&file)?;
+            let (m, base) = (&*r.manifest, r.base.as_path());
             if m.identity.matching.is_none() {
                 bail!("the manifest has no `identity.match` section");
             }
-            let store = connect(&m, &base).await?;
-            let r = store.match_profiles(&m).await?;
+            let store = connect(m, base).await?;
+            let r = store.match_profiles(m).await?;
             ingest::print_match(&r)?;
             Ok(ExitCode::SUCCESS)
         }),
@@ -665,18 +666,19 @@ fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<E
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
 }
 
-/// Loads a manifest for a command that acts on it: errors stop the command,
-/// with the same diagnostics `validate` prints.
-pub(crate) fn load_manifest(path: &Path) -> Result<(crate::manifest::Manifest, PathBuf)> {
+/// Resolves the manifest for a command that acts on it: errors stop the
+/// command, with the same diagnostics `validate` prints.
+pub(crate) fn load_manifest(path: &Path) -> Result<crate::resolved::Resolved> {
+    use crate::resolved::ResolveError;
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let loaded = crate::manifest::load_file(path, &crate::manifest::Options::validate(&base))?;
-    if loaded.has_errors() {
-        let errors: Vec<_> = loaded.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
-        eprint!("{}", render::human(&path.display().to_string(), loaded.source.as_deref(), &errors));
-        bail!("{} is invalid; fix it (see `cdp validate`) and run again", path.display());
+    match crate::resolved::resolve_file(path, &crate::manifest::Options::validate(&base)) {
+        Ok(r) => Ok(r),
+        Err(e @ ResolveError::Read { .. }) => Err(e.into()),
+        Err(e @ ResolveError::Invalid { .. }) => {
+            eprint!("{}", render::load_error(&e));
+            bail!("{} is invalid; fix it (see `cdp validate`) and run again", path.display());
+        }
     }
-    let m = loaded.manifest.context("manifest")?;
-    Ok((m, base))
 }
 
 /// Opens the manifest's store.

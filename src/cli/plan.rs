@@ -11,27 +11,19 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use super::{ReportFormat, connect, load_manifest};
-use crate::manifest::diff::{Change, ChangeKind, diff};
-use crate::manifest::{Manifest, Options, load_str};
+use crate::manifest::diff::{Change, ChangeKind};
+use crate::resolved::{self, Resolved};
 use crate::store::Store;
-use crate::store::ingest::IdentityConfig;
 
 /// Example members shown per audience entry or exit list.
 const EXAMPLES: usize = 3;
 
 pub async fn run(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
-    let (new, base) = load_manifest(manifest)?;
-    let store = connect(&new, &base).await?;
+    let new = load_manifest(manifest)?;
+    let store = connect(&new.manifest, &new.base).await?;
     let applied = store.applied_manifest().await?;
-    let old = match &applied {
-        Some(a) => load_str(&a.text, &Options::validate(&base)).manifest,
-        None => None,
-    };
-    let baseline = match &old {
-        Some(m) => m.clone(),
-        None => empty(&new),
-    };
-    let changes = diff(&baseline, &new);
+    let old = applied.as_ref().and_then(|a| resolved::resolve_applied(&a.text, &new.base));
+    let changes = resolved::diff(old.as_ref(), &new).sections;
     let impact = impact(&store, old.as_ref(), &new, &changes).await?;
     let doc = json!({
         "applied": applied.as_ref().map(|a| json!({"sha256": a.sha256, "applied_at": a.applied_at, "applied_by": a.applied_by})),
@@ -45,33 +37,19 @@ pub async fn run(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
     Ok(if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
-/// A manifest with nothing in it, for a store that never had one applied.
-fn empty(like: &Manifest) -> Manifest {
-    let mut m = like.clone();
-    m.plugins.clear();
-    m.sources.clear();
-    m.identity = Default::default();
-    m.model = Default::default();
-    m.consent.purposes.clear();
-    m.consent.policies.clear();
-    m.audiences.clear();
-    m.destinations.clear();
-    m
-}
-
 /// Sections whose change can move anyone in or out of any audience.
 fn moves_every_audience(c: &Change) -> bool {
     c.section.starts_with("model.") || c.section.starts_with("identity.") || c.section.starts_with("consent.")
 }
 
 /// What the change does to the data.
-async fn impact(store: &Store, old: Option<&Manifest>, new: &Manifest, changes: &[Change]) -> Result<Value> {
+async fn impact(store: &Store, old: Option<&Resolved>, new: &Resolved, changes: &[Change]) -> Result<Value> {
     let every = changes.iter().any(moves_every_audience);
     let mut audiences: BTreeSet<String> =
         changes.iter().filter(|c| c.section == "audiences").map(|c| c.name.clone()).collect();
     if every {
-        audiences.extend(new.audiences.keys().cloned());
-        audiences.extend(old.into_iter().flat_map(|m| m.audiences.keys().cloned()));
+        audiences.extend(new.manifest.audiences.keys().cloned());
+        audiences.extend(old.into_iter().flat_map(|r| r.manifest.audiences.keys().cloned()));
     }
     let destinations: Vec<&Change> =
         changes.iter().filter(|c| c.section == "destinations" && c.kind != ChangeKind::Removed).collect();
@@ -89,18 +67,18 @@ async fn impact(store: &Store, old: Option<&Manifest>, new: &Manifest, changes: 
         out.insert("removed_sources".into(), Value::Array(sources));
     }
     if changes.iter().any(|c| c.section == "retention") {
-        let rules = crate::privacy::retention_rules(new);
-        let counts = store.retention(&rules, false).await?;
+        let rules = &new.retention.rules;
+        let counts = store.retention(rules, false).await?;
         let doc: Vec<Value> = counts
             .into_iter()
-            .zip(&rules)
+            .zip(rules)
             .map(|((rule, n), r)| json!({"rule": rule, "keep": crate::units::format_duration(r.keep), "would_delete": n}))
             .collect();
         out.insert("retention".into(), Value::Array(doc));
     }
     if changes.iter().any(|c| c.section.starts_with("identity.")) {
         let (idents, links) = store.identity_graph().await?;
-        let cfg = IdentityConfig::from_manifest(new);
+        let cfg = &new.identity;
         let i = crate::identity::impact::impact(&idents, &links, &cfg.keys, &cfg.rules, EXAMPLES);
         let mut doc = serde_json::to_value(&i)?;
         let renormalised = changes
@@ -128,8 +106,8 @@ async fn impact(store: &Store, old: Option<&Manifest>, new: &Manifest, changes: 
 /// everyone, who granted its purpose).
 async fn evaluate(
     store: &Store,
-    old: Option<&Manifest>,
-    new: &Manifest,
+    old: Option<&Resolved>,
+    new: &Resolved,
     audiences: &BTreeSet<String>,
     destinations: &[&Change],
 ) -> Result<(Value, Value)> {
@@ -152,18 +130,16 @@ async fn evaluate(
     }
     let mut moves: BTreeMap<String, Moves> = audiences.iter().map(|a| (a.clone(), Moves::default())).collect();
     let mut sends: BTreeMap<String, u64> = destinations.iter().map(|c| (c.name.clone(), 0)).collect();
-    let new_model = crate::profile::Model::new(new);
-    let old_model = old.map(crate::profile::Model::new);
     let at = crate::store::now_ms();
     // Pages of profiles read in bulk, each evaluated under both manifests.
     for page in profiles.chunks(500) {
         for rows in store.profile_rows_many(page).await? {
             let id = rows.profile;
-            let before: BTreeSet<String> = match (old, &old_model) {
-                (Some(m), Some(model)) => crate::profile::audiences_of(m, model, &rows, at).into_iter().collect(),
-                _ => BTreeSet::new(),
+            let before: BTreeSet<String> = match old {
+                Some(o) => crate::profile::audiences_of(&o.manifest, &o.model, &rows, at).into_iter().collect(),
+                None => BTreeSet::new(),
             };
-            let after = crate::profile::golden_record(new, &new_model, rows, 0, at);
+            let after = crate::profile::golden_record(&new.manifest, &new.model, rows, 0, at);
             let now: BTreeSet<&str> = after.audiences.iter().map(String::as_str).collect();
             let example = || {
                 after.identities.first().map_or_else(|| format!("profile {id}"), |i| format!("{}={}", i.key, i.value))
@@ -187,7 +163,7 @@ async fn evaluate(
                 }
             }
             for (name, n) in &mut sends {
-                let Some(d) = new.destinations.get(name) else { continue };
+                let Some(d) = new.manifest.destinations.get(name) else { continue };
                 let member = d.audience.as_ref().is_none_or(|a| now.contains(a.as_str()));
                 let consented = after.consent.get(&d.purpose).is_some_and(|c| c.granted);
                 if member && consented {

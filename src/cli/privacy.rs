@@ -24,14 +24,15 @@ fn split(kv: &str) -> Result<(&str, &str)> {
 /// Runs `kind` on the person `kv` names and appends the audit row.
 async fn run(manifest: &Path, kind: Kind, kv: &str) -> Result<(Outcome, crate::store::Store)> {
     let (k, v) = split(kv)?;
-    let (m, base) = super::load_manifest(manifest)?;
-    let store = super::connect(&m, &base).await?;
+    let r = super::load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let store = super::connect(m, base).await?;
     // Which destinations' plugins can delete, from their specs.
     let mut deletes = std::collections::HashMap::new();
     if kind == Kind::Delete {
         let host = crate::plugin::Host::with_default_cache()?;
         for (name, d) in &m.destinations {
-            let can = match crate::plugin::entries::load(&host, &m, &base, &d.plugin) {
+            let can = match crate::plugin::entries::load(&host, m, base, &d.plugin) {
                 Ok(p) => p.spec(name).await.ok().map(|s| s.capabilities.iter().any(|c| c == "delete")),
                 Err(_) => None,
             };
@@ -39,7 +40,7 @@ async fn run(manifest: &Path, kind: Kind, kv: &str) -> Result<(Outcome, crate::s
         }
     }
     let actor = super::audit::actor();
-    let outcome = perform(&store, &m, kind, k, v, &actor, &|d| deletes.get(d).copied()).await?;
+    let outcome = perform(&store, m, kind, k, v, &actor, &|d| deletes.get(d).copied()).await?;
     let target = format!("request {} ({k})", outcome.request);
     let result = if outcome.not_found { "not_found" } else { "ok" };
     super::audit::record(&store, &format!("privacy.{}", kind.as_str()), &target, result)

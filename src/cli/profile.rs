@@ -96,9 +96,11 @@ where
 }
 
 pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Result<ExitCode> {
-    let (m, base) = load_manifest(manifest)?;
-    let (store, m) = (&connect(&m, &base).await?, &m);
-    let read = |p| async move { Ok(store.golden(m, p, events).await?) };
+    let r = load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let (store, m) = (&connect(m, base).await?, &m);
+    let model = &r.model;
+    let read = |p| async move { Ok(store.golden_with(m, model, p, events).await?) };
     let g = match read_audited(store, m, "profile.get", kv, read).await? {
         Lookup::Found(g) => g,
         Lookup::NotFound(why) => {
@@ -148,10 +150,11 @@ pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Re
 }
 
 pub async fn explain(manifest: &Path, kv: &str, format: Format) -> Result<ExitCode> {
-    let (m, base) = load_manifest(manifest)?;
-    let store = &connect(&m, &base).await?;
+    let r = load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let store = &connect(m, base).await?;
     let read = |p| async move { Ok(store.explain(p).await?) };
-    let x = match read_audited(store, &m, "profile.explain", kv, read).await? {
+    let x = match read_audited(store, m, "profile.explain", kv, read).await? {
         Lookup::Found(x) => x,
         Lookup::NotFound(why) => {
             eprintln!("{why}");
@@ -220,13 +223,14 @@ enum Unmerged {
 }
 
 pub async fn unmerge(manifest: &Path, kv: &str) -> Result<ExitCode> {
-    let (m, base) = load_manifest(manifest)?;
-    let store = connect(&m, &base).await?;
+    let r = load_manifest(manifest)?;
+    let (m, base) = (&*r.manifest, r.base.as_path());
+    let store = connect(m, base).await?;
     // The split is committed before its audit row is written (the row holds
     // its outcome); if the row then fails, the command says so and exits 1.
     let done = audited(&store, Effect::Changes, "profile.unmerge", kv, async {
         let (k, v) = split(kv)?;
-        match store.unmerge(&m, k, v).await {
+        match store.unmerge(m, k, v).await {
             Ok((from, to)) => Ok(Lookup::Found(Unmerged::Split(from, to))),
             Err(e @ LookupError::NotFound(..)) => Ok(Lookup::NotFound(e.to_string())),
             Err(LookupError::AlreadyIsolated(k, v, p)) => Ok(Lookup::Found(Unmerged::Already(k, v, p))),

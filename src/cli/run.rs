@@ -10,7 +10,6 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{ReportFormat, load_manifest, render};
-use crate::manifest::{self, Options};
 use crate::runtime::sync::{self, Ctx, Trigger};
 use crate::runtime::{self, Snapshot};
 
@@ -37,8 +36,8 @@ pub async fn sync(manifest: &Path, name: &str, full: bool) -> Result<ExitCode> {
     let Some(snap) = snapshot(manifest, &host).await else {
         bail!("{} is invalid; fix it (see `cdp validate`) and run again", manifest.display());
     };
-    if !snap.sources.contains_key(name) {
-        let known: Vec<&str> = snap.sources.keys().map(String::as_str).collect();
+    if !snap.syncs.contains_key(name) {
+        let known: Vec<&str> = snap.syncs.keys().map(|k| k.as_str()).collect();
         bail!(
             "`{name}` is not a plugin source in the manifest{}",
             if known.is_empty() { String::new() } else { format!("; plugin sources: {}", known.join(", ")) }
@@ -83,12 +82,11 @@ pub async fn status(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
     // reload), so only its storage URL is read from it, from the YAML alone.
     let (store, base) = super::connect_file(manifest).await?;
     let applied = store.applied_manifest().await?;
-    let running_manifest =
-        match applied.as_ref().and_then(|a| manifest::load_str(&a.text, &Options::validate(&base)).manifest) {
-            Some(m) => m,
-            None => load_manifest(manifest)?.0,
-        };
-    let doc = runtime::status::document(&store, &running_manifest, applied.as_ref()).await?;
+    let running = match applied.as_ref().and_then(|a| crate::resolved::resolve_applied(&a.text, &base)) {
+        Some(r) => r,
+        None => load_manifest(manifest)?,
+    };
+    let doc = runtime::status::document(&store, &running, applied.as_ref()).await?;
     match format {
         ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&doc)?),
         ReportFormat::Human => out!("{}", render_status(&doc)),
@@ -139,7 +137,10 @@ fn render_status(doc: &Value) -> String {
     }
     if let Some(r) = doc["reload"].as_object() {
         if r["ok"] == true {
-            let _ = writeln!(out, "reload    ok at {} ({})", time(&r["at"]), r["trigger"].as_str().unwrap_or("?"));
+            let changes: Vec<&str> = r["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let what = if changes.is_empty() { String::new() } else { format!(": {}", changes.join(" ")) };
+            let _ =
+                writeln!(out, "reload    ok at {} ({}){what}", time(&r["at"]), r["trigger"].as_str().unwrap_or("?"));
         } else {
             let sha = r["running_sha256"].as_str().unwrap_or("");
             let _ = writeln!(

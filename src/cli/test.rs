@@ -13,7 +13,8 @@ use super::load_manifest;
 pub const DEFAULT_DIR: &str = "tests/cdp";
 
 pub async fn run(manifest: &Path, dir: Option<&Path>) -> Result<ExitCode> {
-    let (m, base) = load_manifest(manifest)?;
+    let r = load_manifest(manifest)?;
+    let base = r.base.as_path();
     let dir: PathBuf = dir.map_or_else(|| base.join(DEFAULT_DIR), Path::to_path_buf);
     let files =
         crate::fixtures::files(&dir).with_context(|| format!("cannot read the fixtures in {}", dir.display()))?;
@@ -23,7 +24,7 @@ pub async fn run(manifest: &Path, dir: Option<&Path>) -> Result<ExitCode> {
     let (mut passed, mut failed) = (0, 0);
     for file in &files {
         let scratch = tempfile::tempdir()?;
-        let o = crate::fixtures::run(&m, file, scratch.path()).await;
+        let o = crate::fixtures::run(&r, file, scratch.path()).await;
         if o.passed() {
             passed += 1;
             outln!("ok    {} ({} checks)", file.display(), o.checks);

@@ -1,4 +1,6 @@
 //! `cdp validate`: exit 0 valid (warnings allowed), 1 invalid, 2 could not run.
+//! It resolves the manifest as every other command does ([`crate::resolved`])
+//! and adds the checks made with the plugins themselves.
 
 use super::{Format, render};
 use crate::manifest::{self, Options, diag};
@@ -24,12 +26,19 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
             Err(e) => return unreadable(file, &e, format),
         }
     };
-    let mut loaded = loaded;
-    let m = loaded.manifest.as_ref().or(loaded.partial.as_ref());
-    if let (Some(m), Some(spans)) = (m, &loaded.spans) {
-        let intact = intact_entries(m, &loaded.diagnostics);
-        match plugin_checks(&intact, base, spans, loaded.source.as_deref()) {
-            Ok(diags) => loaded.diagnostics.extend(diags),
+    // The manifest as `cdp run` would resolve it; when it does not, the
+    // part that typed, for the plugin checks of its intact entries.
+    let (m, spans, source, mut diagnostics) = match crate::resolved::resolve_loaded(loaded, base) {
+        Ok(r) => (Some(r.manifest.as_ref().clone()), r.spans, Some(r.text), r.warnings),
+        Err(l) => {
+            let l = *l;
+            (l.manifest.or(l.partial), l.spans, l.source, l.diagnostics)
+        }
+    };
+    if let (Some(m), Some(spans)) = (&m, &spans) {
+        let intact = intact_entries(m, &diagnostics);
+        match plugin_checks(&intact, base, spans, source.as_deref()) {
+            Ok(diags) => diagnostics.extend(diags),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 return ExitCode::from(2);
@@ -38,11 +47,12 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
     }
     let name = if stdin { "<stdin>".to_owned() } else { file.display().to_string() };
     let out = match format {
-        Format::Human => render::human(&name, loaded.source.as_deref(), &loaded.diagnostics),
-        Format::Json => render::json(&loaded.diagnostics) + "\n",
-        Format::Github => render::github(&name, &loaded.diagnostics),
+        Format::Human => render::human(&name, source.as_deref(), &diagnostics),
+        Format::Json => render::json(&diagnostics) + "\n",
+        Format::Github => render::github(&name, &diagnostics),
     };
-    let verdict = if loaded.has_errors() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+    let verdict =
+        if diagnostics.iter().any(manifest::Diagnostic::is_error) { ExitCode::from(1) } else { ExitCode::SUCCESS };
     match write_stdout(&out) {
         // A reader that went away (`| head`) does not change the verdict.
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {

@@ -71,8 +71,13 @@ pub struct Decision {
 }
 
 /// `consent.expiry`, parsed (validation refuses one that does not parse).
-pub fn expiry(m: &Manifest) -> Option<std::time::Duration> {
-    m.consent.expiry.as_deref().and_then(|e| crate::units::parse_duration(e).ok())
+pub fn expiry(m: &Manifest) -> Result<Option<std::time::Duration>, String> {
+    m.consent
+        .expiry
+        .as_deref()
+        .map(crate::units::parse_duration)
+        .transpose()
+        .map_err(|e| format!("consent.expiry: {e}"))
 }
 
 /// Every declared purpose's state, in the manifest's order, from the
@@ -314,7 +319,7 @@ mod tests {
             row("advertising", false, 5 * DAY, "web"),
             row("advertising", true, 5 * DAY, "app"),
         ];
-        let d = decide(&m, expiry(&m), &rows, 30 * DAY);
+        let d = decide(&m, expiry(&m).expect("expiry"), &rows, 30 * DAY);
         assert_eq!(d.keys().collect::<Vec<_>>(), ["email_marketing", "advertising", "analytics"]);
         let email = &d["email_marketing"];
         assert_eq!(
@@ -330,9 +335,9 @@ mod tests {
     fn a_grant_lapses_after_the_expiry_and_an_opt_out_default_grants() {
         let m = manifest("  purposes: [email_marketing, analytics]\n  default: granted\n  expiry: 30d\n");
         let rows = [row("email_marketing", true, 0, "web")];
-        assert_eq!(decide(&m, expiry(&m), &rows, 30 * DAY)["email_marketing"].basis, Basis::Recorded);
-        let lapsed = &decide(&m, expiry(&m), &rows, 30 * DAY + 1)["email_marketing"];
+        assert_eq!(decide(&m, expiry(&m).expect("expiry"), &rows, 30 * DAY)["email_marketing"].basis, Basis::Recorded);
+        let lapsed = &decide(&m, expiry(&m).expect("expiry"), &rows, 30 * DAY + 1)["email_marketing"];
         assert_eq!((lapsed.granted, lapsed.basis, lapsed.at), (false, Basis::Expired, Some(0)));
-        assert!(decide(&m, expiry(&m), &rows, 0)["analytics"].granted);
+        assert!(decide(&m, expiry(&m).expect("expiry"), &rows, 0)["analytics"].granted);
     }
 }

@@ -144,6 +144,7 @@ codes! {
     PLUGIN_CHECK = "CDP072": "the plugin refused its config";
     YAML11_BOOLEAN = "CDP073": "an unquoted word YAML 1.1 reads as a boolean (`yes`, `no`, `on`, `off`, …)";
     NOT_COMPUTED = "CDP074": "a rule reads a predicted trait, which is not computed yet";
+    UNRESOLVED = "CDP075": "a setting passed its checks but cannot be resolved";
 }
 
 /// Looks up the title of a code.

@@ -13,6 +13,7 @@ pub mod diag;
 pub mod diff;
 pub mod env;
 pub mod lint;
+pub mod names;
 pub mod rules;
 pub mod schema;
 pub mod secrets;

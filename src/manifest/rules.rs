@@ -150,12 +150,8 @@ impl<'a> Ctx<'a> {
     }
 
     fn name(&mut self, pointer: &str, name: &str, what: &str) {
-        let ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            && name.len() <= 64;
-        if !ok {
-            let fixed: String =
-                name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+        if !super::names::is_name(name) {
+            let fixed = super::names::fixed(name);
             self.key_err(diag::BAD_NAME, pointer, format!("`{name}` is not a valid {what} name"));
             self.hint(format!(
                 "names are lowercase letters, digits and `_`, starting with a letter or `_`, at most 64 long: `{fixed}`"

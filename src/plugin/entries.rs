@@ -40,10 +40,10 @@ impl Entry<'_> {
     }
 
     /// What the entry's instances may touch: its mounts (relative to
-    /// `base`; writable for destinations), `allow_hosts`, and its plugin's
-    /// memory cap and call deadline.
-    pub fn grants(&self, m: &Manifest, base: &Path) -> Result<Grants, PluginError> {
-        let mut g = Grants { allow_hosts: self.allow_hosts.to_vec(), ..limits(m, self.plugin)? };
+    /// `base`; writable for destinations), `allow_hosts`, and `limits`, its
+    /// plugin's memory cap and call deadline ([`limits`]).
+    pub fn grants(&self, limits: &Grants, base: &Path) -> Result<Grants, PluginError> {
+        let mut g = Grants { allow_hosts: self.allow_hosts.to_vec(), mounts: Vec::new(), ..limits.clone() };
         for (host, guest) in self.mount {
             let path = base.join(host);
             let host = path.canonicalize().map_err(|e| PluginError::Mount {

@@ -11,11 +11,16 @@ use crate::audience::{Program, Val, compile};
 use crate::manifest::{FieldType, Manifest};
 
 /// Every audience's rule compiled against the manifest's model, in the
-/// manifest's order (a rule that does not compile is left out: validation
-/// refuses it).
-pub fn programs(m: &Manifest) -> Vec<(String, Program)> {
+/// manifest's order; the first that does not compile is the error, named
+/// (validation refuses it with its place in the file).
+pub fn programs(m: &Manifest) -> Result<Vec<(String, Program)>, String> {
     let scope = crate::manifest::rules::audience_scope(m);
-    m.audiences.iter().filter_map(|(n, a)| compile(&a.rule, &scope).ok().map(|p| (n.clone(), p))).collect()
+    m.audiences
+        .iter()
+        .map(|(n, a)| {
+            compile(&a.rule, &scope).map(|p| (n.clone(), p)).map_err(|e| format!("audience `{n}`: {}", e.message))
+        })
+        .collect()
 }
 
 /// The audiences whose rules match, in the manifest's order. `value` gives
@@ -102,8 +107,8 @@ mod tests {
                 _ => None,
             }
         };
-        assert_eq!(members(&programs(&m), 0, value(500)), ["top", "gold"]);
-        assert_eq!(members(&programs(&m), 0, value(50)), ["gold"]);
+        assert_eq!(members(&programs(&m).expect("programs"), 0, value(500)), ["top", "gold"]);
+        assert_eq!(members(&programs(&m).expect("programs"), 0, value(50)), ["gold"]);
     }
 
     #[test]

@@ -26,15 +26,23 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// `None` when `c` names no aggregate or an unknown event, or its window
-    /// or filter does not parse (validation refuses all of these).
-    pub fn resolve(m: &Manifest, c: &Computed) -> Option<Spec> {
-        let (agg, spec) = c.aggregates().into_iter().next()?;
+    /// `c` resolved against `m`'s events. An error when `c` names no
+    /// aggregate or an unknown event, or its window or filter does not parse
+    /// (validation refuses all of these, with their place in the file).
+    pub fn resolve(m: &Manifest, c: &Computed) -> Result<Spec, String> {
+        let (agg, spec) = c.aggregates().into_iter().next().ok_or("names no aggregate")?;
         let (event, prop) = spec.split_once('.').map_or((spec.as_str(), None), |(e, p)| (e, Some(p)));
-        let et = m.model.events.get(event)?;
+        let et = m
+            .model
+            .events
+            .get(event)
+            .ok_or_else(|| format!("reads event `{event}`, which the model does not declare"))?;
         let window = match c.within.as_deref() {
             None => None,
-            Some(w) => Some(i64::try_from(crate::units::parse_duration(w).ok()?.as_millis()).unwrap_or(i64::MAX)),
+            Some(w) => {
+                let d = crate::units::parse_duration(w).map_err(|e| format!("within: {e}"))?;
+                Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            }
         };
         let filter = match c.filter.as_deref() {
             None => None,
@@ -43,10 +51,10 @@ impl Spec {
                 for (p, t) in &et.properties {
                     scope.var(p.clone(), crate::manifest::rules::field_type(*t));
                 }
-                Some(audience::compile(f, &scope).ok()?)
+                Some(audience::compile(f, &scope).map_err(|e| format!("where: {}", e.message))?)
             }
         };
-        Some(Spec { agg, event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
+        Ok(Spec { agg, event: event.to_owned(), prop: prop.map(str::to_owned), window, filter })
     }
 
     /// The event it aggregates.
@@ -103,9 +111,14 @@ pub fn fingerprint(m: &Manifest) -> String {
     hex::encode(&Sha256::digest(text.as_bytes())[..12])
 }
 
-/// Every computed trait of `m`'s model that resolves, in its order.
-pub fn specs(m: &Manifest) -> Vec<(String, Spec)> {
-    m.model.computed.iter().filter_map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s))).collect()
+/// Every computed trait of `m`'s model, in its order; the first that does
+/// not resolve is the error, named.
+pub fn specs(m: &Manifest) -> Result<Vec<(String, Spec)>, String> {
+    m.model
+        .computed
+        .iter()
+        .map(|(n, c)| Spec::resolve(m, c).map(|s| (n.clone(), s)).map_err(|e| format!("computed trait `{n}`: {e}")))
+        .collect()
 }
 
 /// Every computed trait of the model, in its order, from the profile's
@@ -230,7 +243,7 @@ model:
         let rows = [order(10, 4.0, 1, "store"), order(1, 0.5, 3, "store"), order(20, 10.5, 2, "web")];
         let events = newest_first(&rows, |_| true);
         let m = manifest();
-        let c = computed_traits(&m, &specs(&m), &events, 21 * DAY);
+        let c = computed_traits(&m, &specs(&m).expect("specs"), &events, 21 * DAY);
         let want = json!({
             "orders": 3, "spend": 15.0, "items": 6, "avg_total": 5.0, "recent_orders": 1, "store_orders": 2,
             "channels": 2, "first_channel": "store", "last_channel": "web", "last_order_at": "1970-01-21T00:00:00Z",
@@ -241,7 +254,7 @@ model:
     #[test]
     fn no_events_count_zero_and_have_no_values() {
         let m = manifest();
-        let c = computed_traits(&m, &specs(&m), &[], 0);
+        let c = computed_traits(&m, &specs(&m).expect("specs"), &[], 0);
         assert_eq!(c["orders"], json!(0));
         assert_eq!(c["spend"], json!(0.0));
         assert_eq!(c["avg_total"], Value::Null);
@@ -264,9 +277,9 @@ model:
         let events = newest_first(&rows, |_| true);
         assert_eq!((events[0].message_id, events[0].shown_at()), ("o-1", DAY - 1_000));
         // `recent_orders` is `within: 7d`: the window opens at DAY - 500.
-        let c = computed_traits(&m, &specs(&m), &events, 8 * DAY - 500);
+        let c = computed_traits(&m, &specs(&m).expect("specs"), &events, 8 * DAY - 500);
         assert_eq!(c["recent_orders"], json!(0));
-        let c = computed_traits(&m, &specs(&m), &events, 8 * DAY - 1_000);
+        let c = computed_traits(&m, &specs(&m).expect("specs"), &events, 8 * DAY - 1_000);
         assert_eq!(c["recent_orders"], json!(1));
     }
 }

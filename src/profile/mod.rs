@@ -138,14 +138,26 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(m: &Manifest) -> Model {
-        let computed = computed::specs(m);
-        let audiences = audiences::programs(m);
+    /// The model of `m`. An error names the first part that does not resolve
+    /// (a manifest `cdp validate` accepts always resolves).
+    pub fn new(m: &Manifest) -> Result<Model, String> {
+        let computed = computed::specs(m)?;
+        let audiences = audiences::programs(m)?;
         let reads: IndexSet<String, FxBuildHasher> =
             audiences.iter().flat_map(|(_, p)| &p.vars).filter(|v| !v.starts_with("audiences.")).cloned().collect();
         let read_events =
             computed.iter().filter(|(n, _)| reads.contains(n)).map(|(_, s)| s.event().to_owned()).collect();
-        Model { computed, audiences, consent_expiry: consent::expiry(m), reads, read_events }
+        Ok(Model { computed, audiences, consent_expiry: consent::expiry(m)?, reads, read_events })
+    }
+
+    /// Every audience's compiled rule, in the manifest's order.
+    pub fn audiences(&self) -> &[(String, crate::audience::Program)] {
+        &self.audiences
+    }
+
+    /// `consent.expiry`.
+    pub fn consent_expiry(&self) -> Option<std::time::Duration> {
+        self.consent_expiry
     }
 }
 
@@ -427,7 +439,7 @@ audiences:
     #[test]
     fn the_record_assembles_every_part_from_the_rows() {
         let m = manifest();
-        let g = golden_record(&m, &Model::new(&m), rows(), 2, 10 * DAY);
+        let g = golden_record(&m, &Model::new(&m).expect("model"), rows(), 2, 10 * DAY);
         assert_eq!(g.profile_id, "7");
         assert_eq!(g.identities[1].first_seen, "1970-01-03T00:00:00Z");
         assert_eq!(g.traits["tier"].value, json!("gold"));
@@ -450,7 +462,7 @@ audiences:
             source: "crm".into(),
         });
         let m = manifest();
-        let g = golden_record(&m, &Model::new(&m), r, 0, 10 * DAY);
+        let g = golden_record(&m, &Model::new(&m).expect("model"), r, 0, 10 * DAY);
         assert_eq!(g.audiences, ["gold"]);
         assert!(g.events.is_empty());
     }
@@ -570,7 +582,7 @@ audiences:
         let l = load_str(MIXED, &Options::validate("."));
         assert!(!l.has_errors(), "{:#?}", l.diagnostics);
         let m = l.manifest.expect("manifest");
-        let model = Model::new(&m);
+        let model = Model::new(&m).expect("model");
         assert!(!model.read_events.contains("view"), "no rule reads `views`");
         let mut rng = crate::rng::Rng::new(11);
         let mut seen: std::collections::BTreeSet<String> = Default::default();
@@ -584,7 +596,10 @@ audiences:
         // Every audience had members: the comparison covered each rule.
         assert_eq!(seen.len(), m.audiences.len(), "{seen:?}");
         let r = rows();
-        assert_eq!(audiences_of(&manifest(), &Model::new(&manifest()), &r, 10 * DAY), ["big_spenders", "gold"]);
+        assert_eq!(
+            audiences_of(&manifest(), &Model::new(&manifest()).expect("model"), &r, 10 * DAY),
+            ["big_spenders", "gold"]
+        );
     }
 
     #[test]

@@ -27,12 +27,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::schedule::Schedule;
 use super::snapshot::{DestinationSync, Snapshot};
 use crate::activation::delivery::{Bucket, guard_trips};
 use crate::activation::{self, Dependencies, Held, Op, Outgoing, ProfileState, Target};
 use crate::manifest::Manifest;
+use crate::manifest::names::DestinationName;
 use crate::plugin::{DestinationInstance, PluginError};
+use crate::resolved::Resolved;
+use crate::schedule::Schedule;
 use crate::store::activation::{ActivationWrite, Delivery, Settle};
 use crate::store::{Store, now_ms};
 
@@ -62,7 +64,7 @@ pub struct Activation {
     holder: String,
     root: CancellationToken,
     tracker: TaskTracker,
-    workers: IndexMap<String, (String, CancellationToken)>,
+    workers: IndexMap<DestinationName, (String, CancellationToken)>,
 }
 
 impl Activation {
@@ -88,7 +90,7 @@ impl Activation {
     /// new worker (the old one finishes the batch it is sending).
     pub fn apply(&mut self, snap: &Arc<Snapshot>) {
         let mut next = IndexMap::new();
-        for (name, d) in &snap.destinations {
+        for (name, d) in &snap.sinks {
             let fp = worker_fingerprint(d);
             match self.workers.shift_remove(name) {
                 Some((old, cancel)) if old == fp => {
@@ -244,26 +246,24 @@ struct Scope {
 
 impl Evaluator {
     fn of(snap: &Snapshot) -> Evaluator {
-        let targets = snap.destinations.values().map(|d| d.target.clone()).collect();
-        Evaluator::new(snap.manifest.clone(), targets, &snap.sha256)
+        let targets = snap.sinks.values().map(|d| d.target.clone()).collect();
+        Evaluator::new(&snap.resolved, targets)
     }
 
-    /// An evaluator of `m` delivering to `targets` (`sha256` names the manifest).
-    pub fn new(m: Arc<Manifest>, targets: Vec<Target>, sha256: &str) -> Evaluator {
-        let model = crate::profile::Model::new(&m);
-        let deps = Dependencies::new(&m);
+    /// An evaluator of the resolved manifest `r` delivering to `targets`.
+    pub fn new(r: &Resolved, targets: Vec<Target>) -> Evaluator {
+        let m = r.manifest.clone();
+        let model = r.model.clone();
+        let deps = Dependencies::new(&m, &model);
         let mut realtime = Vec::new();
         let mut scheduled = Vec::new();
-        for (name, a) in &m.audiences {
-            match a.refresh.as_deref().map(Schedule::parse) {
-                Some(Ok(s)) => scheduled.push((name.clone(), s)),
-                Some(Err(e)) => {
-                    tracing::warn!(audience = %name, error = %e, "activation: refresh schedule unreadable; evaluated in realtime");
-                    realtime.push(name.clone());
-                }
-                None => realtime.push(name.clone()),
+        for (name, a) in &r.audiences {
+            match &a.refresh {
+                Some(s) => scheduled.push((name.to_string(), s.clone())),
+                None => realtime.push(name.to_string()),
             }
         }
+        let sha256 = &r.sha256;
         let computed_spec = crate::profile::computed::fingerprint(&m);
         Evaluator {
             m,
@@ -587,14 +587,14 @@ async fn load(
 struct Worker {
     store: Arc<Store>,
     snap: Arc<Snapshot>,
-    name: String,
+    name: DestinationName,
     holder: String,
     cancel: CancellationToken,
 }
 
 impl Worker {
     async fn run(self) {
-        let Some(d) = self.snap.destinations.get(&self.name).cloned() else { return };
+        let Some(d) = self.snap.sinks.get(self.name.as_str()).cloned() else { return };
         let t = d.target.clone();
         let mut instance: Option<DestinationInstance> = None;
         let mut bucket = t.rate.map(|r| Bucket::new(r, now_ms()));
@@ -684,11 +684,15 @@ impl Worker {
     async fn gauges(&self) {
         if let Ok(counts) = self.store.delivery_counts().await {
             let of = |state: &str| {
-                counts.iter().filter(|(d, s, _)| *d == self.name && s == state).map(|c| c.2).sum::<i64>() as f64
+                counts
+                    .iter()
+                    .filter(|(d, s, _)| d.as_str() == self.name.as_str() && s == state)
+                    .map(|c| c.2)
+                    .sum::<i64>() as f64
             };
-            metrics::gauge!(crate::metrics::DELIVERY_QUEUE, "destination" => self.name.clone())
+            metrics::gauge!(crate::metrics::DELIVERY_QUEUE, "destination" => self.name.to_string())
                 .set(of("ready") + of("running"));
-            metrics::gauge!(crate::metrics::DEAD_LETTERS, "destination" => self.name.clone()).set(of("dead"));
+            metrics::gauge!(crate::metrics::DEAD_LETTERS, "destination" => self.name.to_string()).set(of("dead"));
         }
     }
 
@@ -715,7 +719,7 @@ impl Worker {
             out.extend(self.outcomes(t, &sending, result, rng));
         }
         for (_, s) in &out {
-            metrics::counter!(crate::metrics::DELIVERIES, "destination" => self.name.clone(), "outcome" => s.outcome())
+            metrics::counter!(crate::metrics::DELIVERIES, "destination" => self.name.to_string(), "outcome" => s.outcome())
                 .increment(1);
         }
         out
@@ -737,7 +741,7 @@ impl Worker {
         let (ledger, live) = self.store.consent_now(&adds).await.map_err(|e| format!("cannot read consent: {e}"))?;
         let suppressed =
             self.store.suppressed_profiles(&adds).await.map_err(|e| format!("cannot read suppressions: {e}"))?;
-        let (expiry, now) = (crate::consent::expiry(m), now_ms());
+        let (expiry, now) = (self.snap.model.consent_expiry(), now_ms());
         let mut out = Vec::new();
         let mut sending = Vec::new();
         for c in claimed {
@@ -779,7 +783,7 @@ impl Worker {
                     .map(|(i, c)| {
                         let settle = match rejected.get(&(i as u32)) {
                             None => {
-                                metrics::histogram!(crate::metrics::DELIVERY_LATENCY, "destination" => self.name.clone())
+                                metrics::histogram!(crate::metrics::DELIVERY_LATENCY, "destination" => self.name.to_string())
                                     .record((now_ms() - c.origin_at).max(0) as f64 / 1e3);
                                 Settle::Delivered
                             }
@@ -836,7 +840,7 @@ impl Worker {
             *instance = Some(i);
         }
         let Some(i) = instance.as_mut() else {
-            return Err(PluginError::NotOpen { entry: self.name.clone(), call: "write", what: "writer" });
+            return Err(PluginError::NotOpen { entry: self.name.to_string(), call: "write", what: "writer" });
         };
         let mut ndjson = String::new();
         for c in sending {
@@ -888,7 +892,7 @@ async fn propagate_erasures(store: Arc<Store>, snap_rx: watch::Receiver<Arc<Snap
         };
         let snap = snap_rx.borrow().clone();
         for r in due {
-            let outcome = match snap.destinations.get(&r.destination) {
+            let outcome = match snap.sinks.get(r.destination.as_str()) {
                 None => Err(("the destination is no longer in the manifest".to_owned(), None)),
                 Some(d) => match erase_at(&r.destination, d, &r.payload).await {
                     Ok(receipt) => Ok(receipt),

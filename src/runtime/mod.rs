@@ -1,7 +1,7 @@
 //! The runtime: `cdp run` runs what the manifest declares. It sits over
 //! everything else in the data flow: it loads and checks the manifest
 //! ([`snapshot`]), runs each plugin source on its cron schedule or
-//! continuously ([`schedule`], [`sync`]) through the ingest pipeline into
+//! continuously ([`crate::schedule`], [`sync`]) through the ingest pipeline into
 //! the store, watches the manifest and the plugins it pins, and applies a
 //! changed manifest without a restart ([`supervisor`]).
 //!
@@ -12,7 +12,6 @@
 
 pub mod activation;
 pub mod retention;
-pub mod schedule;
 pub mod snapshot;
 pub mod status;
 pub mod supervisor;

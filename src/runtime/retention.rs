@@ -10,12 +10,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::schedule::Schedule;
 use super::snapshot::Snapshot;
 use crate::store::{Store, now_ms};
-
-/// Every hour, on the hour.
-const DEFAULT_SCHEDULE: &str = "0 0 * * * *";
 
 /// Runs retention until cancelled, following the running manifest.
 pub async fn run(
@@ -27,12 +23,8 @@ pub async fn run(
     let mut last = now_ms();
     loop {
         let snap = snap_rx.borrow().clone();
-        let rules = crate::privacy::retention_rules(&snap.manifest);
-        let text = snap.manifest.retention.as_ref().and_then(|r| r.schedule.clone());
-        let schedule = Schedule::parse(text.as_deref().unwrap_or(DEFAULT_SCHEDULE))
-            .or_else(|_| Schedule::parse(DEFAULT_SCHEDULE))
-            .ok();
-        let next = schedule.as_ref().and_then(|s| s.next_after(last)).unwrap_or(last + 3_600_000);
+        let rules = &snap.retention.rules;
+        let next = snap.retention.schedule.next_after(last).unwrap_or(last + 3_600_000);
         // Wake at the next run, or sooner to pick up a changed manifest.
         let wait = Duration::from_millis((next - now_ms()).clamp(0, 60_000) as u64);
         tokio::select! {
@@ -54,7 +46,7 @@ pub async fn run(
                 continue;
             }
         };
-        match store.retention(&rules, true).await {
+        match store.retention(rules, true).await {
             Ok(counts) => {
                 let total: i64 = counts.iter().map(|c| c.1).sum();
                 tracing::info!(deleted = total, "retention: old records deleted");

@@ -1,26 +1,29 @@
-//! A manifest as the runtime runs it: loaded, validated (the manifest's own
-//! rules and every plugin entry's checks, as `cdp validate` makes them),
-//! with each plugin source's schedule parsed and its plugin compiled and
-//! pre-instantiated. A reload builds a new snapshot beside the running one
+//! A manifest as the runtime runs it: resolved ([`crate::resolved`]),
+//! checked with its plugins as `cdp validate` checks it, and each plugin
+//! compiled and pre-instantiated. A reload builds a new snapshot beside the running one
 //! and swaps only when it is whole; an invalid file never replaces a valid
 //! snapshot.
 
-use std::path::{Path, PathBuf};
+use std::ops::Deref;
+use std::path::Path;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::schedule::Schedule;
-use crate::manifest::{self, Diagnostic, Manifest, Options, diag};
+use crate::manifest::names::{DestinationName, SourceName};
+use crate::manifest::{self, Diagnostic, Options, diag};
 use crate::plugin::{Grants, Host, Plugin, entries};
-use crate::store::ingest::IdentityConfig;
+use crate::resolved::{self, Resolved};
+use crate::schedule::Schedule;
+
+pub use crate::resolved::ResolveError as LoadError;
 
 /// One plugin source the runtime runs.
 #[derive(Debug, Clone)]
 pub struct SourceSync {
-    pub name: String,
+    pub name: SourceName,
     pub plugin: Plugin,
     pub grants: Grants,
     pub config: Value,
@@ -28,189 +31,122 @@ pub struct SourceSync {
     /// `streaming` without `mode: batch`).
     pub streaming: bool,
     pub schedule: Option<Schedule>,
-    /// Changes whenever anything that decides what this sync reads or how
-    /// its records are applied changes: a reload restarts it then.
+    /// The source's [`resolved::Source::fingerprint`] with its plugin
+    /// file's digest: a reload restarts the sync when it changes.
     pub fingerprint: String,
 }
 
-/// A loaded, checked manifest.
+/// A resolved manifest with its plugins loaded: what `cdp run` runs.
+/// Dereferences to the [`Resolved`] manifest.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub manifest: Arc<Manifest>,
-    /// Directory relative paths in the manifest are resolved against.
-    pub base: PathBuf,
-    pub text: String,
-    pub sha256: String,
-    pub identity: IdentityConfig,
-    /// Computed traits, audience rules and consent expiry, resolved once.
-    pub model: crate::profile::Model,
-    pub sources: IndexMap<String, SourceSync>,
+    pub resolved: Arc<Resolved>,
+    /// Every source that runs a plugin, with its plugin loaded.
+    pub syncs: IndexMap<SourceName, SourceSync>,
     /// Every destination, with its plugin loaded.
-    pub destinations: IndexMap<String, DestinationSync>,
+    pub sinks: IndexMap<DestinationName, DestinationSync>,
 }
 
-/// One destination the runtime delivers to.
+impl Deref for Snapshot {
+    type Target = Resolved;
+    fn deref(&self) -> &Resolved {
+        &self.resolved
+    }
+}
+
+/// One destination the runtime delivers to: its resolved settings with its plugin loaded.
 #[derive(Debug, Clone)]
 pub struct DestinationSync {
+    pub target: crate::activation::Target,
     pub plugin: Plugin,
     pub grants: Grants,
     pub config: Value,
-    pub target: crate::activation::Target,
     /// The plugin declares the `delete` capability (erasures reach it).
     pub deletes: bool,
 }
 
-/// Why a manifest could not become a snapshot.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("cannot read {path}: {message}")]
-    Read { path: String, message: String },
-    #[error("{path} is invalid: {} error(s)", diagnostics.iter().filter(|d| d.is_error()).count())]
-    Invalid { path: String, source_text: Option<String>, diagnostics: Vec<Diagnostic> },
-}
-
-/// The CLI shows an `Invalid` error as `cdp validate` does, from its
-/// diagnostics and the manifest's text; the runtime logs and records
-/// [`LoadError::lines`].
-impl LoadError {
-    /// One line per error, for status documents and the log.
-    pub fn lines(&self) -> Vec<String> {
-        match self {
-            LoadError::Read { .. } => vec![self.to_string()],
-            LoadError::Invalid { path, diagnostics, .. } => diagnostics
-                .iter()
-                .filter(|d| d.is_error())
-                .map(|d| format!("{path}:{}:{}: {} {}", d.line, d.column, d.code, d.message))
-                .collect(),
-        }
-    }
-}
-
 impl Snapshot {
-    /// Loads and checks the manifest at `path` with environment variables
-    /// required (run mode), and loads the plugins its sources use.
+    /// Resolves the manifest at `path` with environment variables required
+    /// (run mode), makes the checks `cdp validate` makes with its plugins,
+    /// and loads them.
     pub async fn load(path: &Path, host: &Host) -> Result<Snapshot, LoadError> {
         let shown = path.display().to_string();
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-        let loaded = manifest::load_file(path, &Options::run(&base))
-            .map_err(|e| LoadError::Read { path: shown.clone(), message: e.source.to_string() })?;
-        let invalid = |loaded: manifest::Loaded| LoadError::Invalid {
+        let r = resolved::resolve_file(path, &Options::run(&base))?;
+        let invalid = |diagnostics: Vec<Diagnostic>| LoadError::Invalid {
             path: shown.clone(),
-            source_text: loaded.source,
-            diagnostics: loaded.diagnostics,
+            source_text: Some(r.text.clone()),
+            diagnostics,
         };
-        if loaded.has_errors() {
-            return Err(invalid(loaded));
-        }
-        let (Some(m), Some(spans), Some(text)) = (&loaded.manifest, &loaded.spans, &loaded.source) else {
-            return Err(invalid(loaded));
-        };
-        let checks = entries::check_manifest(host, m, &base, spans).await;
-        if checks.iter().any(Diagnostic::is_error) {
-            let mut loaded = loaded;
-            loaded.diagnostics.extend(checks);
-            return Err(invalid(loaded));
-        }
-        let text = text.clone();
-        let m = loaded.manifest.expect("checked above");
-        let sources = match source_syncs(&m, &base, host).await {
-            Ok(s) => s,
-            Err(message) => {
-                return Err(LoadError::Invalid {
-                    path: shown,
-                    source_text: Some(text),
-                    diagnostics: vec![Diagnostic::error(diag::PLUGIN_LOAD, "", message)],
-                });
+        if let Some(spans) = &r.spans {
+            let checks = entries::check_manifest(host, &r.manifest, &r.base, spans).await;
+            if checks.iter().any(Diagnostic::is_error) {
+                return Err(invalid(r.warnings.iter().cloned().chain(checks).collect()));
             }
-        };
-        let destinations = match destination_syncs(&m, &base, host).await {
-            Ok(d) => d,
-            Err(message) => {
-                return Err(LoadError::Invalid {
-                    path: shown,
-                    source_text: Some(text),
-                    diagnostics: vec![Diagnostic::error(diag::PLUGIN_LOAD, "", message)],
-                });
-            }
-        };
-        Ok(Snapshot {
-            destinations,
-            identity: IdentityConfig::from_manifest(&m),
-            model: crate::profile::Model::new(&m),
-            sha256: hex::encode(Sha256::digest(text.as_bytes())),
-            manifest: Arc::new(m),
-            base,
-            text,
-            sources,
-        })
+        }
+        let plugin_error = |message: String| invalid(vec![Diagnostic::error(diag::PLUGIN_LOAD, "", message)]);
+        let syncs = source_syncs(&r, host).await.map_err(plugin_error)?;
+        let sinks = destination_syncs(&r, host).await.map_err(plugin_error)?;
+        Ok(Snapshot { resolved: Arc::new(r), syncs, sinks })
     }
 }
 
-/// Every destination, with its plugin loaded and its delivery settings resolved.
-async fn destination_syncs(
-    m: &Manifest,
-    base: &Path,
-    host: &Host,
-) -> Result<IndexMap<String, DestinationSync>, String> {
+/// Every destination, with its plugin loaded.
+async fn destination_syncs(r: &Resolved, host: &Host) -> Result<IndexMap<DestinationName, DestinationSync>, String> {
+    let m = &r.manifest;
     let mut out = IndexMap::new();
     for entry in entries::entries(m) {
         if entry.kind != crate::plugin::Kind::Destination {
             continue;
         }
-        let plugin =
-            entries::load(host, m, base, entry.plugin).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
-        let grants = entry.grants(m, base).map_err(|e| format!("destination `{}`: {e}", entry.name))?;
-        let spec = plugin.spec(entry.name).await.map_err(|e| format!("destination `{}`: {e}", entry.name))?;
-        let target = crate::activation::Target::resolve(m, entry.name, &m.destinations[entry.name]);
+        let err = |e: crate::plugin::PluginError| format!("destination `{}`: {e}", entry.name);
+        let plugin = entries::load(host, m, &r.base, entry.plugin).map_err(err)?;
+        let grants = entry.grants(plugin_limits(r, entry.plugin)?, &r.base).map_err(err)?;
+        let spec = plugin.spec(entry.name).await.map_err(err)?;
         let deletes = spec.capabilities.iter().any(|c| c == "delete");
-        out.insert(
-            entry.name.to_owned(),
-            DestinationSync { plugin, grants, config: entry.config.clone(), target, deletes },
-        );
+        let Some((name, target)) = r.destinations.get_key_value(entry.name) else { continue };
+        let target = target.clone();
+        out.insert(name.clone(), DestinationSync { target, plugin, grants, config: entry.config.clone(), deletes });
     }
     Ok(out)
 }
 
 /// Every source that runs a plugin, with its plugin loaded.
-async fn source_syncs(m: &Manifest, base: &Path, host: &Host) -> Result<IndexMap<String, SourceSync>, String> {
-    // What every source's records depend on besides its own entry.
-    let shared = serde_json::json!({
-        "identity": m.identity, "model": m.model, "consent": m.consent,
-    });
+async fn source_syncs(r: &Resolved, host: &Host) -> Result<IndexMap<SourceName, SourceSync>, String> {
+    let m = &r.manifest;
     let mut out = IndexMap::new();
     for entry in entries::entries(m) {
         if entry.kind != crate::plugin::Kind::Source {
             continue;
         }
-        let src = &m.sources[entry.name];
-        let plugin = entries::load(host, m, base, entry.plugin).map_err(|e| format!("source `{}`: {e}", entry.name))?;
-        let grants = entry.grants(m, base).map_err(|e| format!("source `{}`: {e}", entry.name))?;
-        let spec = plugin.spec(entry.name).await.map_err(|e| format!("source `{}`: {e}", entry.name))?;
+        let Some(src) = r.sources.get(entry.name) else { continue };
+        let err = |e: crate::plugin::PluginError| format!("source `{}`: {e}", entry.name);
+        let plugin = entries::load(host, m, &r.base, entry.plugin).map_err(err)?;
+        let grants = entry.grants(plugin_limits(r, entry.plugin)?, &r.base).map_err(err)?;
+        let spec = plugin.spec(entry.name).await.map_err(err)?;
         let streaming = match src.mode {
             Some(manifest::types::SourceMode::Streaming) => true,
             Some(manifest::types::SourceMode::Batch) => false,
             None => spec.capabilities.iter().any(|c| c == "streaming"),
         };
-        let schedule = src.schedule.as_deref().map(Schedule::parse).transpose()?;
-        let fingerprint = {
-            let def = serde_json::json!({
-                "source": src, "plugin": m.plugins.get(entry.plugin), "sha256": plugin.sha256(),
-                "shared": shared,
-            });
-            hex::encode(Sha256::digest(def.to_string().as_bytes()))
-        };
+        let fingerprint = hex::encode(Sha256::digest(format!("{}:{}", src.fingerprint, plugin.sha256()).as_bytes()));
         out.insert(
-            entry.name.to_owned(),
+            src.name.clone(),
             SourceSync {
-                name: entry.name.to_owned(),
+                name: src.name.clone(),
                 plugin,
                 grants,
                 config: entry.config.clone(),
                 streaming,
-                schedule,
+                schedule: src.schedule.clone(),
                 fingerprint,
             },
         );
     }
     Ok(out)
+}
+
+/// The resolved memory cap and call deadline of plugin `name`.
+fn plugin_limits<'r>(r: &'r Resolved, name: &str) -> Result<&'r Grants, String> {
+    r.plugins.get(name).ok_or_else(|| format!("no plugin named `{name}`"))
 }

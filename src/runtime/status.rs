@@ -8,19 +8,19 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use super::schedule::Schedule;
 use super::sync;
 use crate::manifest::{self, Manifest};
+use crate::resolved::Resolved;
 use crate::store::runs::RunRow;
 use crate::store::{Store, now_ms};
 
 /// A heartbeat older than this means no runtime is running.
 pub const STALE: Duration = Duration::from_secs(15);
 
-/// The status document of `m` running on `store`.
+/// The status document of `r` running on `store`.
 pub async fn document(
     store: &Store,
-    m: &Manifest,
+    r: &Resolved,
     applied: Option<&crate::store::runs::AppliedManifest>,
 ) -> Result<Value> {
     let now = now_ms();
@@ -32,12 +32,13 @@ pub async fn document(
     });
     let reload = store.status_doc("reload").await?.map(|(doc, _)| doc);
     let mut syncs = Vec::new();
-    for (name, src) in &m.sources {
+    let m = &r.manifest;
+    for (name, src) in &r.sources {
         let Some(plugin) = &src.plugin else { continue };
         let runs = store.runs(name, 1).await?;
         let last_finished = store.last_finished_run(name).await?;
         let holder = store.lease_holder(&sync::lease_name(name)).await?;
-        let schedule = src.schedule.as_deref().and_then(|s| Schedule::parse(s).ok());
+        let schedule = src.schedule.as_ref();
         let streaming = src.mode == Some(manifest::types::SourceMode::Streaming);
         let mode = if streaming {
             "streaming"
@@ -52,12 +53,12 @@ pub async fn document(
         } else {
             last_finished.as_ref().map_or_else(|| "never run".to_owned(), |r| r.state.clone())
         };
-        let next_run = if streaming { None } else { schedule.as_ref().and_then(|s| s.next_after(now)) };
+        let next_run = if streaming { None } else { schedule.and_then(|s| s.next_after(now)) };
         let last_error = last_finished.as_ref().filter(|r| r.error_class.is_some()).map(
             |r| json!({"class": r.error_class, "message": r.error_message, "at": r.ended_at.unwrap_or(r.started_at)}),
         );
         syncs.push(json!({
-            "name": name, "kind": "source", "plugin": plugin, "mode": mode, "schedule": src.schedule,
+            "name": name, "kind": "source", "plugin": plugin, "mode": mode, "schedule": schedule.map(|s| s.text()),
             "state": state, "holder": holder.map(|h| h.holder),
             "last_run": runs.first().map(run_json), "next_run": next_run, "last_error": last_error,
         }));

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::snapshot::Snapshot;
 use super::sync::{self, Ctx, SyncError, Trigger};
+use crate::manifest::names::SourceName;
 use crate::plugin::Host;
 use crate::server::{self, Control, RunRefused};
 use crate::store::{Store, now_ms};
@@ -61,8 +62,11 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
     let mut snap = Arc::new(snap);
     let store = Arc::new(connect(&snap).await?);
     let ctx = Ctx { store: store.clone(), holder: super::holder() };
+    let applied = store.applied_manifest().await?;
+    let before = applied.and_then(|a| crate::resolved::resolve_applied(&a.text, &snap.base));
+    let changes = crate::resolved::diff(before.as_ref(), &snap.resolved).summary();
     store.record_manifest(&snap.sha256, &snap.text, &ctx.holder).await?;
-    store.put_status("reload", &reload_doc(&snap, "start", None)).await?;
+    store.put_status("reload", &reload_doc(&snap, "start", &changes, None)).await?;
 
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -110,14 +114,15 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
                     }
                     Ok(new) => {
                         let new = Arc::new(new);
+                        let changes = crate::resolved::diff(Some(&snap.resolved), &new.resolved).summary();
                         if new.manifest.server != snap.manifest.server && opts.listen.is_none() {
                             warn_server_change(&snap, &new);
                         }
                         running = apply(&ctx, &new, running, &root, &tracker);
                         store.record_manifest(&new.sha256, &new.text, &ctx.holder).await?;
-                        store.put_status("reload", &reload_doc(&new, why, None)).await?;
+                        store.put_status("reload", &reload_doc(&new, why, &changes, None)).await?;
                         metrics::counter!(crate::metrics::RELOADS, "outcome" => "ok").increment(1);
-                        tracing::info!(why, sha256 = %new.sha256, "manifest reloaded");
+                        tracing::info!(why, sha256 = %new.sha256, changes = %changes.join(" "), "manifest reloaded");
                         let _ = snap_tx.send(new.clone());
                         activation.apply(&new);
                         snap = new;
@@ -127,7 +132,7 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
                         let errors = e.lines();
                         tracing::error!(why, "the changed manifest is invalid; the running one stays:\n{}", errors.join("\n"));
                         metrics::counter!(crate::metrics::RELOADS, "outcome" => "failed").increment(1);
-                        store.put_status("reload", &reload_doc(&snap, why, Some(errors))).await?;
+                        store.put_status("reload", &reload_doc(&snap, why, &[], Some(errors))).await?;
                     }
                 }
             }
@@ -166,7 +171,7 @@ async fn run_now(
     root: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<(), RunRefused> {
-    if !snap.sources.contains_key(name) {
+    if !snap.syncs.contains_key(name) {
         return Err(RunRefused::Unknown(format!("`{name}` is not a plugin source in the running manifest")));
     }
     match ctx.store.lease_holder(&sync::lease_name(name)).await {
@@ -203,18 +208,20 @@ pub async fn connect(snap: &Snapshot) -> Result<Store> {
 }
 
 fn same_plugins(a: &Snapshot, b: &Snapshot) -> bool {
-    a.sources.len() == b.sources.len()
-        && a.sources.iter().zip(&b.sources).all(|((n1, s1), (n2, s2))| n1 == n2 && s1.fingerprint == s2.fingerprint)
+    a.syncs.len() == b.syncs.len()
+        && a.syncs.iter().zip(&b.syncs).all(|((n1, s1), (n2, s2))| n1 == n2 && s1.fingerprint == s2.fingerprint)
 }
 
-/// The `reload` status document: the manifest running and, when the last
-/// attempt failed, its errors.
-fn reload_doc(snap: &Snapshot, trigger: &str, errors: Option<Vec<String>>) -> serde_json::Value {
+/// The `reload` status document: the manifest running, what the last
+/// applied reload changed (`~audiences.vip`, as `cdp plan` lists it) and,
+/// when the last attempt failed, its errors.
+fn reload_doc(snap: &Snapshot, trigger: &str, changes: &[String], errors: Option<Vec<String>>) -> serde_json::Value {
     json!({
         "ok": errors.is_none(),
         "trigger": trigger,
         "at": now_ms(),
         "running_sha256": snap.sha256,
+        "changes": changes,
         "errors": errors.unwrap_or_default(),
     })
 }
@@ -224,12 +231,12 @@ fn reload_doc(snap: &Snapshot, trigger: &str, errors: Option<Vec<String>>) -> se
 fn apply(
     ctx: &Ctx,
     snap: &Arc<Snapshot>,
-    mut old: IndexMap<String, Running>,
+    mut old: IndexMap<SourceName, Running>,
     root: &CancellationToken,
     tracker: &TaskTracker,
-) -> IndexMap<String, Running> {
+) -> IndexMap<SourceName, Running> {
     let mut out = IndexMap::new();
-    for (name, sync) in &snap.sources {
+    for (name, sync) in &snap.syncs {
         let prev = match old.shift_remove(name) {
             Some(r) if r.fingerprint == sync.fingerprint => {
                 out.insert(name.clone(), r);
@@ -257,14 +264,14 @@ fn apply(
 async fn sync_task(
     ctx: Ctx,
     snap: Arc<Snapshot>,
-    name: String,
+    name: SourceName,
     cancel: CancellationToken,
     prev: Option<JoinHandle<()>>,
 ) {
     if let Some(h) = prev {
         let _ = h.await;
     }
-    let Some(sync) = snap.sources.get(&name) else { return };
+    let Some(sync) = snap.syncs.get(name.as_str()) else { return };
     if sync.streaming {
         streaming(&ctx, &snap, &name, &cancel).await;
     } else if let Some(schedule) = &sync.schedule {
@@ -278,7 +285,7 @@ async fn scheduled(
     ctx: &Ctx,
     snap: &Snapshot,
     name: &str,
-    schedule: &super::schedule::Schedule,
+    schedule: &crate::schedule::Schedule,
     cancel: &CancellationToken,
 ) {
     let last = match ctx.store.runs(name, 1).await {

@@ -146,7 +146,7 @@ pub async fn run(
     full: bool,
     cancel: &CancellationToken,
 ) -> Result<Outcome, SyncError> {
-    let sync = snap.sources.get(name).ok_or_else(|| SyncError::Unknown { sync: name.to_owned() })?;
+    let sync = snap.syncs.get(name).ok_or_else(|| SyncError::Unknown { sync: name.to_owned() })?;
     let ttl = lease_ttl(sync);
     let lease = match ctx.store.try_acquire_lease(&lease_name(name), &ctx.holder, ttl).await? {
         Some(l) => l,
@@ -302,7 +302,7 @@ impl Run<'_> {
     ) -> Result<(), SyncError> {
         let sync = self.sync;
         let mut mapper = Mapper::new(&self.snap.manifest, &sync.name)
-            .map_err(|message| SyncError::Mapping { sync: sync.name.clone(), message })?;
+            .map_err(|message| SyncError::Mapping { sync: sync.name.to_string(), message })?;
         let mut pending = Pending::default();
         let mut idle = IDLE_MIN;
         let now = crate::store::now_ms();

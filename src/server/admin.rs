@@ -175,7 +175,7 @@ fn lookup_error(e: LookupError) -> Response {
 async fn status_document(state: &AppState) -> Result<Value, Response> {
     let snap = state.snap();
     let applied = state.store.applied_manifest().await.map_err(internal)?;
-    crate::runtime::status::document(&state.store, &snap.manifest, applied.as_ref()).await.map_err(internal)
+    crate::runtime::status::document(&state.store, &snap.resolved, applied.as_ref()).await.map_err(internal)
 }
 
 async fn status(State(state): State<AppState>) -> Response {
@@ -313,7 +313,7 @@ async fn privacy(
         return error(StatusCode::BAD_REQUEST, "the body needs `key` (an identity key) and `value`");
     };
     let snap = state.snap();
-    let deletes = |d: &str| snap.destinations.get(d).map(|x| x.deletes);
+    let deletes = |d: &str| snap.sinks.get(d).map(|x| x.deletes);
     let actor = format!("api:{}", caller.name);
     match crate::privacy::perform(&state.store, &snap.manifest, kind, key, value, &actor, &deletes).await {
         Ok(o) if o.not_found => {

@@ -57,6 +57,9 @@ pub enum StoreError {
     LeaseLost { name: String, token: i64 },
     #[error("{0}")]
     Busy(String),
+    /// The manifest a read was given does not resolve (see [`crate::resolved`]).
+    #[error("the manifest does not resolve: {0}")]
+    Manifest(String),
     /// Concurrent batches locked each other out; the store retries these.
     #[error("concurrent writers contended for the same profiles and this batch gave up: {0}")]
     Contended(String),

@@ -74,7 +74,8 @@ impl Store {
     /// Resolves `m`'s model for this one read; to read many profiles, resolve
     /// it once and use [`Store::golden_with`].
     pub async fn golden(&self, m: &Manifest, profile: i64, recent_events: usize) -> Result<GoldenRecord> {
-        self.golden_with(m, &profile::Model::new(m), profile, recent_events).await
+        let model = profile::Model::new(m).map_err(super::StoreError::Manifest)?;
+        self.golden_with(m, &model, profile, recent_events).await
     }
 
     /// [`Store::golden`] with the model already resolved.
