@@ -677,6 +677,108 @@ fn anchor_id(known: &[Known], anchor: u32) -> i64 {
     known.get(anchor as usize).map_or(0, |k| k.id)
 }
 
+/// An identifier a batch creates: (id, key, value, first record carrying it).
+type NewNode<'a> = (i64, &'a str, &'a str, &'a Record);
+
+/// The identifiers `batch` creates, in index order.
+fn new_identifiers<'a>(batch: &'a Batch, index: &Index, known: &[Known]) -> Vec<NewNode<'a>> {
+    known
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.stored.is_none())
+        .map(|(i, k)| {
+            let (ri, pos) = index.idents[i];
+            let r = &batch.records[ri as usize];
+            let (key, value) = &r.ids[pos as usize];
+            (k.id, key.as_str(), value.as_str(), r)
+        })
+        .collect()
+}
+
+/// The links of the batch's records with several identifiers, by the key of
+/// their sorted identifier ids (`3,17,42`). Records are in canonical order,
+/// so the first record of a set is its earliest and the one kept.
+fn batch_links(records: &[Record], index: &Index, known: &[Known]) -> FxHashMap<String, PendingLink> {
+    let mut links: FxHashMap<String, PendingLink> = FxHashMap::default();
+    for (ri, r) in records.iter().enumerate() {
+        let of = index.ids_of(ri);
+        if of.len() < 2 {
+            continue;
+        }
+        let mut ids: Vec<i64> = of.iter().map(|i| known[*i as usize].id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() < 2 {
+            continue;
+        }
+        let mut key = String::with_capacity(ids.len() * 18);
+        for (n, id) in ids.iter().enumerate() {
+            if n > 0 {
+                key.push(',');
+            }
+            let _ = write!(key, "{id}");
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = links.entry(key) {
+            e.insert(PendingLink {
+                at: r.at,
+                source: r.source.clone(),
+                message_id: r.message_id.clone(),
+                ids,
+                probability: match_probability(r),
+            });
+        }
+    }
+    links
+}
+
+/// Entity rows by (entity, key) and consent answers by (identifier,
+/// purpose) the records attach to their anchor identifiers; records are in
+/// canonical order, so the last row kept for a key is the newest.
+#[allow(clippy::type_complexity)]
+fn attachments(
+    records: &[Record],
+    anchor_of: &impl Fn(usize) -> i64,
+    profile_of: &FxHashMap<i64, i64>,
+) -> (FxHashMap<(String, String), Vec<P>>, FxHashMap<(i64, String), Vec<P>>) {
+    let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
+    let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
+    for (ri, r) in records.iter().enumerate() {
+        if r.entity.is_none() && r.consent.is_empty() {
+            continue;
+        }
+        let anchor = anchor_of(ri);
+        let profile = profile_of.get(&anchor).copied().unwrap_or_default();
+        if let Some((entity, key, fields)) = &r.entity {
+            entity_rows.insert(
+                (entity.clone(), key.clone()),
+                vec![
+                    P::S(entity.clone()),
+                    P::S(key.clone()),
+                    P::OI(Some(anchor)),
+                    P::OI(Some(profile)),
+                    P::S(r.source.clone()),
+                    P::I(r.at),
+                    P::S(Value::Object(fields.clone()).to_string()),
+                ],
+            );
+        }
+        for (purpose, granted) in &r.consent {
+            consent_rows.insert(
+                (anchor, purpose.clone()),
+                vec![
+                    P::I(anchor),
+                    P::S(purpose.clone()),
+                    P::I(i64::from(*granted)),
+                    P::I(r.at),
+                    P::S(r.source.clone()),
+                    P::S(r.message_id.clone()),
+                ],
+            );
+        }
+    }
+    (entity_rows, consent_rows)
+}
+
 fn unindexed() -> super::StoreError {
     super::StoreError::Invariant("a batch was applied without its identifier index".to_owned())
 }
@@ -746,9 +848,6 @@ impl<T: Ord + Clone> TraitFold<T> {
 }
 
 impl Store {
-    /// Applies one batch of records (a `Vec<Record>`, or a [`Batch`] prepared
-    /// off this task), and the cursor `(stream, position)` of the input they
-    /// came from, in one transaction.
     /// Drops (or strips) what privacy marks refuse from `batch`, inside the
     /// committing transaction, so an erasure or suppression committed
     /// before it is seen.
@@ -771,6 +870,9 @@ impl Store {
         Ok(batch.drop_marked(&marks))
     }
 
+    /// Applies one batch of records (a `Vec<Record>`, or a [`Batch`] prepared
+    /// off this task), and the cursor `(stream, position)` of the input they
+    /// came from, in one transaction.
     pub async fn apply_batch(
         &self,
         cfg: &IdentityConfig,
@@ -857,7 +959,11 @@ impl Store {
     }
 
     /// Applies `batch` on `conn`; returns what it did and the outbox entry
-    /// of the profiles it changed (JSON; empty when none).
+    /// of the profiles it changed (JSON; empty when none). The steps, each
+    /// below: look up the batch's identifiers (locking what it touches),
+    /// store its new records, resolve the components its links change,
+    /// write the graph, then what the records attach (traits, entity rows,
+    /// consent) and the ledger.
     async fn apply_in(
         &self,
         conn: &mut AnyConnection,
@@ -869,7 +975,6 @@ impl Store {
         if batch.is_empty() {
             return Ok((report, String::new()));
         }
-
         // 1. Identifiers: stored ones, and new ones with fresh ids (duplicates
         // within the batch went when it was prepared, and so did the index of
         // its identifiers when a reader thread prepared it).
@@ -879,132 +984,25 @@ impl Store {
         }
         let mut known = self.lookup_locked(conn, batch).await?;
         steps.mark("lookup");
-        {
-            // Duplicates of stored records: the insert itself says which
-            // records are new (`ON CONFLICT DO NOTHING RETURNING`, on both
-            // backends), one pass over the message-id index instead of a
-            // probe and then an insert.
-            let index = batch.index.as_ref().ok_or_else(unindexed)?;
-            let payloads = std::mem::take(&mut batch.payloads);
-            let rows = batch
-                .records
-                .iter()
-                .zip(payloads)
-                .enumerate()
-                .map(|(ri, (r, payload))| record_row(r, payload, anchor_id(&known, index.anchor[ri]), received));
-            let stored = insert_records(self, conn, &batch.records, rows).await?;
-            steps.mark("records");
-            let before = batch.len();
-            if !stored.is_empty() {
-                // Rare (a re-run over input already stored): index the
-                // records left, keeping the ids the records just written
-                // anchor on.
-                let ids: FxHashMap<(String, String), Known> = {
-                    let index = batch.index.as_ref().ok_or_else(unindexed)?;
-                    index
-                        .idents
-                        .iter()
-                        .zip(&known)
-                        .map(|(&(ri, pos), k)| (batch.records[ri as usize].ids[pos as usize].clone(), *k))
-                        .collect()
-                };
-                batch.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
-                batch.index(cfg);
-                let index = batch.index.as_ref().ok_or_else(unindexed)?;
-                known = index
-                    .idents
-                    .iter()
-                    .map(|&(ri, pos)| ids.get(&batch.records[ri as usize].ids[pos as usize]).copied())
-                    .collect::<Option<Vec<Known>>>()
-                    .ok_or_else(unindexed)?;
-            }
-            report.duplicates += (before - batch.len()) as u64;
-            if batch.is_empty() {
-                return Ok((report, String::new()));
-            }
+        report.duplicates += self.store_records(conn, cfg, batch, &mut known, received).await?;
+        steps.mark("records");
+        if batch.is_empty() {
+            return Ok((report, String::new()));
         }
         let batch: &Batch = batch;
         let records = &batch.records;
         let index = batch.index.as_ref().ok_or_else(unindexed)?;
-        let ident = |i: usize| -> &(String, String) {
-            let (ri, pos) = index.idents[i];
-            &records[ri as usize].ids[pos as usize]
-        };
         let anchor_of = |ri: usize| anchor_id(&known, index.anchor[ri]);
-        // Identifiers this batch creates: (id, key, value, first record).
-        let new_nodes: Vec<(i64, &str, &str, &Record)> = known
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.stored.is_none())
-            .map(|(i, k)| {
-                let (key, value) = ident(i);
-                (k.id, key.as_str(), value.as_str(), &records[index.idents[i].0 as usize])
-            })
-            .collect();
-
-        // A record older than an identifier's first sighting becomes its
-        // first sighting: the earliest record of the batch that carries it.
-        let mut first_seen: Vec<(i64, (i64, &str, &str))> = Vec::new();
-        for (i, k) in known.iter().enumerate() {
-            let r = &records[index.idents[i].0 as usize];
-            if let Some(e) = k.stored
-                && r.at < e.first_at
-            {
-                first_seen.push((k.id, (r.at, &r.source, &r.message_id)));
-            }
-        }
-        if !first_seen.is_empty() {
-            let mut rows = first_seen;
-            rows.sort_unstable_by_key(|(id, _)| *id);
-            update_rows(
-                self,
-                conn,
-                "identities SET first_at = v.column2, source = v.column3, message_id = v.column4",
-                4,
-                rows.into_iter()
-                    .map(|(id, (at, src, msg))| vec![P::I(id), P::I(at), P::S(src.to_owned()), P::S(msg.to_owned())]),
-                "identities.id = v.column1 AND identities.first_at > v.column2",
-            )
-            .await?;
-        }
-
+        let new_nodes = new_identifiers(batch, index, &known);
+        self.write_first_sightings(conn, records, index, &known).await?;
         steps.mark("first_seen");
-        // 2. Links: records with several identifiers. A link changes the graph
-        // when its identifier set is new, or earlier than the stored one.
-        // Records are in canonical order, so the first record of a set is
-        // its earliest.
-        let mut batch_links: FxHashMap<String, PendingLink> = FxHashMap::default();
-        for (ri, r) in records.iter().enumerate() {
-            let of = index.ids_of(ri);
-            if of.len() < 2 {
-                continue;
-            }
-            let mut ids: Vec<i64> = of.iter().map(|i| known[*i as usize].id).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            if ids.len() < 2 {
-                continue;
-            }
-            let mut key = String::with_capacity(ids.len() * 18);
-            for (n, id) in ids.iter().enumerate() {
-                if n > 0 {
-                    key.push(',');
-                }
-                let _ = write!(key, "{id}");
-            }
-            if let std::collections::hash_map::Entry::Vacant(e) = batch_links.entry(key) {
-                e.insert(PendingLink {
-                    at: r.at,
-                    source: r.source.clone(),
-                    message_id: r.message_id.clone(),
-                    ids,
-                    probability: match_probability(r),
-                });
-            }
-        }
-        let stored_links = self.lookup_links(conn, batch_links.keys().cloned().collect()).await?;
+
+        // 2. Links: a link changes the graph when its identifier set is new,
+        // or earlier than the stored one.
+        let links = batch_links(records, index, &known);
+        let stored_links = self.lookup_links(conn, links.keys().cloned().collect()).await?;
         steps.mark("links");
-        let changing: Vec<(String, PendingLink)> = batch_links
+        let changing: Vec<(String, PendingLink)> = links
             .into_iter()
             .filter(|(key, l)| match stored_links.get(key) {
                 None => true,
@@ -1013,64 +1011,184 @@ impl Store {
             .collect();
 
         // 3. Resolve every component a changing link touches.
+        let mut profile_ids = self.take_ids(conn, new_nodes.len()).await?;
+        let graph = self.resolve_graph(conn, cfg, &known, &new_nodes, &changing, &mut profile_ids, &mut steps).await?;
+        report.splits += graph.report.splits;
+        report.merges += graph.report.merges;
+        report.conflicts += graph.report.conflicts;
+        report.new_profiles = graph.new_profiles.len() as u64;
+        steps.mark("resolve");
+
+        // 4. Writes: the graph, then what each record attaches.
+        self.write_graph(conn, &graph, &new_nodes, &changing, received, &mut steps).await?;
+        report.accepted = records.len() as u64;
+        let (entity_rows, consent_rows) = attachments(records, &anchor_of, &graph.profile_of);
+        if !index.folds.is_empty() {
+            self.write_folds(conn, batch, &known).await?;
+        }
+        steps.mark("traits");
+        self.write_attachments(conn, entity_rows, consent_rows).await?;
+        self.write_ledger(conn, &graph.ledger, received).await?;
+        let changes =
+            changed_profiles(records, &anchor_of, &graph.profile_of, &new_nodes, &graph.regrouped, &graph.absorbed)
+                .to_json();
+        self.give_back_ids(profile_ids);
+        steps.mark("rest");
+        tracing::debug!(accepted = report.accepted, %steps, "batch applied");
+        Ok((report, changes))
+    }
+
+    /// Stores the batch's records and drops from it those already stored
+    /// (a re-run over input stored before), re-indexing what is left so that
+    /// `known` keeps matching it. Returns how many were dropped.
+    ///
+    /// The insert itself says which records are new (`ON CONFLICT DO
+    /// NOTHING`, on both backends): one pass over the message-id index
+    /// instead of a probe and then an insert.
+    async fn store_records(
+        &self,
+        conn: &mut AnyConnection,
+        cfg: &IdentityConfig,
+        batch: &mut Batch,
+        known: &mut Vec<Known>,
+        received: i64,
+    ) -> Result<u64> {
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
+        let payloads = std::mem::take(&mut batch.payloads);
+        let rows = batch
+            .records
+            .iter()
+            .zip(payloads)
+            .enumerate()
+            .map(|(ri, (r, payload))| record_row(r, payload, anchor_id(known, index.anchor[ri]), received));
+        let stored = insert_records(self, conn, &batch.records, rows).await?;
+        if stored.is_empty() {
+            return Ok(0);
+        }
+        // Index the records left, keeping the ids the records just written anchor on.
+        let before = batch.len();
+        let ids: FxHashMap<(String, String), Known> = index
+            .idents
+            .iter()
+            .zip(known.iter())
+            .map(|(&(ri, pos), k)| (batch.records[ri as usize].ids[pos as usize].clone(), *k))
+            .collect();
+        batch.retain(|r| !stored.contains(&(r.source.clone(), r.message_id.clone())));
+        batch.index(cfg);
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
+        *known = index
+            .idents
+            .iter()
+            .map(|&(ri, pos)| ids.get(&batch.records[ri as usize].ids[pos as usize]).copied())
+            .collect::<Option<Vec<Known>>>()
+            .ok_or_else(unindexed)?;
+        Ok((before - batch.len()) as u64)
+    }
+
+    /// A record older than an identifier's first sighting becomes its first
+    /// sighting: the earliest record of the batch that carries it.
+    async fn write_first_sightings(
+        &self,
+        conn: &mut AnyConnection,
+        records: &[Record],
+        index: &Index,
+        known: &[Known],
+    ) -> Result<()> {
+        let mut rows: Vec<(i64, (i64, &str, &str))> = Vec::new();
+        for (i, k) in known.iter().enumerate() {
+            let r = &records[index.idents[i].0 as usize];
+            if let Some(e) = k.stored
+                && r.at < e.first_at
+            {
+                rows.push((k.id, (r.at, &r.source, &r.message_id)));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        update_rows(
+            self,
+            conn,
+            "identities SET first_at = v.column2, source = v.column3, message_id = v.column4",
+            4,
+            rows.into_iter()
+                .map(|(id, (at, src, msg))| vec![P::I(id), P::I(at), P::S(src.to_owned()), P::S(msg.to_owned())]),
+            "identities.id = v.column1 AND identities.first_at > v.column2",
+        )
+        .await
+    }
+
+    /// The profile and component of every identifier the batch carries:
+    /// stored ones where they are, the components `changing` links touch
+    /// regrouped ([`regroup::regroup`]), and a profile of its own for each
+    /// new identifier no changing link joins. `profile_of` and
+    /// `component_of` of the result cover all of them.
+    #[allow(clippy::too_many_arguments)]
+    async fn resolve_graph(
+        &self,
+        conn: &mut AnyConnection,
+        cfg: &IdentityConfig,
+        known: &[Known],
+        new_nodes: &[NewNode<'_>],
+        changing: &[(String, PendingLink)],
+        profile_ids: &mut super::Ids,
+        steps: &mut Steps,
+    ) -> Result<regroup::Regrouping> {
         let stored = || known.iter().filter_map(|x| Some((x.id, x.stored?)));
         let mut profile_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.profile)).collect();
         let mut component_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.component)).collect();
-        let mut profile_ids = self.take_ids(conn, new_nodes.len()).await?;
-        let mut regrouping = regroup::Regrouping::default();
+        let mut graph = regroup::Regrouping::default();
         if !changing.is_empty() {
-            let touched: Vec<i64> = {
-                let mut t: Vec<i64> = changing
-                    .iter()
-                    .flat_map(|(_, l)| l.ids.iter())
-                    .filter_map(|id| component_of.get(id).copied())
-                    .collect();
-                t.sort_unstable();
-                t.dedup();
-                t
-            };
+            let mut touched: Vec<i64> = changing
+                .iter()
+                .flat_map(|(_, l)| l.ids.iter())
+                .filter_map(|id| component_of.get(id).copied())
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
             let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
             // A profile per cluster at most: one per node.
             let more = self.take_ids(conn, stored_nodes.len() + new_nodes.len()).await?;
             profile_ids.extend(more);
             steps.mark("components");
             let fresh: Vec<(i64, &str, &str)> = new_nodes.iter().map(|n| (n.0, n.1, n.2)).collect();
-            regrouping =
-                regroup::regroup(cfg, stored_nodes, &fresh, &old_links, &changing, &mut || profile_ids.next())?;
-            profile_of.extend(regrouping.profile_of.drain());
-            component_of.extend(regrouping.component_of.drain());
+            graph = regroup::regroup(cfg, stored_nodes, &fresh, &old_links, changing, &mut || profile_ids.next())?;
         }
-        let regroup::Regrouping {
-            mut id_updates,
-            mut new_profiles,
-            absorbed,
-            component_moves,
-            regrouped,
-            ledger,
-            report: counts,
-            ..
-        } = regrouping;
-        report.splits += counts.splits;
-        report.merges += counts.merges;
-        report.conflicts += counts.conflicts;
+        profile_of.extend(graph.profile_of.drain());
+        component_of.extend(graph.component_of.drain());
         // New identifiers outside any link (or in links already resolved) get profiles of their own.
-        for n in &new_nodes {
+        for n in new_nodes {
             if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(n.0) {
                 let p = profile_ids.next()?;
-                new_profiles.push(p);
+                graph.new_profiles.push(p);
                 e.insert(p);
                 component_of.insert(n.0, n.0);
             }
         }
-        report.new_profiles = new_profiles.len() as u64;
+        graph.profile_of = profile_of;
+        graph.component_of = component_of;
+        Ok(graph)
+    }
 
-        steps.mark("resolve");
-        // 4. Writes.
-        if !new_profiles.is_empty() {
-            let rows = new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]);
+    /// Writes what resolution decided: new profiles, merges, new
+    /// identifiers, moved identifiers (and their entity rows), joined
+    /// components, and the changing links.
+    async fn write_graph(
+        &self,
+        conn: &mut AnyConnection,
+        graph: &regroup::Regrouping,
+        new_nodes: &[NewNode<'_>],
+        changing: &[(String, PendingLink)],
+        received: i64,
+        steps: &mut Steps,
+    ) -> Result<()> {
+        let (profile_of, component_of) = (&graph.profile_of, &graph.component_of);
+        if !graph.new_profiles.is_empty() {
+            let rows = graph.new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]);
             insert_fresh(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows).await?;
         }
-        for (p, q) in &absorbed {
+        for (p, q) in &graph.absorbed {
             sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE id = ?"))
                 .bind(*q)
                 .bind(*p)
@@ -1106,14 +1224,15 @@ impl Store {
             .await?;
         }
         steps.mark("identities");
-        if !id_updates.is_empty() {
-            id_updates.sort_unstable();
+        if !graph.id_updates.is_empty() {
+            let mut moved = graph.id_updates.clone();
+            moved.sort_unstable();
             update_rows(
                 self,
                 conn,
                 "identities SET profile_id = v.column2, component = v.column3",
                 3,
-                id_updates.iter().map(|(id, p, c)| vec![P::I(*id), P::I(*p), P::I(*c)]),
+                moved.iter().map(|(id, p, c)| vec![P::I(*id), P::I(*p), P::I(*c)]),
                 "identities.id = v.column1",
             )
             .await?;
@@ -1122,14 +1241,14 @@ impl Store {
                 conn,
                 "entities SET profile_id = v.column2",
                 2,
-                id_updates.iter().map(|(id, p, _)| vec![P::I(*id), P::I(*p)]),
+                moved.iter().map(|(id, p, _)| vec![P::I(*id), P::I(*p)]),
                 "entities.identity_id = v.column1",
             )
             .await?;
         }
-        if !component_moves.is_empty() {
+        if !graph.component_moves.is_empty() {
             let mut moves: Vec<(i64, i64)> =
-                component_moves.iter().flat_map(|(into, from)| from.iter().map(|f| (*f, *into))).collect();
+                graph.component_moves.iter().flat_map(|(into, from)| from.iter().map(|f| (*f, *into))).collect();
             moves.sort_unstable();
             update_rows(
                 self,
@@ -1164,51 +1283,18 @@ impl Store {
             )
             .await?;
         }
-
         steps.mark("link_writes");
-        // Each record attaches to its strongest identifier.
-        let mut entity_rows: FxHashMap<(String, String), Vec<P>> = FxHashMap::default();
-        let mut consent_rows: FxHashMap<(i64, String), Vec<P>> = FxHashMap::default();
-        for (ri, r) in records.iter().enumerate() {
-            if r.entity.is_none() && r.consent.is_empty() {
-                continue;
-            }
-            let anchor = anchor_of(ri);
-            let profile = profile_of.get(&anchor).copied().unwrap_or_default();
-            if let Some((entity, key, fields)) = &r.entity {
-                // Records are in canonical order: the last row written for a key is the newest.
-                entity_rows.insert(
-                    (entity.clone(), key.clone()),
-                    vec![
-                        P::S(entity.clone()),
-                        P::S(key.clone()),
-                        P::OI(Some(anchor)),
-                        P::OI(Some(profile)),
-                        P::S(r.source.clone()),
-                        P::I(r.at),
-                        P::S(Value::Object(fields.clone()).to_string()),
-                    ],
-                );
-            }
-            for (purpose, granted) in &r.consent {
-                consent_rows.insert(
-                    (anchor, purpose.clone()),
-                    vec![
-                        P::I(anchor),
-                        P::S(purpose.clone()),
-                        P::I(i64::from(*granted)),
-                        P::I(r.at),
-                        P::S(r.source.clone()),
-                        P::S(r.message_id.clone()),
-                    ],
-                );
-            }
-        }
-        report.accepted = records.len() as u64;
-        if !index.folds.is_empty() {
-            self.write_folds(conn, batch, &known).await?;
-        }
-        steps.mark("traits");
+        Ok(())
+    }
+
+    /// Writes the newest entity row per (entity, key) and consent answer per
+    /// (identifier, purpose) of the batch, each kept only over an older stored one.
+    async fn write_attachments(
+        &self,
+        conn: &mut AnyConnection,
+        entity_rows: FxHashMap<(String, String), Vec<P>>,
+        consent_rows: FxHashMap<(i64, String), Vec<P>>,
+    ) -> Result<()> {
         if !entity_rows.is_empty() {
             insert_rows(
                 self,
@@ -1233,35 +1319,41 @@ impl Store {
             )
             .await?;
         }
-        if !ledger.is_empty() {
-            let rows = ledger.into_iter().map(|e| {
-                vec![
-                    P::I(received),
-                    P::S(e.kind.to_owned()),
-                    P::I(e.profile),
-                    P::OI(e.other),
-                    P::OI(e.identity),
-                    P::OS(e.source),
-                    P::OS(e.message_id),
-                    P::S(e.rule),
-                    P::OS(None),
-                ]
-            });
-            insert_rows(
-                self,
-                conn,
-                "INSERT INTO ledger (at, kind, profile_id, other_profile_id, identity_id, source, message_id, rule, detail)",
-                9,
-                rows,
-                "",
-            )
-            .await?;
+        Ok(())
+    }
+
+    /// Writes the ledger entries (merges, splits, conflicts) resolution decided.
+    async fn write_ledger(
+        &self,
+        conn: &mut AnyConnection,
+        ledger: &[regroup::LedgerEntry],
+        received: i64,
+    ) -> Result<()> {
+        if ledger.is_empty() {
+            return Ok(());
         }
-        let changes = changed_profiles(records, &anchor_of, &profile_of, &new_nodes, &regrouped, &absorbed).to_json();
-        self.give_back_ids(profile_ids);
-        steps.mark("rest");
-        tracing::debug!(accepted = report.accepted, %steps, "batch applied");
-        Ok((report, changes))
+        let rows = ledger.iter().map(|e| {
+            vec![
+                P::I(received),
+                P::S(e.kind.to_owned()),
+                P::I(e.profile),
+                P::OI(e.other),
+                P::OI(e.identity),
+                P::OS(e.source.clone()),
+                P::OS(e.message_id.clone()),
+                P::S(e.rule.clone()),
+                P::OS(None),
+            ]
+        });
+        insert_rows(
+            self,
+            conn,
+            "INSERT INTO ledger (at, kind, profile_id, other_profile_id, identity_id, source, message_id, rule, detail)",
+            9,
+            rows,
+            "",
+        )
+        .await
     }
 
     /// Writes folded trait observations. Those of identifiers created by this
