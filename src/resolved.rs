@@ -223,6 +223,10 @@ impl Resolved {
             schedule: Schedule::parse(retention_schedule.unwrap_or(DEFAULT_RETENTION_SCHEDULE))
                 .map_err(|e| format!("retention.schedule: {e}"))?,
         };
+        if let Some(mt) = &m.identity.matching {
+            // Matching runs in the store on the typed section; it must parse.
+            crate::identity::matching::specs(&mt.compare)?;
+        }
         Ok(Resolved {
             identity: IdentityConfig::from_manifest(&m),
             model: Model::new(&m)?,

@@ -37,23 +37,25 @@ pub struct FieldSpec {
     pub swap: Option<usize>,
 }
 
-/// The field specs of `identity.match.compare`, in order, with `swap_with` resolved.
-pub fn specs(compare: &indexmap::IndexMap<String, Comparison>) -> Vec<FieldSpec> {
+/// The field specs of `identity.match.compare`, in order, with `swap_with`
+/// resolved; an error names a tolerance that does not parse (validation
+/// refuses it).
+pub fn specs(compare: &indexmap::IndexMap<String, Comparison>) -> Result<Vec<FieldSpec>, String> {
     compare
         .iter()
         .map(|(n, c)| {
-            let mut spec = FieldSpec::from_manifest(n, c);
+            let mut spec = FieldSpec::from_manifest(n, c).map_err(|e| format!("identity.match.compare.{n}: {e}"))?;
             if let Comparison::Detailed(o) = c {
                 spec.swap = o.swap_with.as_ref().and_then(|w| compare.get_index_of(w));
             }
-            spec
+            Ok(spec)
         })
         .collect()
 }
 
 impl FieldSpec {
-    pub fn from_manifest(name: &str, c: &Comparison) -> Self {
-        match c {
+    pub fn from_manifest(name: &str, c: &Comparison) -> Result<Self, String> {
+        Ok(match c {
             Comparison::Method(method) => FieldSpec {
                 name: name.into(),
                 method: *method,
@@ -68,9 +70,9 @@ impl FieldSpec {
                     (Some(serde_json::Value::String(s)), CompareMethod::Date) => {
                         crate::manifest::units::parse_duration(s)
                             .map(|d| d.as_secs_f64() / 86_400.0)
-                            .unwrap_or(default_tol(o.method))
+                            .map_err(|e| format!("tolerance: {e}"))?
                     }
-                    (Some(v), _) => v.as_f64().unwrap_or(default_tol(o.method)),
+                    (Some(v), _) => v.as_f64().ok_or_else(|| format!("tolerance: `{v}` is not a number"))?,
                     (None, m) => default_tol(m),
                 };
                 FieldSpec {
@@ -83,7 +85,7 @@ impl FieldSpec {
                     swap: None,
                 }
             }
-        }
+        })
     }
 }
 

@@ -123,7 +123,7 @@ impl Store {
     ) -> Result<(MatchReport, FxHashSet<i64>)> {
         let Some(mt) = &m.identity.matching else { return Ok((MatchReport::default(), FxHashSet::default())) };
         let cfg = IdentityConfig::from_manifest(m);
-        let specs: Vec<FieldSpec> = matching::specs(&mt.compare);
+        let specs: Vec<FieldSpec> = matching::specs(&mt.compare).map_err(super::StoreError::Manifest)?;
         let field_index: FxHashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
 
         // Latest value of each compared trait per profile.
