@@ -628,7 +628,9 @@ pub fn run() -> ExitCode {
         Command::Plan { format } => block_on(plan::run(&file, format)),
         Command::Test { dir } => block_on(test::run(&file, dir.as_deref())),
         Command::Audit { since, limit, format } => block_on(audit::run(&file, since, limit, format)),
-        Command::Profile(cmd) => block_on(async {
+        // Reading one profile is a few queries: one thread runs them, with
+        // no hand-overs between worker threads to wait for a busy core.
+        Command::Profile(cmd) => block_on_one_thread(async {
             match cmd {
                 ProfileCmd::Get { key_value, format, events } => profile::get(&file, &key_value, format, events).await,
                 ProfileCmd::Explain { key_value, format } => profile::explain(&file, &key_value, format).await,
@@ -664,6 +666,11 @@ fn init_tracing() {
 
 fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
+}
+
+/// [`block_on`] for a short command that does little besides waiting for the store.
+fn block_on_one_thread<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 /// Resolves the manifest for a command that acts on it: errors stop the

@@ -138,24 +138,22 @@ impl Store {
             }
             target = &target[..end];
         }
-        let mut tx = match self.audit_pool() {
-            // A file of its own: a short write that never waits for ingest.
-            Some(pool) => pool.begin().await?,
-            None => self.begin_write().await?,
-        };
-        let id: i64 = sqlx::query(&self.sql(
+        let sql = self.sql(
             "INSERT INTO audit_log (at, actor, via, action, target, outcome) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-        ))
-        .bind(now_ms())
-        .bind(e.actor)
-        .bind(e.via)
-        .bind(e.action)
-        .bind(target)
-        .bind(e.outcome)
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        tx.commit().await?;
+        );
+        let insert =
+            sqlx::query(&sql).bind(now_ms()).bind(e.actor).bind(e.via).bind(e.action).bind(target).bind(e.outcome);
+        let id: i64 = match self.audit_pool() {
+            // A file of its own: one statement, its own transaction, that
+            // never waits for ingest.
+            Some(pool) => insert.fetch_one(pool).await?.try_get(0)?,
+            None => {
+                let mut tx = self.begin_write().await?;
+                let id = insert.fetch_one(&mut *tx).await?.try_get(0)?;
+                tx.commit().await?;
+                id
+            }
+        };
         metrics::counter!(crate::metrics::AUDIT_ROWS, "action" => e.action.to_owned()).increment(1);
         Ok(id)
     }

@@ -161,10 +161,7 @@ impl Store {
                 tracing::info!(rows = swept, "deleted rows staged by batches that never finished");
             }
         }
-        if backend == Backend::Sqlite {
-            let mut conn = store.writer.acquire().await?;
-            store.seed_sqlite_ids(&mut conn).await?;
-        }
+        // SQLite's ids are seeded by each write transaction ([`Store::begin_write`]).
         Ok(store)
     }
 

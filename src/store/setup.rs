@@ -44,7 +44,7 @@ pub(super) struct Pools {
 /// Opens the pools.
 pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
     sqlx::any::install_default_drivers();
-    let (backend, url, memory) =
+    let (backend, url, memory, exists) =
         if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
             let (path, query) = path.split_once('?').unwrap_or((path, ""));
             let memory = path == ":memory:";
@@ -59,26 +59,35 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
                 std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: full.clone(), source })?;
             }
             let query = if query.is_empty() { "mode=rwc".to_owned() } else { query.to_owned() };
-            (Backend::Sqlite, format!("sqlite://{full}?{query}"), memory)
+            let exists = !memory && Path::new(&full).exists();
+            (Backend::Sqlite, format!("sqlite://{full}?{query}"), memory, exists)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned(), false)
+            (Backend::Postgres, url.to_owned(), false, true)
         } else {
             return Err(StoreError::Url(url.to_owned()));
         };
     let opts = AnyConnectOptions::from_str(&url)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Info, Duration::from_secs(2));
-    let writer = pool_options()
+    let writer_options = pool_options()
         // SQLite has one writer; more connections would only wait on its lock.
         .max_connections(if backend == Backend::Sqlite { 1 } else { 16 })
-        .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }))
-        .connect_with(opts.clone())
-        .await?;
+        .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }));
     if backend == Backend::Postgres || memory {
+        let writer = writer_options.connect_with(opts).await?;
         return Ok(Pools { backend, readers: writer.clone(), audit: writer.clone(), writer, audit_apart: false });
     }
-    // Create the file and switch it to WAL before readers open it.
-    drop(writer.acquire().await?);
+    // A new file is created and switched to WAL (which the file keeps)
+    // before readers open it. An existing one is opened for writing only
+    // when something writes: a command that only reads (`cdp profile get`)
+    // opens one connection less.
+    let writer = if exists {
+        writer_options.connect_lazy_with(opts.clone())
+    } else {
+        let writer = writer_options.connect_with(opts.clone()).await?;
+        drop(writer.acquire().await?);
+        writer
+    };
     let readers = pool_options()
         .max_connections(4)
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, false).await }))
@@ -117,29 +126,32 @@ async fn configure(conn: &mut sqlx::AnyConnection, backend: Backend, writes: boo
     if backend == Backend::Postgres {
         return Ok(());
     }
-    if writes {
-        // New databases only (WAL mode fixes the page size). Ingest touches
-        // pages all over several indexes each batch; with 8 KiB pages a batch
-        // dirties fewer of them and the trees are shallower: 40,000 → 45,000
-        // records/s in `cdp bench ingest`, the raw insert unchanged; 16 KiB
-        // slowed the raw insert by a quarter.
-        conn.execute("PRAGMA page_size = 8192").await?;
-        conn.execute("PRAGMA journal_mode = WAL").await?;
-        conn.execute("PRAGMA synchronous = FULL").await?;
-        // Checkpoint every ~256 MiB of WAL (32,768 pages) instead of every
-        // ~4 MiB. A batch dirties pages all over the message-id and identifier
-        // indexes, the same pages batch after batch; checkpointing after each
-        // commit copied them into the database file (and synced it) every
-        // time. The cost is disk: the WAL grows to that size between
-        // checkpoints. Durability is unchanged: a commit is durable once its
-        // WAL frames are synced.
-        conn.execute("PRAGMA wal_autocheckpoint = 32768").await?;
+    // One round trip to the connection's thread for all of them: a short
+    // command opens several connections, and under load every hand-over
+    // between threads waits for a core.
+    let settings = if writes {
+        // `page_size`: new databases only (WAL mode fixes the page size).
+        // Ingest touches pages all over several indexes each batch; with 8 KiB
+        // pages a batch dirties fewer of them and the trees are shallower:
+        // 40,000 → 45,000 records/s in `cdp bench ingest`, the raw insert
+        // unchanged; 16 KiB slowed the raw insert by a quarter.
+        //
+        // `wal_autocheckpoint`: every ~256 MiB of WAL (32,768 pages) instead
+        // of every ~4 MiB. A batch dirties pages all over the message-id and
+        // identifier indexes, the same pages batch after batch; checkpointing
+        // after each commit copied them into the database file (and synced
+        // it) every time. The cost is disk: the WAL grows to that size
+        // between checkpoints. Durability is unchanged: a commit is durable
+        // once its WAL frames are synced.
+        "PRAGMA page_size = 8192; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+         PRAGMA wal_autocheckpoint = 32768;"
     } else {
-        conn.execute("PRAGMA query_only = 1").await?;
-    }
-    conn.execute("PRAGMA busy_timeout = 10000").await?;
-    conn.execute("PRAGMA cache_size = -65536").await?;
-    conn.execute("PRAGMA temp_store = MEMORY").await?;
+        "PRAGMA query_only = 1;"
+    };
+    conn.execute(&*format!(
+        "{settings} PRAGMA busy_timeout = 10000; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
+    ))
+    .await?;
     Ok(())
 }
 
