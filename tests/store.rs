@@ -221,6 +221,57 @@ fn merges_are_logged_with_their_record_and_unmerge_sticks() {
     });
 }
 
+/// Every profile merged away points at the one profile that holds its
+/// people now, through merges in one batch and across batches.
+#[test]
+fn merged_profiles_point_at_the_profile_they_live_on_in() {
+    use sqlx::Row;
+    rt().block_on(async {
+        let m = manifest();
+        let cfg = IdentityConfig::from_manifest(&m);
+        for (name, store, db, _dir) in backends("merged").await {
+            let apart: Vec<Value> = (1..=6)
+                .map(|i| json!({"id": format!("s{i}"), "at": "2026-01-01T00:00:00Z", "anon": format!("a{i}")}))
+                .collect();
+            assert_eq!(store.apply_batch(&cfg, records(&m, "web", &apart), None).await.expect("apart").new_profiles, 6);
+            // One batch joins a1..a3 (two merges), another a4..a5.
+            let join =
+                |id: &str, a: &str, b: &str| json!({"id": id, "at": "2026-01-02T00:00:00Z", "anon": a, "email": b});
+            let first = [join("j1", "a1", "p@x.org"), join("j2", "a2", "p@x.org"), join("j3", "a3", "p@x.org")];
+            let r = store.apply_batch(&cfg, records(&m, "web", &first), None).await.expect("first");
+            assert_eq!(r.merges, 2, "{name}");
+            let second = [join("j4", "a4", "q@x.org"), join("j5", "a5", "q@x.org")];
+            store.apply_batch(&cfg, records(&m, "web", &second), None).await.expect("second");
+            // A later batch joins the two merged profiles and a6: profiles
+            // merged into a profile that is now merged away follow it.
+            let last = [
+                json!({"id": "j6", "at": "2026-01-03T00:00:00Z", "email": "p@x.org", "phone": "0701234567"}),
+                json!({"id": "j7", "at": "2026-01-03T00:00:00Z", "anon": "a6", "phone": "0701234567"}),
+                json!({"id": "j8", "at": "2026-01-03T00:00:00Z", "email": "q@x.org", "phone": "0701234567"}),
+            ];
+            store.apply_batch(&cfg, records(&m, "web", &last), None).await.expect("last");
+            let live = store.find_profile(&m, "anonymous_id", "a1").await.expect("a1");
+            for i in 2..=6 {
+                let p = store.find_profile(&m, "anonymous_id", &format!("a{i}")).await.expect("found");
+                assert_eq!(p, live, "{name}: a{i} joined");
+            }
+            let rows = sqlx::query("SELECT id, merged_into FROM profiles").fetch_all(store.pool()).await.expect("rows");
+            let mut merged = 0;
+            for r in rows {
+                let (id, into): (i64, Option<i64>) = (r.try_get(0).expect("id"), r.try_get(1).expect("merged_into"));
+                if id == live {
+                    assert_eq!(into, None, "{name}: the live profile is not merged");
+                } else {
+                    assert_eq!(into, Some(live), "{name}: profile {id} points at the live profile");
+                    merged += 1;
+                }
+            }
+            assert_eq!(merged, 5, "{name}");
+            drop_db(db).await;
+        }
+    });
+}
+
 #[test]
 fn merge_policies_keep_provenance() {
     rt().block_on(async {

@@ -1188,17 +1188,26 @@ impl Store {
             let rows = graph.new_profiles.iter().map(|p| vec![P::I(*p), P::I(received)]);
             insert_fresh(self, conn, "INSERT INTO profiles (id, created_at)", 2, rows).await?;
         }
-        for (p, q) in &graph.absorbed {
-            sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE id = ?"))
-                .bind(*q)
-                .bind(*p)
-                .execute(&mut *conn)
-                .await?;
-            // Earlier merges into `p` now point at `q`.
-            sqlx::query(&self.sql("UPDATE profiles SET merged_into = ? WHERE merged_into = ?"))
-                .bind(*q)
-                .bind(*p)
-                .execute(&mut *conn)
+        if !graph.absorbed.is_empty() {
+            // Set-based, a statement per chunk rather than two per merge
+            // (matching a store merges tens of thousands of profiles). Each
+            // absorbed profile is absorbed once, into a profile this
+            // regrouping keeps, so no target is itself absorbed: profiles
+            // merged into an absorbed one earlier point at its target, then
+            // it does.
+            let mut pairs = graph.absorbed.clone();
+            pairs.sort_unstable();
+            let rows = || pairs.iter().map(|(p, q)| vec![P::I(*p), P::I(*q)]);
+            update_rows(
+                self,
+                conn,
+                "profiles SET merged_into = v.column2",
+                2,
+                rows(),
+                "profiles.merged_into = v.column1",
+            )
+            .await?;
+            update_rows(self, conn, "profiles SET merged_into = v.column2", 2, rows(), "profiles.id = v.column1")
                 .await?;
         }
         if !new_nodes.is_empty() {
