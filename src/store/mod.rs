@@ -155,12 +155,6 @@ impl Store {
         };
         store.migrate().await?;
         store.open_audit().await?;
-        if let Some(staging) = &store.staging {
-            let swept = staging.sweep().await?;
-            if swept > 0 {
-                tracing::info!(rows = swept, "deleted rows staged by batches that never finished");
-            }
-        }
         // SQLite's ids are seeded by each write transaction ([`Store::begin_write`]).
         Ok(store)
     }

@@ -38,6 +38,8 @@ const SEND_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct Staging {
     pool: sqlx::PgPool,
+    /// Whether this process swept rows of dead batches yet: the first copy does.
+    swept: std::sync::atomic::AtomicBool,
 }
 
 /// Rows copied into `cdp_stage` under one batch number.
@@ -116,7 +118,7 @@ impl Staging {
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_lazy_with(opts);
-        Ok(Staging { pool })
+        Ok(Staging { pool, swept: std::sync::atomic::AtomicBool::new(false) })
     }
 
     /// Copies `rows` (each `cols` values of the same types, row by row) into
@@ -124,6 +126,12 @@ impl Staging {
     pub(crate) async fn copy(&self, cols: usize, rows: impl Iterator<Item = Vec<P>>) -> Result<Staged> {
         if cols == 0 || cols > STAGE_COLUMNS {
             return Err(StoreError::Invariant(format!("cannot stage rows of {cols} columns")));
+        }
+        if !self.swept.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let swept = self.sweep().await?;
+            if swept > 0 {
+                tracing::info!(rows = swept, "deleted rows staged by batches that never finished");
+            }
         }
         let mut conn = self.pool.acquire().await?;
         let batch: i64 = sqlx::query("SELECT nextval('cdp_stage_batch')").fetch_one(&mut *conn).await?.try_get(0)?;
@@ -183,7 +191,8 @@ impl Staging {
     }
 
     /// Deletes rows staged more than an hour ago: no batch takes that long,
-    /// so their process died before its transaction ended.
+    /// so their process died before its transaction ended. A process's first
+    /// copy sweeps; a command that never stages (a read) never connects here.
     pub(crate) async fn sweep(&self) -> Result<u64> {
         let done = sqlx::query("DELETE FROM cdp_stage WHERE staged_at < now() - interval '1 hour'")
             .execute(&self.pool)
