@@ -331,6 +331,7 @@ fn plan_lists_changes_and_predicts_the_audience_moves_that_then_happen() {
     let out = cdp(dir.path(), &["plan"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("+ sources.loyalty"), "{}", text(&out));
+    assert!(text(&out).contains("syncs: a running `cdp run` restarts loyalty"), "{}", text(&out));
 
     let out = cdp(dir.path(), &["sync", "loyalty"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -350,6 +351,8 @@ fn plan_lists_changes_and_predicts_the_audience_moves_that_then_happen() {
     assert_eq!(changes[0]["name"], "gold");
     assert_eq!(changes[0]["kind"], "changed");
     assert_eq!(changes[0]["fields"], serde_json::json!(["where"]));
+    // An audience's rule is not what a sync reads: no sync restarts.
+    assert_eq!(plan["impact"]["syncs"], serde_json::json!({"restart": [], "stop": []}), "{plan:#}");
     let gold = &plan["impact"]["audiences"][0];
     assert_eq!(
         (gold["enter"].as_u64(), gold["exit"].as_u64(), gold["stay"].as_u64()),
@@ -369,6 +372,12 @@ fn plan_lists_changes_and_predicts_the_audience_moves_that_then_happen() {
     assert_eq!(doc["audiences"], serde_json::json!(["gold"]), "silver member 1 entered gold: {doc:#}");
     let out = cdp(dir.path(), &["plan"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A new schedule restarts the sync under a running `cdp run`.
+    write_manifest(dir.path(), "*/5 * * * * *", "tier == \"silver\"", "");
+    let out = cdp(dir.path(), &["plan", "--format", "json"]);
+    let plan: Value = serde_json::from_slice(&out.stdout).expect("plan json");
+    assert_eq!(plan["impact"]["syncs"], serde_json::json!({"restart": ["loyalty"], "stop": []}), "{plan:#}");
 }
 
 #[test]

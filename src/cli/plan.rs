@@ -23,8 +23,20 @@ pub async fn run(manifest: &Path, format: ReportFormat) -> Result<ExitCode> {
     let store = connect(&new.manifest, &new.base).await?;
     let applied = store.applied_manifest().await?;
     let old = applied.as_ref().and_then(|a| resolved::resolve_applied(&a.text, &new.base));
-    let changes = resolved::diff(old.as_ref(), &new).sections;
-    let impact = impact(&store, old.as_ref(), &new, &changes).await?;
+    let diff = resolved::diff(old.as_ref(), &new);
+    let changes = diff.sections;
+    let mut impact = impact(&store, old.as_ref(), &new, &changes).await?;
+    // What a running `cdp run` does to its plugin syncs when it reloads this file.
+    let plugin_syncs = |r: &resolved::Resolved, names: &[crate::manifest::names::SourceName]| -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| r.sources.get(n.as_str()).is_some_and(|s| s.plugin.is_some()))
+            .map(|n| n.to_string())
+            .collect()
+    };
+    let restart = plugin_syncs(&new, &diff.restarted);
+    let stop = old.as_ref().map(|o| plugin_syncs(o, &diff.removed)).unwrap_or_default();
+    impact["syncs"] = json!({"restart": restart, "stop": stop});
     let doc = json!({
         "applied": applied.as_ref().map(|a| json!({"sha256": a.sha256, "applied_at": a.applied_at, "applied_by": a.applied_by})),
         "changes": changes,
@@ -228,6 +240,13 @@ fn render(doc: &Value, changes: &[Change]) -> String {
             d["destination"].as_str().unwrap_or(""),
             d["first_sync_sends"]
         ));
+    }
+    let names = |v: &Value| v.as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", ");
+    for (key, what) in [("restart", "restarts"), ("stop", "stops")] {
+        let list = names(&impact["syncs"][key]);
+        if !list.is_empty() {
+            lines.push(format!("  syncs: a running `cdp run` {what} {list} (after the batch it is committing)"));
+        }
     }
     for s in impact["removed_sources"].as_array().into_iter().flatten() {
         lines.push(format!(
