@@ -138,11 +138,12 @@ pub fn resolve_loaded(mut loaded: Loaded, base: &Path) -> Result<Resolved, Box<L
     if loaded.has_errors() {
         return Err(Box::new(loaded));
     }
-    let (Some(m), Some(text)) = (loaded.manifest.take(), loaded.source.clone()) else {
+    let (Some(m), true) = (loaded.manifest.take(), loaded.source.is_some()) else {
         return Err(Box::new(loaded));
     };
-    match Resolved::new(m.clone(), text, base) {
-        Ok(mut r) => {
+    match Parts::of(&m) {
+        Ok(parts) => {
+            let mut r = parts.with(m, loaded.source.unwrap_or_default(), base);
             r.spans = loaded.spans;
             r.warnings = loaded.diagnostics;
             Ok(r)
@@ -172,15 +173,42 @@ impl Resolved {
     /// built in code, any text that names it). An error names the first part
     /// that does not resolve.
     pub fn new(m: Manifest, text: String, base: &Path) -> Result<Resolved, String> {
+        Ok(Parts::of(&m)?.with(m, text, base))
+    }
+
+    /// A manifest built in code, resolved (its text is its JSON form).
+    pub fn from_manifest(m: Manifest) -> Result<Resolved, String> {
+        let text = serde_json::to_string_pretty(&m).map_err(|e| e.to_string())?;
+        Resolved::new(m, text, Path::new("."))
+    }
+}
+
+/// What a manifest resolves to besides itself: resolved from a borrowed
+/// manifest, so one that does not resolve is still there to give back.
+struct Parts {
+    identity: IdentityConfig,
+    model: Model,
+    plugins: IndexMap<PluginName, Grants>,
+    sources: IndexMap<SourceName, Source>,
+    audiences: IndexMap<AudienceName, Audience>,
+    destinations: IndexMap<DestinationName, Target>,
+    retention: Retention,
+}
+
+impl Parts {
+    /// An error names the first part that does not resolve.
+    fn of(m: &Manifest) -> Result<Parts, String> {
         let plugins = m
             .plugins
             .keys()
             .map(|n| {
-                let limits = crate::plugin::entries::limits(&m, n).map_err(|e| format!("plugin `{n}`: {e}"))?;
+                let limits = crate::plugin::entries::limits(m, n).map_err(|e| format!("plugin `{n}`: {e}"))?;
                 Ok((name(PluginName::parse(n))?, limits))
             })
             .collect::<Result<_, String>>()?;
+        // What every source's records depend on, hashed once for all of them.
         let shared = serde_json::json!({"identity": m.identity, "model": m.model, "consent": m.consent});
+        let shared = hex::encode(Sha256::digest(shared.to_string().as_bytes()));
         let sources = m
             .sources
             .iter()
@@ -215,11 +243,11 @@ impl Resolved {
         let destinations = m
             .destinations
             .iter()
-            .map(|(n, d)| Ok((name(DestinationName::parse(n))?, Target::resolve(&m, n, d)?)))
+            .map(|(n, d)| Ok((name(DestinationName::parse(n))?, Target::resolve(m, n, d)?)))
             .collect::<Result<_, String>>()?;
         let retention_schedule = m.retention.as_ref().and_then(|r| r.schedule.as_deref());
         let retention = Retention {
-            rules: crate::privacy::retention_rules(&m)?,
+            rules: crate::privacy::retention_rules(m)?,
             schedule: Schedule::parse(retention_schedule.unwrap_or(DEFAULT_RETENTION_SCHEDULE))
                 .map_err(|e| format!("retention.schedule: {e}"))?,
         };
@@ -227,27 +255,34 @@ impl Resolved {
             // Matching runs in the store on the typed section; it must parse.
             crate::identity::matching::specs(&mt.compare)?;
         }
-        Ok(Resolved {
-            identity: IdentityConfig::from_manifest(&m),
-            model: Model::new(&m)?,
-            sha256: hex::encode(Sha256::digest(text.as_bytes())),
-            text,
-            base: base.to_path_buf(),
-            spans: None,
-            warnings: Vec::new(),
+        Ok(Parts {
+            identity: IdentityConfig::from_manifest(m),
+            model: Model::new(m)?,
             plugins,
             sources,
             audiences,
             destinations,
             retention,
-            manifest: Arc::new(m),
         })
     }
 
-    /// A manifest built in code, resolved (its text is its JSON form).
-    pub fn from_manifest(m: Manifest) -> Result<Resolved, String> {
-        let text = serde_json::to_string_pretty(&m).map_err(|e| e.to_string())?;
-        Resolved::new(m, text, Path::new("."))
+    /// The resolved manifest of `m`, read from `text`, with these parts.
+    fn with(self, m: Manifest, text: String, base: &Path) -> Resolved {
+        Resolved {
+            identity: self.identity,
+            model: self.model,
+            sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            text,
+            base: base.to_path_buf(),
+            spans: None,
+            warnings: Vec::new(),
+            plugins: self.plugins,
+            sources: self.sources,
+            audiences: self.audiences,
+            destinations: self.destinations,
+            retention: self.retention,
+            manifest: Arc::new(m),
+        }
     }
 }
 

@@ -29,10 +29,10 @@ pub fn run(file: &Path, format: Format) -> ExitCode {
     // The manifest as `cdp run` would resolve it; when it does not, the
     // part that typed, for the plugin checks of its intact entries.
     let (m, spans, source, mut diagnostics) = match crate::resolved::resolve_loaded(loaded, base) {
-        Ok(r) => (Some(r.manifest.as_ref().clone()), r.spans, Some(r.text), r.warnings),
+        Ok(r) => (Some(r.manifest), r.spans, Some(r.text), r.warnings),
         Err(l) => {
             let l = *l;
-            (l.manifest.or(l.partial), l.spans, l.source, l.diagnostics)
+            (l.manifest.or(l.partial).map(std::sync::Arc::new), l.spans, l.source, l.diagnostics)
         }
     };
     if let (Some(m), Some(spans)) = (&m, &spans) {
