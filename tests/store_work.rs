@@ -274,6 +274,16 @@ fn the_outbox_lists_each_batchs_changed_profiles_in_commit_order() {
             store.outbox_commit("audiences", 2).await.expect("commit");
             store.outbox_commit("audiences", 1).await.expect("commit");
             assert_eq!(store.outbox_position("audiences").await.expect("pos"), 2, "{name}");
+
+            // An identifier seen earlier than its first sighting re-dates it:
+            // the profile's identities read differently (first seen, order).
+            store
+                .apply_batch(&cfg, records(&m, &[json!({"id": "4", "at": "2025-12-31T00:00:00Z", "email": "a@x.se"})]), None)
+                .await
+                .expect("earlier");
+            let got = store.outbox_read("audiences", 10).await.expect("read");
+            assert_eq!(got.len(), 1, "{name}");
+            assert_eq!(got[0].changes[&kept], vec!["identities"], "{name}");
             drop_db(db).await;
         }
     });

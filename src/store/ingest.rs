@@ -994,7 +994,7 @@ impl Store {
         let index = batch.index.as_ref().ok_or_else(unindexed)?;
         let anchor_of = |ri: usize| anchor_id(&known, index.anchor[ri]);
         let new_nodes = new_identifiers(batch, index, &known);
-        self.write_first_sightings(conn, records, index, &known).await?;
+        let redated = self.write_first_sightings(conn, records, index, &known).await?;
         steps.mark("first_seen");
 
         // 2. Links: a link changes the graph when its identifier set is new,
@@ -1029,9 +1029,16 @@ impl Store {
         steps.mark("traits");
         self.write_attachments(conn, entity_rows, consent_rows).await?;
         self.write_ledger(conn, &graph.ledger, received).await?;
-        let changes =
-            changed_profiles(records, &anchor_of, &graph.profile_of, &new_nodes, &graph.regrouped, &graph.absorbed)
-                .to_json();
+        let changes = changed_profiles(
+            records,
+            &anchor_of,
+            &graph.profile_of,
+            &new_nodes,
+            &redated,
+            &graph.regrouped,
+            &graph.absorbed,
+        )
+        .to_json();
         self.give_back_ids(profile_ids);
         steps.mark("rest");
         tracing::debug!(accepted = report.accepted, %steps, "batch applied");
@@ -1086,14 +1093,16 @@ impl Store {
     }
 
     /// A record older than an identifier's first sighting becomes its first
-    /// sighting: the earliest record of the batch that carries it.
+    /// sighting: the earliest record of the batch that carries it. Returns
+    /// the identifiers re-dated (their profiles' identities now read
+    /// differently: first seen, and the order they are listed in).
     async fn write_first_sightings(
         &self,
         conn: &mut AnyConnection,
         records: &[Record],
         index: &Index,
         known: &[Known],
-    ) -> Result<()> {
+    ) -> Result<Vec<i64>> {
         let mut rows: Vec<(i64, (i64, &str, &str))> = Vec::new();
         for (i, k) in known.iter().enumerate() {
             let r = &records[index.idents[i].0 as usize];
@@ -1104,9 +1113,10 @@ impl Store {
             }
         }
         if rows.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         rows.sort_unstable_by_key(|(id, _)| *id);
+        let redated = rows.iter().map(|(id, _)| *id).collect();
         update_rows(
             self,
             conn,
@@ -1116,7 +1126,8 @@ impl Store {
                 .map(|(id, (at, src, msg))| vec![P::I(id), P::I(at), P::S(src.to_owned()), P::S(msg.to_owned())]),
             "identities.id = v.column1 AND identities.first_at > v.column2",
         )
-        .await
+        .await?;
+        Ok(redated)
     }
 
     /// The profile and component of every identifier the batch carries:
@@ -1605,13 +1616,14 @@ fn lock_keys(batch: &Batch, known: &[Known]) -> Result<Vec<i64>> {
 
 /// The outbox entry of a batch: each record's profile gets the fields it
 /// carried (trait names, `events`, `entities`, `consent`); new and moved
-/// identifiers mark their profiles' `identities`; a profile merged away is
-/// `merged`.
+/// identifiers mark their profiles' `identities`, and so do identifiers
+/// seen earlier than before (`redated`); a profile merged away is `merged`.
 fn changed_profiles<'a>(
     records: &'a [Record],
     anchor_of: &impl Fn(usize) -> i64,
     profile_of: &FxHashMap<i64, i64>,
     new_nodes: &[(i64, &str, &str, &Record)],
+    redated: &[i64],
     regrouped: &[(i64, i64)],
     absorbed: &[(i64, i64)],
 ) -> Changes<'a> {
@@ -1631,8 +1643,8 @@ fn changed_profiles<'a>(
             changes.add(profile, "consent");
         }
     }
-    for n in new_nodes {
-        if let Some(&p) = profile_of.get(&n.0) {
+    for id in new_nodes.iter().map(|n| &n.0).chain(redated) {
+        if let Some(&p) = profile_of.get(id) {
             changes.add(p, "identities");
         }
     }
