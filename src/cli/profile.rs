@@ -4,7 +4,7 @@
 //! shows anything; when the row cannot be written the command shows nothing
 //! and fails.
 
-use super::{ReportFormat as Format, connect, load_manifest};
+use super::{ReportFormat as Format, connect, connect_one_reader, load_manifest};
 use crate::store::Store;
 use crate::store::profile::LookupError;
 use anyhow::{Result, bail};
@@ -98,7 +98,7 @@ where
 pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Result<ExitCode> {
     let r = load_manifest(manifest)?;
     let (m, base) = (&*r.manifest, r.base.as_path());
-    let (store, m) = (&connect(m, base).await?, &m);
+    let (store, m) = (&connect_one_reader(m, base).await?, &m);
     let model = &r.model;
     let read = |p| async move { Ok(store.golden_with(m, model, p, events).await?) };
     let g = match read_audited(store, m, "profile.get", kv, read).await? {
@@ -152,7 +152,7 @@ pub async fn get(manifest: &Path, kv: &str, format: Format, events: usize) -> Re
 pub async fn explain(manifest: &Path, kv: &str, format: Format) -> Result<ExitCode> {
     let r = load_manifest(manifest)?;
     let (m, base) = (&*r.manifest, r.base.as_path());
-    let store = &connect(m, base).await?;
+    let store = &connect_one_reader(m, base).await?;
     let read = |p| async move { Ok(store.explain(p).await?) };
     let x = match read_audited(store, m, "profile.explain", kv, read).await? {
         Lookup::Found(x) => x,

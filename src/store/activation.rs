@@ -192,9 +192,15 @@ impl Store {
     /// profile is pending) and evaluated the profile under definitions
     /// `spec`. Windowed traits are as of the last evaluation (swept hourly).
     pub async fn computed_current(&self, profile: i64, spec: &str) -> Result<Option<Vec<(String, String)>>> {
-        let head = sqlx::query("SELECT seq FROM outbox_head WHERE id = 1").fetch_optional(self.read_pool()).await?;
-        let head: i64 = head.map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
-        if self.outbox_position("activation").await? < head {
+        let read: Option<(i64, i64)> = sqlx::query(
+            "SELECT h.seq, COALESCE(r.position, 0) FROM outbox_head h \
+             LEFT JOIN outbox_readers r ON r.name = 'activation' WHERE h.id = 1",
+        )
+        .fetch_optional(self.read_pool())
+        .await?
+        .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+        .transpose()?;
+        if read.is_some_and(|(head, position)| position < head) {
             return Ok(None);
         }
         let rows = sqlx::query(&self.sql("SELECT name, value FROM computed_values WHERE profile_id = ? AND spec = ?"))

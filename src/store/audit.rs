@@ -11,7 +11,7 @@
 //! is a table of the store.
 
 use super::{Result, Store, now_ms};
-use sqlx::Row;
+use sqlx::{Executor as _, Row};
 
 /// The audit file's table: the columns of the store's own `audit_log`
 /// (migration 5, whose text stays as applied: its checksum is recorded).
@@ -72,15 +72,18 @@ fn audit_row(r: &sqlx::any::AnyRow) -> Result<AuditRow> {
 impl Store {
     /// A SQLite store's audit file: creates its table, and moves there the
     /// rows the store itself holds (written before the log had a file of
-    /// its own), keeping their ids. A copy that stopped halfway is redone.
-    pub(super) async fn open_audit(&self) -> Result<()> {
+    /// its own; read through `conn`, a reader of the store), keeping their
+    /// ids. A copy that stopped halfway is redone.
+    pub(super) async fn open_audit(&self, conn: &mut sqlx::AnyConnection) -> Result<()> {
         if !self.audit_apart {
             return Ok(());
         }
-        sqlx::query(AUDIT_TABLE).execute(&self.audit).await?;
-        sqlx::query(AUDIT_INDEX).execute(&self.audit).await?;
+        // One round trip: a short command (`cdp profile get`) opens the log
+        // each time, and under load every hand-over to the connection's
+        // thread waits for a core.
+        self.audit.execute(&*format!("{AUDIT_TABLE}; {AUDIT_INDEX};")).await?;
         let old = sqlx::query(&format!("SELECT {COLUMNS} FROM audit_log ORDER BY id"))
-            .fetch_all(self.read_pool())
+            .fetch_all(&mut *conn)
             .await?
             .iter()
             .map(audit_row)

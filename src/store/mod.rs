@@ -136,7 +136,18 @@ impl Store {
     /// Opens (creating if needed) the database named by `url` and applies
     /// migrations. Relative SQLite paths are relative to `base_dir`.
     pub async fn connect(url: &str, base_dir: &Path) -> Result<Store> {
-        let setup::Pools { backend, readers: pool, writer, audit, audit_apart } = setup::open(url, base_dir).await?;
+        Store::connect_with_readers(url, base_dir, 4).await
+    }
+
+    /// [`Store::connect`] with at most `readers` SQLite reading connections.
+    /// A command that reads one thing after another wants one: a pool hands
+    /// a released connection back in a task of its own, and on a
+    /// single-threaded runtime that task runs only once the command waits,
+    /// so the next read would open a connection (a thread and a parse of
+    /// the schema) instead of reusing the one just released.
+    pub async fn connect_with_readers(url: &str, base_dir: &Path, readers: u32) -> Result<Store> {
+        let setup::Pools { backend, readers: pool, writer, audit, audit_apart } =
+            setup::open(url, base_dir, readers).await?;
         let writer_tag = setup::writer_tag();
         let staging = match backend {
             Backend::Postgres => Some(stage::Staging::new(url)?),
@@ -153,8 +164,7 @@ impl Store {
             audit,
             audit_apart,
         };
-        store.migrate().await?;
-        store.open_audit().await?;
+        store.open_schema().await?;
         // SQLite's ids are seeded by each write transaction ([`Store::begin_write`]).
         Ok(store)
     }

@@ -88,7 +88,11 @@ impl Store {
     ) -> Result<GoldenRecord> {
         let rows = self.profile_rows(profile).await?;
         // Computed traits as activation keeps them, when it is current.
-        let stored = self.computed_current(profile, &profile::computed::fingerprint(m)).await?;
+        let stored = if m.model.computed.is_empty() {
+            None
+        } else {
+            self.computed_current(profile, &profile::computed::fingerprint(m)).await?
+        };
         Ok(profile::golden_record_with(m, model, rows, recent_events, now_ms(), stored.as_deref()))
     }
 

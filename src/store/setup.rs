@@ -42,7 +42,7 @@ pub(super) struct Pools {
 }
 
 /// Opens the pools.
-pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
+pub(super) async fn open(url: &str, base_dir: &Path, readers: u32) -> Result<Pools> {
     sqlx::any::install_default_drivers();
     let (backend, url, memory, exists) =
         if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
@@ -69,7 +69,7 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
     let opts = AnyConnectOptions::from_str(&url)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Info, Duration::from_secs(2));
-    let writer_options = pool_options()
+    let writer_options = pool_options(backend)
         // SQLite has one writer; more connections would only wait on its lock.
         .max_connections(if backend == Backend::Sqlite { 1 } else { 16 })
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }));
@@ -88,8 +88,8 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
         drop(writer.acquire().await?);
         writer
     };
-    let readers = pool_options()
-        .max_connections(4)
+    let readers = pool_options(backend)
+        .max_connections(readers.max(1))
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, false).await }))
         .connect_with(opts)
         .await?;
@@ -98,7 +98,7 @@ pub(super) async fn open(url: &str, base_dir: &Path) -> Result<Pools> {
         None => format!("{url}{AUDIT_SUFFIX}"),
     };
     let audit_opts = AnyConnectOptions::from_str(&audit_url)?.log_statements(tracing::log::LevelFilter::Trace);
-    let audit = pool_options()
+    let audit = pool_options(backend)
         .max_connections(1)
         .after_connect(move |conn, _| Box::pin(async move { configure(conn, backend, true).await }))
         .connect_with(audit_opts)
@@ -115,10 +115,12 @@ pub const AUDIT_SUFFIX: &str = "-audit";
 /// to that count only after the connection is back in the queue, so a pop
 /// in between makes it wrap to `usize::MAX`: a process that caught the
 /// window spun at full CPU forever (seen once in some 700 `cdp profile get`
-/// runs). Connections are pinged before each use instead
-/// (`test_before_acquire`, on by default), so none is reused dead.
-pub(super) fn pool_options() -> AnyPoolOptions {
-    AnyPoolOptions::new().idle_timeout(None).max_lifetime(None)
+/// runs). PostgreSQL connections are pinged before each use instead
+/// (`test_before_acquire`), so none is reused dead. A SQLite connection is
+/// a file opened by a thread of this process: it does not go stale, and a
+/// ping is one more hand-over to that thread on every acquire.
+pub(super) fn pool_options(backend: Backend) -> AnyPoolOptions {
+    AnyPoolOptions::new().idle_timeout(None).max_lifetime(None).test_before_acquire(backend == Backend::Postgres)
 }
 
 /// Session settings of each new connection.
@@ -181,11 +183,29 @@ fn is_busy(e: &sqlx::Error) -> bool {
 }
 
 impl Store {
-    pub(super) async fn migrate(&self) -> Result<()> {
+    /// Brings the schema up to date, then opens the audit log. A SQLite
+    /// file's startup checks read through one connection (see
+    /// [`Store::connect_with_readers`] on why reads right after each other
+    /// may not reuse a connection).
+    pub(super) async fn open_schema(&self) -> Result<()> {
+        if !self.audit_apart {
+            // PostgreSQL, or SQLite in memory (whose one connection is the writer's).
+            return self.migrate().await;
+        }
+        let mut conn = self.pool.acquire().await?;
+        if !self.sqlite_up_to_date(&mut conn).await? {
+            drop(conn);
+            self.migrate().await?;
+            conn = self.pool.acquire().await?;
+        }
+        self.open_audit(&mut conn).await
+    }
+
+    async fn migrate(&self) -> Result<()> {
         if self.backend == Backend::Sqlite {
             // A store already up to date is not locked at all: a reader
             // (`cdp profile get`) never waits for an ingest to open it.
-            if self.sqlite_up_to_date().await? {
+            if self.sqlite_up_to_date(&mut *self.pool.acquire().await?).await? {
                 return Ok(());
             }
             // Each statement waits for SQLite's write lock by itself.
@@ -221,11 +241,11 @@ impl Store {
 
     /// Whether every migration is applied with its checksum recorded and
     /// matching (read without the write lock).
-    async fn sqlite_up_to_date(&self) -> Result<bool> {
+    async fn sqlite_up_to_date(&self, conn: &mut sqlx::AnyConnection) -> Result<bool> {
         let tables: i64 = sqlx::query(
             "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('cdp_migrations', 'cdp_migration_checksums')",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?
         .try_get(0)?;
         if tables < 2 {
@@ -234,7 +254,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT m.version, c.checksum FROM cdp_migrations m LEFT JOIN cdp_migration_checksums c ON c.version = m.version",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         let stored: std::collections::HashMap<i64, Option<String>> =
             rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
