@@ -482,6 +482,9 @@ pub enum Format {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    if cli.command.is_short() {
+        no_huge_pages();
+    }
     let file = cli.file;
     let result = match cli.command {
         Command::Validate { format } => return validate::run(&file, format),
@@ -631,7 +634,6 @@ pub fn run() -> ExitCode {
         // Reading one profile is a few queries: one thread runs them, with
         // no hand-overs between worker threads to wait for a busy core.
         Command::Profile(cmd) => block_on_one_thread(async {
-            no_huge_pages();
             match cmd {
                 ProfileCmd::Get { key_value, format, events } => profile::get(&file, &key_value, format, events).await,
                 ProfileCmd::Explain { key_value, format } => profile::explain(&file, &key_value, format).await,
@@ -667,6 +669,24 @@ fn init_tracing() {
 
 fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(f)
+}
+
+impl Command {
+    /// A command that reads a little and ends: started often (by scripts,
+    /// CI, an operator), so its start-up cost is most of what it costs.
+    fn is_short(&self) -> bool {
+        matches!(
+            self,
+            Command::Validate { .. }
+                | Command::Schema { .. }
+                | Command::Plan { .. }
+                | Command::Status { .. }
+                | Command::Profile(_)
+                | Command::Audience(_)
+                | Command::Dlq(_)
+                | Command::Audit { .. }
+        )
+    }
 }
 
 /// Keeps this process off transparent huge pages: a short command touches

@@ -242,20 +242,18 @@ impl Store {
     /// Whether every migration is applied with its checksum recorded and
     /// matching (read without the write lock).
     async fn sqlite_up_to_date(&self, conn: &mut sqlx::AnyConnection) -> Result<bool> {
-        let tables: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('cdp_migrations', 'cdp_migration_checksums')",
-        )
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
-        if tables < 2 {
-            return Ok(false);
-        }
-        let rows = sqlx::query(
+        // One statement (a short command opens the store each time): a store
+        // without the two tables is not up to date.
+        let rows = match sqlx::query(
             "SELECT m.version, c.checksum FROM cdp_migrations m LEFT JOIN cdp_migration_checksums c ON c.version = m.version",
         )
         .fetch_all(&mut *conn)
-        .await?;
+        .await
+        {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(e)) if e.message().starts_with("no such table") => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
         let stored: std::collections::HashMap<i64, Option<String>> =
             rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
         Ok(schema::MIGRATIONS
