@@ -128,12 +128,23 @@ async fn settle(ev: &mut Evaluator, store: &Store) {
 
 /// Returns how many memberships and deliveries the history produced.
 async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
+    let mut ev = evaluator(store).await;
+    ingest(&mut ev, store, batches).await;
+    verify(store).await
+}
+
+/// An evaluator over [`MANIFEST`] and its targets, caught up with the store.
+async fn evaluator(store: &Store) -> Evaluator {
+    let resolved = cdp::resolved::Resolved::from_manifest(manifest()).expect("resolves");
+    let mut ev = Evaluator::new(&resolved, the_targets(&resolved.manifest));
+    settle(&mut ev, store).await;
+    ev
+}
+
+/// Applies each batch and lets `ev` follow it.
+async fn ingest(ev: &mut Evaluator, store: &Store, batches: &[Vec<Raw>]) {
     let m = manifest();
     let cfg = IdentityConfig::from_manifest(&m);
-    let m = Arc::new(m);
-    let resolved = cdp::resolved::Resolved::from_manifest((*m).clone()).expect("resolves");
-    let mut ev = Evaluator::new(&resolved, the_targets(&m));
-    settle(&mut ev, store).await;
     let mut mapper = Mapper::new(&m, "web").expect("source");
     let mut i = 0;
     for batch in batches {
@@ -145,8 +156,15 @@ async fn check(store: &Store, batches: &[Vec<Raw>]) -> (usize, i64) {
             })
             .collect();
         store.apply_batch(&cfg, records, None).await.expect("apply");
-        settle(&mut ev, store).await;
+        settle(ev, store).await;
     }
+}
+
+/// Kept membership, computed traits and destination holdings equal a fresh
+/// evaluation, and a full pass from scratch state sends nothing more.
+async fn verify(store: &Store) -> (usize, i64) {
+    let m = Arc::new(manifest());
+    let resolved = cdp::resolved::Resolved::from_manifest((*m).clone()).expect("resolves");
 
     // Membership and computed traits equal a fresh evaluation of each
     // profile's rows (not the store's kept values), profile by profile.
@@ -228,6 +246,46 @@ proptest! {
             check(&store, &batches).await;
         });
     }
+}
+
+/// Retention deleting old orders changes computed traits and audiences with
+/// no record arriving: the deleting transaction puts the profiles in the
+/// outbox, so activation follows it as it follows an ingest.
+#[test]
+fn deleted_events_are_followed_like_ingested_ones() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect("sqlite://cdp.db", dir.path()).await.expect("sqlite");
+        let mut ev = evaluator(&store).await;
+        // Orders in October (over 30 days ago): ltv 140 and 60, both in `vip`/`big` or not.
+        let batches: Vec<Vec<Raw>> = vec![vec![
+            (0, None, Some(0), Some(10), Some(80), Some(true), 2),
+            (0, None, None, None, Some(60), None, 3),
+            (1, None, Some(1), None, Some(60), Some(true), 4),
+        ]];
+        ingest(&mut ev, &store, &batches).await;
+        let members = |store: &Store| {
+            let pool = store.pool().clone();
+            async move {
+                sqlx::query("SELECT COUNT(*) FROM audience_members WHERE audience = 'big'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    .get::<i64, _>(0)
+            }
+        };
+        assert_eq!(members(&store).await, 1, "one profile has ltv >= 100");
+        let with_retention = format!("{MANIFEST}retention:\n  events: {{ order_completed: 30d }}\n");
+        let loaded = load_str(&with_retention, &Options::validate("."));
+        assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+        let rules = cdp::privacy::retention_rules(&loaded.manifest.expect("manifest")).expect("rules");
+        let deleted = store.retention(&rules, true).await.expect("retention");
+        assert_eq!(deleted[0].1, 3, "{deleted:?}");
+        settle(&mut ev, &store).await;
+        assert_eq!(members(&store).await, 0, "no profile has orders left");
+        // Kept computed traits and destinations agree with a fresh evaluation.
+        verify(&store).await;
+    });
 }
 
 /// The same on PostgreSQL, on one fixed history with merges, late events and a withdrawal.

@@ -405,7 +405,16 @@ fn retention_counts_then_deletes_what_the_rules_no_longer_keep() {
             let expect =
                 vec![("records".to_owned(), 1), ("source web".to_owned(), 1), ("event ticket_opened".to_owned(), 1)];
             assert_eq!(store.retention(&rules, false).await.unwrap(), expect, "{name}: counted");
+            let before = store.outbox_read("test", 1000).await.unwrap().len();
             assert_eq!(store.retention(&rules, true).await.unwrap(), expect, "{name}: deleted");
+            // Deleted events put their profiles in the outbox (activation re-evaluates them).
+            let entries = store.outbox_read("test", 1000).await.unwrap();
+            let last = entries.last().expect("an entry");
+            assert!(entries.len() > before, "{name}: no outbox entry for the deletion");
+            assert!(
+                !last.changes.is_empty() && last.changes.values().all(|f| f == &vec!["events".to_owned()]),
+                "{name}: {last:?}"
+            );
             assert_eq!(store.retention(&rules, false).await.unwrap().iter().map(|c| c.1).sum::<i64>(), 0, "{name}");
             let kim = store.find_profile(&m, "email", "kim@example.org").await.expect("kim stays");
             let doc = store.privacy_export(&m, kim).await.unwrap();

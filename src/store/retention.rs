@@ -1,9 +1,12 @@
 //! Retention: deleting (or counting) raw records older than the manifest's
 //! `retention:` rules allow, in chunks so a large deletion never holds the
-//! write lock for long.
+//! write lock for long. Deleted events change the computed traits and
+//! audiences of their profiles, so each chunk's transaction lists those
+//! profiles in the outbox, as an ingest does.
 
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
+use super::outbox::Changes;
 use super::{Result, Store, now_ms};
 use crate::privacy::RetentionRule;
 
@@ -36,7 +39,8 @@ impl Store {
                 let sql = self
                     .sql(&format!(
                         "DELETE FROM records WHERE (source, message_id) IN \
-                         (SELECT source, message_id FROM records WHERE {filter} LIMIT {CHUNK})"
+                         (SELECT source, message_id FROM records WHERE {filter} LIMIT {CHUNK}) \
+                         RETURNING identity_id, kind"
                     ))
                     .into_owned();
                 let mut total = 0i64;
@@ -46,7 +50,15 @@ impl Store {
                         q = q.bind(b.as_str());
                     }
                     let mut tx = self.begin_write().await?;
-                    let n = q.execute(&mut *tx).await?.rows_affected() as i64;
+                    let deleted = q.fetch_all(&mut *tx).await?;
+                    let n = deleted.len() as i64;
+                    let mut events: Vec<i64> = Vec::new();
+                    for row in &deleted {
+                        if row.try_get::<String, _>(1)? == "event" {
+                            events.push(row.try_get(0)?);
+                        }
+                    }
+                    self.announce_deleted_events(&mut tx, events).await?;
                     tx.commit().await?;
                     total += n;
                     if n < CHUNK {
@@ -64,5 +76,33 @@ impl Store {
             out.push((r.label(), n));
         }
         Ok(out)
+    }
+
+    /// Puts the profiles whose events (of identifiers `identities`) were
+    /// deleted in the outbox, in the deleting transaction: their computed
+    /// traits, recent events and audiences change with no record arriving.
+    async fn announce_deleted_events(&self, conn: &mut AnyConnection, mut identities: Vec<i64>) -> Result<()> {
+        identities.sort_unstable();
+        identities.dedup();
+        let mut changes = Changes::default();
+        for chunk in identities.chunks(CHUNK as usize) {
+            let sql = self
+                .sql(&format!(
+                    "SELECT DISTINCT profile_id FROM identities WHERE id IN ({})",
+                    super::in_list(chunk.len())
+                ))
+                .into_owned();
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                changes.add(row.try_get(0)?, "events");
+            }
+        }
+        if !changes.is_empty() {
+            self.append_outbox(conn, &changes.to_json()).await?;
+        }
+        Ok(())
     }
 }
