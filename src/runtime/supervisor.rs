@@ -10,7 +10,7 @@
 //! it is committing under the old manifest — and a changed or added one
 //! starts once its predecessor has ended.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,12 +109,12 @@ pub async fn run(opts: Options, host: Arc<Host>, snap: Snapshot) -> Result<()> {
                 tokio::time::sleep(DEBOUNCE).await;
                 while reload_rx.try_recv().is_ok() {}
                 match Snapshot::load(&opts.manifest, &host).await {
-                    Ok(new) if new.sha256 == snap.sha256 && same_plugins(&new, &snap) => {
+                    Ok(new) if new.sha256 == snap.sha256 && plugin_files(&new) == plugin_files(&snap) => {
                         tracing::debug!(why, "manifest unchanged");
                     }
                     Ok(new) => {
                         let new = Arc::new(new);
-                        let changes = crate::resolved::diff(Some(&snap.resolved), &new.resolved).summary();
+                        let changes = reload_changes(&snap, &new);
                         if new.manifest.server != snap.manifest.server && opts.listen.is_none() {
                             warn_server_change(&snap, &new);
                         }
@@ -207,9 +207,30 @@ pub async fn connect(snap: &Snapshot) -> Result<Store> {
     Store::connect(url, &snap.base).await.with_context(|| format!("cannot open the store at {url}"))
 }
 
-fn same_plugins(a: &Snapshot, b: &Snapshot) -> bool {
-    a.syncs.len() == b.syncs.len()
-        && a.syncs.iter().zip(&b.syncs).all(|((n1, s1), (n2, s2))| n1 == n2 && s1.fingerprint == s2.fingerprint)
+/// The digest of each plugin file `snap` runs, by its name under `plugins:`
+/// (sources' and destinations' alike: a rebuilt file at an unpinned path
+/// changes nothing in the manifest's text).
+fn plugin_files(snap: &Snapshot) -> BTreeMap<&str, &str> {
+    let sources = snap.syncs.iter().filter_map(|(name, sync)| {
+        let plugin = snap.sources.get(name)?.plugin.as_ref()?;
+        Some((plugin.as_str(), sync.plugin.sha256()))
+    });
+    let destinations = snap.sinks.values().map(|d| (d.target.def.plugin.as_str(), d.plugin.sha256()));
+    sources.chain(destinations).collect()
+}
+
+/// What a reload from `old` to `new` changed, as `cdp plan` names it, with
+/// `~plugins.NAME` for a plugin whose file alone changed.
+fn reload_changes(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut changes = crate::resolved::diff(Some(&old.resolved), &new.resolved).summary();
+    let before = plugin_files(old);
+    for (name, sha) in plugin_files(new) {
+        let entry = format!("~plugins.{name}");
+        if before.get(name).is_some_and(|b| *b != sha) && !changes.contains(&entry) {
+            changes.push(entry);
+        }
+    }
+    changes
 }
 
 /// The `reload` status document: the manifest running, what the last
@@ -459,4 +480,53 @@ fn absolute(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+version: 1
+name: t
+storage: { url: "sqlite://t.db" }
+identity:
+  keys:
+    email: { normalize: email }
+consent:
+  purposes: [advertising]
+plugins:
+  file: { path: plugins/dest.wasm }
+destinations:
+  list:
+    plugin: file
+    purpose: advertising
+    fields: [email]
+    config: { path: /output/list.csv, format: csv }
+    mount: { "out": /output }
+"#;
+
+    /// A destination plugin rebuilt at an unpinned path is a change: the
+    /// reload is applied (its worker restarts on the new file) and named.
+    #[tokio::test]
+    async fn a_rebuilt_destination_plugin_is_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
+        std::fs::create_dir_all(dir.path().join("out")).expect("out dir");
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/dist/dest_file.wasm");
+        let mut wasm = std::fs::read(&built).expect("plugins/dist/dest_file.wasm (plugins/build.sh builds it)");
+        let file = dir.path().join("plugins/dest.wasm");
+        std::fs::write(&file, &wasm).expect("write plugin");
+        std::fs::write(dir.path().join("cdp.yaml"), MANIFEST).expect("write manifest");
+        let host = Host::new(Some(dir.path().join("cache"))).expect("host");
+        let before = Snapshot::load(&dir.path().join("cdp.yaml"), &host).await.expect("loads");
+        // The same component with a custom section more: another file, the same code.
+        wasm.extend_from_slice(&[0, 5, 4, b'n', b'o', b't', b'e']);
+        std::fs::write(&file, &wasm).expect("rewrite plugin");
+        let after = Snapshot::load(&dir.path().join("cdp.yaml"), &host).await.expect("loads again");
+        assert_eq!(before.sha256, after.sha256, "the manifest's text is the same");
+        assert_ne!(plugin_files(&before), plugin_files(&after));
+        assert_eq!(reload_changes(&before, &after), vec!["~plugins.file"]);
+        assert_eq!(reload_changes(&after, &after), Vec::<String>::new());
+    }
 }
