@@ -84,21 +84,11 @@ impl Store {
     async fn announce_deleted_events(&self, conn: &mut AnyConnection, mut identities: Vec<i64>) -> Result<()> {
         identities.sort_unstable();
         identities.dedup();
+        let rows =
+            self.select_in(conn, "SELECT DISTINCT profile_id FROM identities WHERE id IN ({})", &identities).await?;
         let mut changes = Changes::default();
-        for chunk in identities.chunks(CHUNK as usize) {
-            let sql = self
-                .sql(&format!(
-                    "SELECT DISTINCT profile_id FROM identities WHERE id IN ({})",
-                    super::in_list(chunk.len())
-                ))
-                .into_owned();
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for row in q.fetch_all(&mut *conn).await? {
-                changes.add(row.try_get(0)?, "events");
-            }
+        for row in rows {
+            changes.add(row.try_get(0)?, "events");
         }
         if !changes.is_empty() {
             self.append_outbox(conn, &changes.to_json()).await?;
