@@ -6,7 +6,7 @@
 //! every merge is in the ledger with its score and field weights.
 
 use super::ingest::{BatchReport, IdentityConfig};
-use super::{Backend, Result, Store, StoreError, now_ms};
+use super::{Result, Store, now_ms};
 use crate::identity::matching::{self, FieldSpec, Item};
 use crate::ingest::Record;
 use crate::manifest::Manifest;
@@ -35,7 +35,7 @@ pub const MATCHED_STREAM: &str = "identity:matched";
 /// batch from a file).
 const LINK_BATCH: usize = 20_000;
 
-/// Identifiers whose compared traits one packed read returns (SQLite).
+/// Identifiers whose compared traits one read returns.
 const TRAIT_PAGE: i64 = 20_000;
 
 impl Store {
@@ -109,50 +109,33 @@ impl Store {
     }
 
     /// Every observation of the traits `names`: (profile, trait, latest
-    /// value as stored, when it was observed). On SQLite a page of
-    /// identifiers at a time, its rows packed in one JSON text: sqlx hands
-    /// each result row from SQLite's thread to the caller's separately, and
-    /// there is a row per identifier and trait (2.1–2.5 s of a matching pass
-    /// went to that at 100,000 people).
+    /// value as stored, when it was observed), a page of identifiers at a
+    /// time, its rows packed on SQLite ([`Store::rows_sql`]): there is a row
+    /// per identifier and trait (2.1–2.5 s of a matching pass went to
+    /// handing them over one by one at 100,000 people).
     async fn compared_traits(&self, names: &[&str]) -> Result<Vec<(i64, String, String, i64)>> {
-        const COLUMNS: &str = "i.profile_id, t.name, t.last_value, t.last_at";
-        let from = format!(
-            "trait_obs t JOIN identities i ON i.id = t.identity_id WHERE t.name IN ({})",
-            super::in_list(names.len())
+        let sql = self.rows_sql(
+            "i.profile_id, t.name, t.last_value, t.last_at",
+            &format!(
+                "FROM trait_obs t JOIN identities i ON i.id = t.identity_id \
+                 WHERE t.name IN ({}) AND t.identity_id > ? AND t.identity_id <= ?",
+                super::in_list(names.len())
+            ),
         );
-        if self.backend == Backend::Postgres {
-            let sql = self.sql(&format!("SELECT {COLUMNS} FROM {from}")).into_owned();
-            let mut q = sqlx::query(&sql);
-            for n in names {
-                q = q.bind(*n);
-            }
-            let rows = q.fetch_all(&self.pool).await?;
-            return rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))).collect();
-        }
+        let page = self.sql("SELECT MAX(id) FROM (SELECT id FROM identities WHERE id > ? ORDER BY id LIMIT ?) AS page");
         let mut conn = self.pool.acquire().await?;
-        let packed = format!(
-            "SELECT json_group_array(json_array({COLUMNS})) FROM {from} AND t.identity_id > ? AND t.identity_id <= ?"
-        );
         let mut out = Vec::new();
         let mut after = i64::MIN;
         loop {
             let last: Option<i64> =
-                sqlx::query("SELECT MAX(id) FROM (SELECT id FROM identities WHERE id > ? ORDER BY id LIMIT ?)")
-                    .bind(after)
-                    .bind(TRAIT_PAGE)
-                    .fetch_one(&mut *conn)
-                    .await?
-                    .try_get(0)?;
+                sqlx::query(&page).bind(after).bind(TRAIT_PAGE).fetch_one(&mut *conn).await?.try_get(0)?;
             let Some(last) = last else { return Ok(out) };
-            let mut q = sqlx::query(&packed);
+            let mut q = sqlx::query(&sql);
             for n in names {
                 q = q.bind(*n);
             }
-            let text: Option<String> = q.bind(after).bind(last).fetch_one(&mut *conn).await?.try_get(0)?;
-            if let Some(text) = text {
-                let rows: Vec<(i64, String, String, i64)> = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}")))?;
-                out.extend(rows);
+            for r in self.fetch_rows(&mut conn, q.bind(after).bind(last)).await? {
+                out.push((r.int(0)?, r.text(1)?, r.text(2)?, r.int(3)?));
             }
             after = last;
         }
