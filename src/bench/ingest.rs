@@ -175,6 +175,43 @@ pub async fn run_copy(url: &str, n: usize) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// PostgreSQL only: the server's own floor under any ingest that keeps what
+/// cdp keeps. After `run_cdp`, every table it wrote (rows cdp stored:
+/// records, identifiers, links, trait observations, profiles, outbox …) is
+/// copied server-side into an empty table with the same columns, defaults
+/// and indexes, in one transaction: no client, no parsing, no lookups, no
+/// resolution — only writing those rows and their index entries. Returns
+/// the seconds and the rows written.
+pub async fn run_store_floor(url: &str) -> Result<(f64, u64)> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relpersistence = 'p' \
+         AND c.relname NOT LIKE 'cdp\\_%' AND c.relname NOT IN ('raw_records', 'copy_records') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await?;
+    sqlx::query("CREATE SCHEMA floor").execute(&pool).await?;
+    let mut written = Vec::new();
+    for t in tables {
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {t}")).fetch_one(&pool).await?;
+        if rows > 0 {
+            sqlx::query(&format!("CREATE TABLE floor.{t} (LIKE {t} INCLUDING ALL)")).execute(&pool).await?;
+            written.push((t, rows as u64));
+        }
+    }
+    let start = Instant::now();
+    let mut tx = pool.begin().await?;
+    for (t, _) in &written {
+        sqlx::query(&format!("INSERT INTO floor.{t} SELECT * FROM {t}")).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    let secs = start.elapsed().as_secs_f64();
+    sqlx::query("DROP SCHEMA floor CASCADE").execute(&pool).await?;
+    pool.close().await;
+    Ok((secs, written.iter().map(|(_, n)| n).sum()))
+}
+
 /// Runs the benchmark on SQLite in `dir`, and on PostgreSQL when `pg` names a
 /// server database to create scratch databases from.
 pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
@@ -219,12 +256,21 @@ pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result
             let (report, secs, rejected) = run_cdp(&store, n, batch).await?;
             let raw_secs = run_raw(&store, n, batch).await?;
             let copy_secs = run_copy(&url, n).await?;
+            let (floor_secs, floor_rows) = run_store_floor(&url).await?;
             report_lines(&mut out, "PostgreSQL", &report, rejected, secs, raw_secs, "raw multi-row INSERT", 0.0);
             let _ = writeln!(
                 out,
                 "  baseline COPY: {:>10.0} rows/s   cdp / COPY = {:.0}%",
                 n as f64 / copy_secs,
                 100.0 * copy_secs / secs
+            );
+            let _ = writeln!(
+                out,
+                "  floor: the {floor_rows} rows cdp stored, copied server-side into empty tables with cdp's indexes, \
+                 {floor_secs:.1}s = {:.0} records/s ({:.0}% of COPY; cdp / floor = {:.0}%)",
+                n as f64 / floor_secs,
+                100.0 * copy_secs / floor_secs,
+                100.0 * floor_secs / secs
             );
             anyhow::Ok(())
         }
