@@ -281,6 +281,33 @@ pub fn candidates_touching(items: &[Item], rules: &[Vec<usize>], focus: Option<&
     (out, skipped)
 }
 
+/// `f` of each of `xs`, in order, on up to four threads: comparing pairs is
+/// the CPU-bound part of matching (estimating `u`, the EM sessions'
+/// comparison vectors, scoring), and each pair's comparison is independent
+/// of the others'. Small inputs stay on the calling thread.
+pub fn par_map<T: Sync, R: Send>(xs: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    const SERIAL_BELOW: usize = 4_096;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    if threads < 2 || xs.len() < SERIAL_BELOW {
+        return xs.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = xs
+            .chunks(xs.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out = Vec::with_capacity(xs.len());
+        for part in parts {
+            match part.join() {
+                Ok(done) => out.extend(done),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
 /// The fitted model.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -393,13 +420,15 @@ pub fn estimate(specs: &[FieldSpec], items: &[Item], rules: &[Vec<usize>], seed:
     if n >= 2 {
         let mut rng = Rng::new(seed);
         let samples = (n * (n - 1) / 2).min(200_000);
-        for _ in 0..samples {
-            let a = rng.below(n) as usize;
-            let mut b = rng.below(n) as usize;
-            if a == b {
-                b = (b + 1) % n as usize;
-            }
-            for (f, l) in levels_of(specs, &items[a], &items[b]).into_iter().enumerate() {
+        let pairs: Vec<(usize, usize)> = (0..samples)
+            .map(|_| {
+                let a = rng.below(n) as usize;
+                let b = rng.below(n) as usize;
+                (a, if a == b { (b + 1) % n as usize } else { b })
+            })
+            .collect();
+        for levels in par_map(&pairs, |(a, b)| levels_of(specs, &items[*a], &items[*b])) {
+            for (f, l) in levels.into_iter().enumerate() {
                 if let Some(l) = l {
                     u[f][l] += 1.0;
                 }
@@ -462,14 +491,21 @@ fn em(
     free: &[bool],
 ) -> (Vec<[f64; LEVELS]>, f64) {
     let nf = specs.len();
-    let vectors: Vec<Vec<Option<usize>>> =
-        pairs.iter().map(|(a, b)| levels_of(specs, &items[*a as usize], &items[*b as usize])).collect();
+    // Pairs with the same comparison vector weigh the same: iterate over the
+    // distinct vectors with their counts (a handful of patterns, however many
+    // pairs), in a fixed order.
+    let mut counts: FxHashMap<Vec<Option<usize>>, f64> = FxHashMap::default();
+    for v in par_map(pairs, |(a, b)| levels_of(specs, &items[*a as usize], &items[*b as usize])) {
+        *counts.entry(v).or_default() += 1.0;
+    }
+    let mut vectors: Vec<(Vec<Option<usize>>, f64)> = counts.into_iter().collect();
+    vectors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut m = m0.to_vec();
     let mut lambda = 0.5f64;
     for _ in 0..100 {
         let mut acc = vec![[0.0; LEVELS]; nf];
         let mut total_p = 0.0;
-        for v in &vectors {
+        for (v, count) in &vectors {
             let mut w = (lambda / (1.0 - lambda)).log2();
             for (f, l) in v.iter().enumerate() {
                 if let Some(l) = l
@@ -478,7 +514,7 @@ fn em(
                     w += (m[f][*l] / u[f][*l]).log2();
                 }
             }
-            let p = 1.0 / (1.0 + (-w).exp2());
+            let p = count / (1.0 + (-w).exp2());
             total_p += p;
             for (f, l) in v.iter().enumerate() {
                 if let Some(l) = l {
@@ -486,7 +522,7 @@ fn em(
                 }
             }
         }
-        let new_lambda = (total_p / vectors.len().max(1) as f64).clamp(1e-6, 1.0 - 1e-6);
+        let new_lambda = (total_p / pairs.len().max(1) as f64).clamp(1e-6, 1.0 - 1e-6);
         let mut delta = (new_lambda - lambda).abs();
         for (f, a) in acc.iter_mut().enumerate() {
             if !free[f] {
@@ -630,6 +666,15 @@ mod tests {
         // Some non-matches agree on every field by chance (same first name, surname
         // and postcode): no model can tell those apart.
         assert!(fp <= 40, "{fp} false matches");
+    }
+
+    #[test]
+    fn par_map_keeps_the_order_of_a_serial_map() {
+        let xs: Vec<u64> = (0..10_007).collect();
+        let f = |x: &u64| x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7;
+        assert_eq!(par_map(&xs, f), xs.iter().map(f).collect::<Vec<_>>());
+        assert_eq!(par_map(&xs[..3], f), xs[..3].iter().map(f).collect::<Vec<_>>());
+        assert!(par_map(&[] as &[u64], f).is_empty());
     }
 
     #[test]
