@@ -132,7 +132,13 @@ pub fn soundex(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Year, month and day of `YYYY-MM-DD` or `YYYYMMDD` (a date kept as text,
+/// e.g. a string trait that holds dates with typos in them). The parts need
+/// not make a calendar date: a swapped day and month is compared as such.
 fn days(s: &str) -> Option<(i32, u32, u32)> {
+    if s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Some((s[..4].parse().ok()?, s[4..6].parse().ok()?, s[6..].parse().ok()?));
+    }
     let mut p = s.splitn(3, '-');
     Some((p.next()?.parse().ok()?, p.next()?.parse().ok()?, p.next()?.parse().ok()?))
 }
@@ -666,6 +672,16 @@ mod tests {
         // Some non-matches agree on every field by chance (same first name, surname
         // and postcode): no model can tell those apart.
         assert!(fp <= 40, "{fp} false matches");
+    }
+
+    #[test]
+    fn dates_compare_written_with_or_without_dashes() {
+        let date = spec("dob", CompareMethod::Date);
+        assert_eq!(level(&date, "19560409", "1956-04-09"), 1, "one date, two spellings: close");
+        assert_eq!(level(&date, "19560409", "19560904"), 1, "day and month swapped");
+        assert_eq!(level(&date, "19551192", "19551129"), 1, "a typo that is no date still shares year and month");
+        assert_eq!(level(&date, "19560409", "19720101"), 0);
+        assert_eq!(level(&date, "1956040", "1956040"), 2, "equal text agrees");
     }
 
     #[test]
