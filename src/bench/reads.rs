@@ -6,9 +6,9 @@
 //! golden record, no process start) from a thread with a store of its own,
 //! and, between the reads, the two floors under a read that a process
 //! cannot go below on this machine: starting a process that does nothing
-//! (`cdp --version`), and one synced 8 KiB write (what a read's audit row
-//! costs the disk, `fdatasync` of a block already allocated in a file of
-//! its own).
+//! (`cdp --version`), and one synced 8 KiB write (`fdatasync` of a block
+//! already allocated in a file of its own: less than a read's audit row
+//! asks of the disk).
 
 use super::activation::pct;
 use anyhow::{Context, Result, bail};

@@ -154,10 +154,6 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
-    /// One pass: compares the profiles in `focus` (all when `None`) against
-    /// their blocks, fitting the model unless an earlier pass did, and links
-    /// the pairs above the threshold. Returns what it did and the profiles
-    /// its links touched, as they are after the merges.
     /// Each profile's strongest identifier (key rank, key, value, id), which
     /// a match link names it by: the smallest value of its best-ranked key.
     /// Packed rows: a pass links tens of thousands of profiles.
@@ -184,6 +180,10 @@ impl Store {
         Ok(anchor)
     }
 
+    /// One pass: compares the profiles in `focus` (all when `None`) against
+    /// their blocks, fitting the model unless an earlier pass did, and links
+    /// the pairs above the threshold. Returns what it did and the profiles
+    /// its links touched, as they are after the merges.
     async fn match_pass(
         &self,
         m: &Manifest,
