@@ -249,6 +249,28 @@ pub fn candidates(items: &[Item], rules: &[Vec<usize>]) -> (Vec<(u32, u32)>, usi
     candidates_touching(items, rules, None)
 }
 
+/// Each rule's candidate pairs on its own (what an EM session fits on), and
+/// the blocks skipped over all rules.
+pub fn candidates_by_rule(items: &[Item], rules: &[Vec<usize>]) -> (Vec<Vec<(u32, u32)>>, usize) {
+    let mut skipped = 0;
+    let by_rule = rules
+        .iter()
+        .map(|rule| {
+            let (pairs, s) = candidates(items, std::slice::from_ref(rule));
+            skipped += s;
+            pairs
+        })
+        .collect();
+    (by_rule, skipped)
+}
+
+/// The pairs of every rule, each once, in rule order: what [`candidates`]
+/// returns for the rules together, from their pairs one by one.
+pub fn union(by_rule: &[Vec<(u32, u32)>]) -> Vec<(u32, u32)> {
+    let mut seen: FxHashSet<(u32, u32)> = FxHashSet::default();
+    by_rule.iter().flatten().filter(|p| seen.insert(**p)).copied().collect()
+}
+
 /// Candidate pairs with at least one member in `focus` (every pair when
 /// `None`): after a batch only new or changed profiles need comparing, each
 /// against the whole of its blocks.
@@ -420,6 +442,18 @@ fn normalise(p: &mut [f64; LEVELS]) {
 /// that estimated it. λ, the probability that two random records match, is
 /// the largest number of matches any session expects, over all pairs.
 pub fn estimate(specs: &[FieldSpec], items: &[Item], rules: &[Vec<usize>], seed: u64) -> Model {
+    estimate_blocked(specs, items, rules, &candidates_by_rule(items, rules).0, seed)
+}
+
+/// [`estimate`] with each rule's candidate pairs already blocked
+/// ([`candidates_by_rule`]; matching blocks once for both fitting and scoring).
+pub fn estimate_blocked(
+    specs: &[FieldSpec],
+    items: &[Item],
+    rules: &[Vec<usize>],
+    by_rule: &[Vec<(u32, u32)>],
+    seed: u64,
+) -> Model {
     let nf = specs.len();
     let mut u = vec![[1.0; LEVELS]; nf];
     let n = items.len() as u64;
@@ -456,13 +490,12 @@ pub fn estimate(specs: &[FieldSpec], items: &[Item], rules: &[Vec<usize>], seed:
     let mut m_sum = vec![[0.0; LEVELS]; nf];
     let mut m_count = vec![0usize; nf];
     let mut expected_matches = 0.0f64;
-    for rule in rules {
-        let (pairs, _) = candidates(items, std::slice::from_ref(rule));
+    for (rule, pairs) in rules.iter().zip(by_rule) {
         if pairs.is_empty() {
             continue;
         }
         let free: Vec<bool> = (0..nf).map(|f| !rule.contains(&f) && specs[f].fixed.is_none()).collect();
-        let (session_m, lambda) = em(&pairs, specs, items, &m, &u, &free);
+        let (session_m, lambda) = em(pairs, specs, items, &m, &u, &free);
         expected_matches = expected_matches.max(lambda * pairs.len() as f64);
         for f in 0..nf {
             if free[f] {
@@ -711,7 +744,10 @@ mod tests {
     fn blocking_never_repeats_a_pair() {
         let items: Vec<Item> =
             (0..20).map(|i| Item { id: i, values: vec![Some("x".into()), Some(format!("{}", i % 3))] }).collect();
-        let (pairs, _) = candidates(&items, &[vec![0], vec![1], vec![0, 1]]);
+        let rules = [vec![0], vec![1], vec![0, 1]];
+        let (pairs, _) = candidates(&items, &rules);
+        let (by_rule, _) = candidates_by_rule(&items, &rules);
+        assert_eq!(union(&by_rule), pairs, "the rules one by one, joined, are the rules together");
         let set: FxHashSet<_> = pairs.iter().collect();
         assert_eq!(set.len(), pairs.len());
         assert_eq!(pairs.len(), 190);

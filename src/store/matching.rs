@@ -224,11 +224,22 @@ impl Store {
             .collect();
         let read_ms = ms(started);
         let step = std::time::Instant::now();
-        let flags: Option<Vec<bool>> = focus.map(|f| items.iter().map(|i| f.contains(&i.id)).collect());
-        let (pairs, skipped) = matching::candidates_touching(&items, &rules, flags.as_deref());
+        // Fitting needs each rule's pairs among all profiles; an unfocused
+        // pass scores exactly their union, so it blocks once for both.
+        let by_rule = model.is_none().then(|| matching::candidates_by_rule(&items, &rules));
+        let (pairs, skipped) = match (&by_rule, focus) {
+            (Some((by_rule, skipped)), None) => (matching::union(by_rule), *skipped),
+            _ => {
+                let flags: Option<Vec<bool>> = focus.map(|f| items.iter().map(|i| f.contains(&i.id)).collect());
+                matching::candidates_touching(&items, &rules, flags.as_deref())
+            }
+        };
         let blocks_ms = ms(step);
         let step = std::time::Instant::now();
-        let model = &*model.get_or_insert_with(|| matching::estimate(&specs, &items, &rules, 17));
+        let model: &matching::Model = match by_rule {
+            Some((by_rule, _)) => model.insert(matching::estimate_blocked(&specs, &items, &rules, &by_rule, 17)),
+            None => model.as_ref().ok_or_else(|| super::StoreError::Invariant("matching: no model".into()))?,
+        };
         let fit_ms = ms(step);
         let step = std::time::Instant::now();
         let mut report = MatchReport {
