@@ -6,10 +6,11 @@
 //! resolution and again after probabilistic matching, and the time each took.
 
 use super::people::{self, MANIFEST};
-use crate::ingest::Mapper;
+use crate::ingest::pipeline::{self, Ramp};
+use crate::ingest::{Mapper, Record};
 use crate::manifest::{self};
 use crate::store::Store;
-use crate::store::ingest::IdentityConfig;
+use crate::store::ingest::{Batch, IdentityConfig};
 use anyhow::{Context, Result};
 use rustc_hash::FxHashMap;
 use sqlx::Row;
@@ -108,6 +109,28 @@ fn scores_line(out: &mut String, label: &str, [all, known]: &[Vec<(u64, i64)>; 2
     );
 }
 
+/// Applies `records` as `cdp ingest` does: batches ramping up to its
+/// default size, each prepared on a thread of its own while the one before
+/// it is applied.
+async fn ingest(store: &Store, cfg: &IdentityConfig, records: Vec<Record>) -> Result<()> {
+    let (tx, mut rx) = pipeline::handoff::<Batch>();
+    let reader_cfg = cfg.clone();
+    let reader = std::thread::spawn(move || {
+        let mut records = records.into_iter();
+        for size in Ramp::new(pipeline::DEFAULT_BATCH) {
+            let batch: Vec<Record> = records.by_ref().take(size).collect();
+            if batch.is_empty() || !tx.send(Batch::prepare(batch, &reader_cfg)) {
+                return;
+            }
+        }
+    });
+    while let Some(batch) = rx.recv().await {
+        store.apply_batch(cfg, batch, None).await?;
+    }
+    reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
+    Ok(())
+}
+
 pub async fn run(n_people: usize, dir: &Path) -> Result<String> {
     let m = manifest::load_str(MANIFEST, &manifest::Options::validate(".")).manifest.context("benchmark manifest")?;
     let cfg = IdentityConfig::from_manifest(&m);
@@ -126,10 +149,9 @@ pub async fn run(n_people: usize, dir: &Path) -> Result<String> {
         }
     }
     let store = Store::connect(&format!("sqlite://{}", dir.join("identity.db").display()), dir).await?;
+    let records = mapped.clone();
     let start = Instant::now();
-    for chunk in mapped.chunks(5_000) {
-        store.apply_batch(&cfg, chunk.to_vec(), None).await?;
-    }
+    ingest(&store, &cfg, records).await?;
     let det_secs = start.elapsed().as_secs_f64();
     let deterministic = clusters(&store, &truth).await?;
     let start = Instant::now();

@@ -6,6 +6,7 @@
 
 use super::people::{self, Labeled};
 use crate::ingest::Mapper;
+use crate::ingest::pipeline::{self, Ramp};
 use crate::manifest::{self, Manifest};
 use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
 use crate::store::{Backend, Store, values_clause};
@@ -41,8 +42,10 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
     let m = bench_manifest()?;
     let cfg = IdentityConfig::from_manifest(&m);
     let reader_cfg = cfg.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Batch, u64)>(1);
+    let (tx, mut rx) = pipeline::handoff::<(Batch, u64)>();
+    let mut sizes = Ramp::new(batch_size);
     let producer = std::thread::spawn(move || -> Result<()> {
+        let mut batch_size = sizes.next().unwrap_or(1);
         let mut mappers: Vec<(&str, Mapper<'_>)> = ["crm", "web", "pos"]
             .into_iter()
             .map(|s| Mapper::new(&m, s).map(|mp| (s, mp)).map_err(anyhow::Error::msg))
@@ -62,20 +65,16 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                     Err(_) => rejected += 1,
                 }
                 if batch.len() >= batch_size {
-                    if tx
-                        .blocking_send((
-                            Batch::prepare(std::mem::replace(&mut batch, Vec::with_capacity(batch_size)), &reader_cfg),
-                            rejected,
-                        ))
-                        .is_err()
-                    {
+                    batch_size = sizes.next().unwrap_or(batch_size);
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                    if !tx.send((Batch::prepare(full, &reader_cfg), rejected)) {
                         return Ok(());
                     }
                     rejected = 0;
                 }
             }
         }
-        let _ = tx.blocking_send((Batch::prepare(batch, &reader_cfg), rejected));
+        tx.send((Batch::prepare(batch, &reader_cfg), rejected));
         Ok(())
     });
     let start = Instant::now();
@@ -95,8 +94,11 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
     sqlx::query("CREATE TABLE raw_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
         .execute(store.pool())
         .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(String, String, String, String)>>(1);
+    // The same transactions as cdp's run: the same ramp of batch sizes.
+    let (tx, mut rx) = pipeline::handoff::<Vec<(String, String, String, String)>>();
+    let mut sizes = Ramp::new(batch_size);
     let producer = std::thread::spawn(move || {
+        let mut batch_size = sizes.next().unwrap_or(1);
         let mut batch = Vec::with_capacity(batch_size);
         let mut sent = 0usize;
         'outer: for chunk in chunks(n) {
@@ -108,14 +110,15 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
                 let id = l.record["id"].as_str().unwrap_or_default().to_owned();
                 let at = l.record["at"].as_str().unwrap_or_default().to_owned();
                 batch.push((l.source.to_owned(), id, at, l.record.to_string()));
-                if batch.len() >= batch_size
-                    && tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).is_err()
-                {
-                    return;
+                if batch.len() >= batch_size {
+                    batch_size = sizes.next().unwrap_or(batch_size);
+                    if !tx.send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))) {
+                        return;
+                    }
                 }
             }
         }
-        let _ = tx.blocking_send(batch);
+        tx.send(batch);
     });
     let start = Instant::now();
     while let Some(batch) = rx.recv().await {

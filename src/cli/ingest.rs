@@ -10,13 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-/// Records per transaction unless `--batch` says otherwise. Bigger batches
-/// write each index page once for more records (a batch dirties pages all
-/// over the message-id and identifier indexes): 28,000 → 34,000 records/s
-/// from 5,000 to 20,000 in `cdp bench ingest` when it was measured, and
-/// ~48,000 → ~51,000 from 20,000 to 50,000 later. The cost is memory (~300 →
-/// ~440 MiB there) and the lines redone after a crash.
-pub const DEFAULT_BATCH: usize = 20_000;
+pub use crate::ingest::pipeline::DEFAULT_BATCH;
 
 pub struct Args<'a> {
     pub manifest: &'a Path,
@@ -144,14 +138,15 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     // The reader thread maps records and prepares batches; this task writes them.
     // (records, rejections, last line, lines skipped, identifiers dropped, records read)
     type Chunk = (Batch, Vec<(u64, Rejection)>, u64, u64, u64, u64);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(1);
+    let (tx, mut rx) = pipeline::handoff::<Chunk>();
     let manifest = m.clone();
     let source = a.source.to_owned();
-    let batch_size = a.batch.max(1);
+    let mut sizes = pipeline::Ramp::new(a.batch);
     let reader_cfg = cfg.clone();
     let reader = std::thread::spawn(move || -> Result<()> {
         let mut mapper = Mapper::new(&manifest, &source).map_err(anyhow::Error::msg)?;
         let now = crate::store::now_ms();
+        let mut batch_size = sizes.next().unwrap_or(1);
         let (mut recs, mut rejs) = (Vec::with_capacity(batch_size), Vec::new());
         let mut last_line = 0u64;
         let mut skipped = 0u64;
@@ -169,17 +164,18 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
             if recs.len() >= batch_size {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
+                batch_size = sizes.next().unwrap_or(batch_size);
                 let prepared =
                     Batch::prepare(std::mem::replace(&mut recs, Vec::with_capacity(batch_size)), &reader_cfg);
                 let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped, read);
                 (skipped, read) = (0, 0);
-                if tx.blocking_send(batch).is_err() {
+                if !tx.send(batch) {
                     return Ok(());
                 }
             }
         }
         let dropped = std::mem::take(&mut mapper.dropped_ids);
-        let _ = tx.blocking_send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped, read));
+        tx.send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped, read));
         Ok(())
     });
 

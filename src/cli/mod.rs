@@ -70,7 +70,7 @@ pub enum Command {
         /// The input file: `.csv` with a header row, anything else JSON Lines.
         #[arg(long = "file", short = 'i')]
         input: PathBuf,
-        /// Records per transaction.
+        /// The largest batch, in records per transaction (batches start at 10,000 and double up to it).
         #[arg(long, default_value_t = ingest::DEFAULT_BATCH)]
         batch: usize,
         /// Skip the lines a previous ingest of this file already committed.
@@ -446,7 +446,7 @@ pub enum Bench {
         /// How many records.
         #[arg(long, default_value_t = 1_000_000)]
         records: usize,
-        /// Records per transaction (as `cdp ingest --batch`).
+        /// The largest batch, in records per transaction (as `cdp ingest --batch`).
         #[arg(long, default_value_t = ingest::DEFAULT_BATCH)]
         batch: usize,
         /// Also run on PostgreSQL: a database URL to create a scratch database from.

@@ -893,6 +893,19 @@ impl Store {
         cursor: Option<(&str, &str)>,
         fence: Option<&super::Lease>,
     ) -> Result<BatchReport> {
+        Ok(self.apply_batch_tracked(cfg, records, cursor, fence).await?.0)
+    }
+
+    /// [`Store::apply_batch_fenced`], also returning the profiles the batch
+    /// changed (those its outbox entry lists, unordered): matching reads
+    /// again only what its links changed.
+    pub(crate) async fn apply_batch_tracked(
+        &self,
+        cfg: &IdentityConfig,
+        records: impl Into<Batch>,
+        cursor: Option<(&str, &str)>,
+        fence: Option<&super::Lease>,
+    ) -> Result<(BatchReport, Vec<i64>)> {
         let mut batch = records.into();
         let started = std::time::Instant::now();
         let mut attempt = 0u32;
@@ -908,9 +921,9 @@ impl Store {
                 sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan").execute(&mut *tx).await?;
             }
             let dropped = self.drop_marked(&mut tx, &mut batch).await?;
-            match self.apply_in(&mut tx, cfg, &mut batch).await.map(|(mut r, c)| {
+            match self.apply_in(&mut tx, cfg, &mut batch).await.map(|(mut r, c, p)| {
                 (r.suppressed, r.erased) = dropped;
-                (r, c)
+                (r, c, p)
             }) {
                 // Only the locking step reports contention, before the batch
                 // wrote anything or was changed: start over.
@@ -927,7 +940,7 @@ impl Store {
         // Freeing a batch's hundreds of thousands of strings is work the
         // writer need not wait for.
         tokio::task::spawn_blocking(move || drop(batch));
-        let (report, changes) = applied?;
+        let (report, changes, changed) = applied?;
         if let Some(lease) = fence {
             self.check_fence(&mut tx, lease).await?;
         }
@@ -955,11 +968,12 @@ impl Store {
             commit_ms = applied.elapsed().as_secs_f64() * 1e3,
             "batch committed"
         );
-        Ok(report)
+        Ok((report, changed))
     }
 
-    /// Applies `batch` on `conn`; returns what it did and the outbox entry
-    /// of the profiles it changed (JSON; empty when none). The steps, each
+    /// Applies `batch` on `conn`; returns what it did, the outbox entry of
+    /// the profiles it changed (JSON; empty when none) and those profiles.
+    /// The steps, each
     /// below: look up the batch's identifiers (locking what it touches),
     /// store its new records, resolve the components its links change,
     /// write the graph, then what the records attach (traits, entity rows,
@@ -969,11 +983,11 @@ impl Store {
         conn: &mut AnyConnection,
         cfg: &IdentityConfig,
         batch: &mut Batch,
-    ) -> Result<(BatchReport, String)> {
+    ) -> Result<(BatchReport, String, Vec<i64>)> {
         let mut report = BatchReport { duplicates: batch.duplicates, ..BatchReport::default() };
         let received = now_ms();
         if batch.is_empty() {
-            return Ok((report, String::new()));
+            return Ok((report, String::new(), Vec::new()));
         }
         // 1. Identifiers: stored ones, and new ones with fresh ids (duplicates
         // within the batch went when it was prepared, and so did the index of
@@ -987,7 +1001,7 @@ impl Store {
         report.duplicates += self.store_records(conn, cfg, batch, &mut known, received).await?;
         steps.mark("records");
         if batch.is_empty() {
-            return Ok((report, String::new()));
+            return Ok((report, String::new(), Vec::new()));
         }
         let batch: &Batch = batch;
         let records = &batch.records;
@@ -1037,12 +1051,12 @@ impl Store {
             &redated,
             &graph.regrouped,
             &graph.absorbed,
-        )
-        .to_json();
+        );
+        let (changed, changes) = (changes.profiles(), changes.to_json());
         self.give_back_ids(profile_ids);
         steps.mark("rest");
         tracing::debug!(accepted = report.accepted, %steps, "batch applied");
-        Ok((report, changes))
+        Ok((report, changes, changed))
     }
 
     /// Stores the batch's records and drops from it those already stored

@@ -77,8 +77,9 @@ impl Store {
     /// A merged profile is compared again with its merged values, so passes
     /// repeat (at most five, each comparing only the profiles the previous one
     /// merged, with the model the first fitted) until one merges nothing. The
-    /// last write records that matching is done up to the records present
-    /// when it started.
+    /// compared values are read once; after a pass only the profiles its
+    /// links changed are read again. The last write records that matching is
+    /// done up to the records present when it started.
     async fn match_run(&self, m: &Manifest, incremental: bool) -> Result<MatchReport> {
         let watermark = self.newest_received().await?;
         let mut focus = match (incremental, self.matched_up_to().await?) {
@@ -87,8 +88,9 @@ impl Store {
         };
         let mut total = MatchReport::default();
         let mut model = None;
+        let mut items = None;
         for pass in 0..5 {
-            let (r, touched) = self.match_pass(m, focus.as_ref(), &mut model).await?;
+            let (r, touched) = self.match_pass(m, focus.as_ref(), &mut model, &mut items).await?;
             if pass == 0 {
                 total.profiles = r.profiles;
                 total.candidates = r.candidates;
@@ -142,6 +144,21 @@ impl Store {
         }
     }
 
+    /// [`Store::compared_traits`] of the profiles `ids` only (every trait
+    /// their identifiers hold; the caller keeps the compared ones).
+    async fn compared_traits_of(&self, ids: &[i64]) -> Result<Vec<(i64, String, String, i64)>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = self
+            .rows_in(
+                &mut conn,
+                "i.profile_id, t.name, t.last_value, t.last_at",
+                "FROM identities i JOIN trait_obs t ON t.identity_id = i.id WHERE i.profile_id IN ({})",
+                ids,
+            )
+            .await?;
+        rows.iter().map(|r| Ok((r.int(0)?, r.text(1)?, r.text(2)?, r.int(3)?))).collect()
+    }
+
     /// Profiles holding records received after `done`.
     async fn profiles_since(&self, done: i64) -> Result<FxHashSet<i64>> {
         let rows = sqlx::query(&self.sql(
@@ -182,13 +199,16 @@ impl Store {
 
     /// One pass: compares the profiles in `focus` (all when `None`) against
     /// their blocks, fitting the model unless an earlier pass did, and links
-    /// the pairs above the threshold. Returns what it did and the profiles
-    /// its links touched, as they are after the merges.
+    /// the pairs above the threshold. `compared` holds each profile's
+    /// compared values (read here when `None`) and is brought up to date
+    /// with the profiles the links changed. Returns what it did and the
+    /// profiles its links touched, as they are after the merges.
     async fn match_pass(
         &self,
         m: &Manifest,
         focus: Option<&FxHashSet<i64>>,
         model: &mut Option<matching::Model>,
+        compared: &mut Option<Vec<Item>>,
     ) -> Result<(MatchReport, FxHashSet<i64>)> {
         let Some(mt) = &m.identity.matching else { return Ok((MatchReport::default(), FxHashSet::default())) };
         let cfg = IdentityConfig::from_manifest(m);
@@ -197,26 +217,11 @@ impl Store {
 
         let started = std::time::Instant::now();
         let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
-        // Latest value of each compared trait per profile.
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        let mut latest: FxHashMap<i64, Vec<Option<(i64, String)>>> = FxHashMap::default();
-        for (profile, name, raw, at) in self.compared_traits(&names).await? {
-            let Some(&f) = field_index.get(name.as_str()) else { continue };
-            let value = match serde_json::from_str::<serde_json::Value>(&raw) {
-                Ok(serde_json::Value::String(s)) => s,
-                Ok(v) => v.to_string(),
-                Err(_) => raw,
-            };
-            let slot = &mut latest.entry(profile).or_insert_with(|| vec![None; specs.len()])[f];
-            if slot.as_ref().is_none_or(|(t, _)| at > *t) {
-                *slot = Some((at, value.trim().to_lowercase()));
-            }
+        if compared.is_none() {
+            *compared = Some(latest_values(self.compared_traits(&names).await?, &specs, &field_index));
         }
-        let mut items: Vec<Item> = latest
-            .into_iter()
-            .map(|(id, vals)| Item { id, values: vals.into_iter().map(|v| v.map(|(_, s)| s)).collect() })
-            .collect();
-        items.sort_by_key(|i| i.id);
+        let items: &[Item] = compared.as_deref().unwrap_or_default();
         let rules: Vec<Vec<usize>> = mt
             .block_on
             .iter()
@@ -226,18 +231,18 @@ impl Store {
         let step = std::time::Instant::now();
         // Fitting needs each rule's pairs among all profiles; an unfocused
         // pass scores exactly their union, so it blocks once for both.
-        let by_rule = model.is_none().then(|| matching::candidates_by_rule(&items, &rules));
+        let by_rule = model.is_none().then(|| matching::candidates_by_rule(items, &rules));
         let (pairs, skipped) = match (&by_rule, focus) {
             (Some((by_rule, skipped)), None) => (matching::union(by_rule), *skipped),
             _ => {
                 let flags: Option<Vec<bool>> = focus.map(|f| items.iter().map(|i| f.contains(&i.id)).collect());
-                matching::candidates_touching(&items, &rules, flags.as_deref())
+                matching::candidates_touching(items, &rules, flags.as_deref())
             }
         };
         let blocks_ms = ms(step);
         let step = std::time::Instant::now();
         let model: &matching::Model = match by_rule {
-            Some((by_rule, _)) => model.insert(matching::estimate_blocked(&specs, &items, &rules, &by_rule, 17)),
+            Some((by_rule, _)) => model.insert(matching::estimate_blocked(&specs, items, &rules, &by_rule, 17)),
             None => model.as_ref().ok_or_else(|| super::StoreError::Invariant("matching: no model".into()))?,
         };
         let fit_ms = ms(step);
@@ -250,7 +255,7 @@ impl Store {
             ..MatchReport::default()
         };
         let linked: Vec<matching::Scored> = matching::par_map(&pairs, |(a, b)| {
-            Some(matching::score(model, &specs, &items, *a, *b)).filter(|s| s.probability >= mt.threshold)
+            Some(matching::score(model, &specs, items, *a, *b)).filter(|s| s.probability >= mt.threshold)
         })
         .into_iter()
         .flatten()
@@ -303,12 +308,15 @@ impl Store {
         report.links = records.len();
         let score_ms = ms(step);
         let step = std::time::Instant::now();
+        let mut changed = Vec::new();
         for chunk in records.chunks(LINK_BATCH) {
-            let r = self.apply_batch(&cfg, chunk.to_vec(), None).await?;
+            let (r, c) = self.apply_batch_tracked(&cfg, chunk.to_vec(), None, None).await?;
             report.batch.add(&r);
+            changed.extend(c);
         }
+        let items_len = items.len();
         tracing::debug!(
-            profiles = items.len(),
+            profiles = items_len,
             pairs = pairs.len(),
             links = report.links,
             read_ms,
@@ -323,6 +331,48 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let rows = self.rows_in(&mut conn, "profile_id", "FROM identities WHERE id IN ({})", &anchors).await?;
         let touched = rows.iter().map(|r| r.int(0)).collect::<Result<_>>()?;
+        drop(conn);
+        // Only the profiles the links changed hold other values now.
+        changed.sort_unstable();
+        changed.dedup();
+        let fresh = latest_values(self.compared_traits_of(&changed).await?, &specs, &field_index);
+        if let Some(items) = compared.as_mut() {
+            items.retain(|i| changed.binary_search(&i.id).is_err());
+            items.extend(fresh);
+            items.sort_by_key(|i| i.id);
+        }
         Ok((report, touched))
     }
+}
+
+/// Each profile's compared values from trait observations (profile, trait,
+/// value as stored, observed at): the latest value of each compared trait,
+/// trimmed and lowercased, profiles in id order. Rows may come in any order.
+fn latest_values(
+    rows: Vec<(i64, String, String, i64)>,
+    specs: &[FieldSpec],
+    field_index: &FxHashMap<&str, usize>,
+) -> Vec<Item> {
+    let mut latest: FxHashMap<i64, Vec<Option<(i64, String)>>> = FxHashMap::default();
+    for (profile, name, raw, at) in rows {
+        let Some(&f) = field_index.get(name.as_str()) else { continue };
+        let value = match serde_json::from_str::<serde_json::Value>(&raw) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(v) => v.to_string(),
+            Err(_) => raw,
+        };
+        let value = value.trim().to_lowercase();
+        // The latest; of two observed at once, the greater, so that the
+        // order rows arrive in never matters.
+        let slot = &mut latest.entry(profile).or_insert_with(|| vec![None; specs.len()])[f];
+        if slot.as_ref().is_none_or(|(t, v)| (at, &value) > (*t, v)) {
+            *slot = Some((at, value));
+        }
+    }
+    let mut items: Vec<Item> = latest
+        .into_iter()
+        .map(|(id, vals)| Item { id, values: vals.into_iter().map(|v| v.map(|(_, s)| s)).collect() })
+        .collect();
+    items.sort_by_key(|i| i.id);
+    items
 }

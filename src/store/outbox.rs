@@ -44,6 +44,11 @@ impl<'a> Changes<'a> {
         self.by_profile.is_empty()
     }
 
+    /// The changed profiles, unordered.
+    pub(crate) fn profiles(&self) -> Vec<i64> {
+        self.by_profile.keys().copied().collect()
+    }
+
     /// `{"profile id": ["field", …], …}`, profiles and fields sorted; empty
     /// when nothing changed.
     pub(crate) fn to_json(&self) -> String {
