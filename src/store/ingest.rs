@@ -1034,7 +1034,8 @@ impl Store {
         steps.mark("resolve");
 
         // 4. Writes: the graph, then what each record attaches.
-        self.write_graph(conn, &graph, &new_nodes, &changing, received, &mut steps).await?;
+        let stored = |key: &str| stored_links.contains_key(key);
+        self.write_graph(conn, &graph, &new_nodes, &changing, &stored, received, &mut steps).await?;
         report.accepted = records.len() as u64;
         let (entity_rows, consent_rows) = attachments(records, &anchor_of, &graph.profile_of);
         if !index.folds.is_empty() {
@@ -1198,13 +1199,16 @@ impl Store {
 
     /// Writes what resolution decided: new profiles, merges, new
     /// identifiers, moved identifiers (and their entity rows), joined
-    /// components, and the changing links.
+    /// components, and the changing links (`stored`: whether a link's key
+    /// is stored already, looked up under this batch's locks).
+    #[allow(clippy::too_many_arguments)]
     async fn write_graph(
         &self,
         conn: &mut AnyConnection,
         graph: &regroup::Regrouping,
         new_nodes: &[NewNode<'_>],
         changing: &[(String, PendingLink)],
+        stored: &impl Fn(&str) -> bool,
         received: i64,
         steps: &mut Steps,
     ) -> Result<()> {
@@ -1295,23 +1299,30 @@ impl Store {
             .await?;
         }
         steps.mark("updates");
-        if !changing.is_empty() {
-            let rows = changing.iter().map(|(key, l)| {
-                vec![
-                    P::I(component_of[&l.ids[0]]),
-                    P::I(l.at),
-                    P::S(l.source.clone()),
-                    P::S(l.message_id.clone()),
-                    P::S(key.clone()),
-                    P::OF(l.probability),
-                ]
-            });
+        // New keys are plain inserts (no statement journal on SQLite, see
+        // `insert_fresh`); a stored key seen earlier now is updated.
+        let (again, fresh): (Vec<_>, Vec<_>) = changing.iter().partition(|(key, _)| stored(key));
+        let row = |(key, l): &&(String, PendingLink)| {
+            vec![
+                P::I(component_of[&l.ids[0]]),
+                P::I(l.at),
+                P::S(l.source.clone()),
+                P::S(l.message_id.clone()),
+                P::S(key.clone()),
+                P::OF(l.probability),
+            ]
+        };
+        const LINKS: &str = "INSERT INTO links (component, at, source, message_id, ids, probability)";
+        if !fresh.is_empty() {
+            insert_fresh(self, conn, LINKS, 6, fresh.iter().map(row)).await?;
+        }
+        if !again.is_empty() {
             insert_rows(
                 self,
                 conn,
-                "INSERT INTO links (component, at, source, message_id, ids, probability)",
+                LINKS,
                 6,
-                rows,
+                again.iter().map(row),
                 "ON CONFLICT (ids) DO UPDATE SET component = excluded.component, at = excluded.at, \
                  source = excluded.source, message_id = excluded.message_id, probability = excluded.probability",
             )

@@ -522,4 +522,16 @@ pub const MIGRATIONS: &[(i64, &str, &[&str])] = &[
             "ALTER TABLE links ADD COLUMN probability {f64}",
         ],
     ),
+    (
+        11,
+        "records by arrival, for matching",
+        &[
+            // What matching has not seen: the newest arrival, and the records
+            // after a run's watermark (each a scan of every record before:
+            // 265 ms at 960,000 records for every `cdp match`). Entries are
+            // appended in arrival order, so ingest writes them at the end of
+            // the tree.
+            "CREATE INDEX records_received ON records (received_at) WHERE source <> 'match'",
+        ],
+    ),
 ];
