@@ -221,7 +221,7 @@ pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), {batch} per transaction",
+        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), up to {batch} per transaction",
         n.div_ceil(PER_PERSON)
     );
     let cdp_db = dir.join("cdp.db");
