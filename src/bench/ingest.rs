@@ -217,13 +217,22 @@ pub async fn run_store_floor(url: &str) -> Result<(f64, u64)> {
 
 /// Runs the benchmark on SQLite in `dir`, and on PostgreSQL when `pg` names a
 /// server database to create scratch databases from.
-pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result<String> {
+/// `batch` is the largest batch, each backend's default when `None`.
+pub async fn run(n: usize, batch: Option<usize>, dir: &Path, pg: Option<&str>) -> Result<String> {
     let mut out = String::new();
+    let sizes = |backend| batch.unwrap_or_else(|| pipeline::default_batch(backend)).max(1);
     let _ = writeln!(
         out,
-        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), up to {batch} per transaction",
-        n.div_ceil(PER_PERSON)
+        "cdp bench ingest: {n} generated records ({} people, ~{PER_PERSON} records each), up to {} per transaction{}",
+        n.div_ceil(PER_PERSON),
+        sizes(Backend::Sqlite),
+        if pg.is_some() && batch.is_none() {
+            format!(" ({} on PostgreSQL)", sizes(Backend::Postgres))
+        } else {
+            String::new()
+        }
     );
+    let batch = sizes(Backend::Sqlite);
     let cdp_db = dir.join("cdp.db");
     let raw_db = dir.join("raw.db");
     for p in [&cdp_db, &raw_db] {
@@ -256,6 +265,7 @@ pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result
         let result = async {
             let store = Store::connect(&url, dir).await?;
             anyhow::ensure!(store.backend() == Backend::Postgres, "{url} is not a PostgreSQL store");
+            let batch = sizes(Backend::Postgres);
             let (report, secs, rejected) = run_cdp(&store, n, batch).await?;
             let raw_secs = run_raw(&store, n, batch).await?;
             let copy_secs = run_copy(&url, n).await?;
@@ -278,7 +288,20 @@ pub async fn run(n: usize, batch: usize, dir: &Path, pg: Option<&str>) -> Result
             anyhow::Ok(())
         }
         .await;
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin_pool).await;
+        // After a failed run the scratch store's sessions may still be
+        // rolling back (and holding their locks): try again for a while.
+        let drop_sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let mut dropped = sqlx::query(&drop_sql).execute(&admin_pool).await;
+        for _ in 0..20 {
+            if dropped.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            dropped = sqlx::query(&drop_sql).execute(&admin_pool).await;
+        }
+        if let Err(e) = dropped {
+            eprintln!("warning: could not drop the scratch database {name}: {e}");
+        }
         result?;
     }
     Ok(out)

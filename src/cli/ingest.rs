@@ -10,13 +10,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-pub use crate::ingest::pipeline::DEFAULT_BATCH;
-
 pub struct Args<'a> {
     pub manifest: &'a Path,
     pub source: &'a str,
     pub file: &'a Path,
-    pub batch: usize,
+    /// The largest batch; the backend's default when `None`
+    /// ([`pipeline::default_batch`]).
+    pub batch: Option<usize>,
     pub resume: bool,
     pub rejects: Option<&'a Path>,
     pub quiet: bool,
@@ -141,7 +141,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     let (tx, mut rx) = pipeline::handoff::<Chunk>();
     let manifest = m.clone();
     let source = a.source.to_owned();
-    let mut sizes = pipeline::Ramp::new(a.batch);
+    let mut sizes = pipeline::Ramp::new(a.batch.unwrap_or_else(|| pipeline::default_batch(store.backend())));
     let reader_cfg = cfg.clone();
     let reader = std::thread::spawn(move || -> Result<()> {
         let mut mapper = Mapper::new(&manifest, &source).map_err(anyhow::Error::msg)?;

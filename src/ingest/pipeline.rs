@@ -28,8 +28,25 @@ use crate::store::{Lease, Store, StoreError};
 /// already holding CRM and loyalty) took 10.8 s in batches of 20,000 and
 /// 7.4 s in batches of 100,000; `cdp bench ingest` went from 96,000 to
 /// 116,000 records/s. The cost is memory (two batches: ~380 → ~800 MiB
-/// there) and the lines redone after a crash.
+/// there) and the lines redone after a crash. SQLite only: see
+/// [`DEFAULT_BATCH_POSTGRES`].
 pub const DEFAULT_BATCH: usize = 100_000;
+
+/// The largest batch of a bulk load into PostgreSQL: a batch takes an
+/// advisory lock per identity component and new identifier it touches
+/// (`store::locking`), and the server's lock table, 6,400 locks with its
+/// default settings, is exhausted by a batch of 100,000 records ("out of
+/// shared memory", `cdp bench ingest --records 200000 --postgres`).
+pub const DEFAULT_BATCH_POSTGRES: usize = 20_000;
+
+/// The largest batch of a bulk load when none is given: [`DEFAULT_BATCH`]
+/// or, on PostgreSQL, [`DEFAULT_BATCH_POSTGRES`].
+pub fn default_batch(backend: crate::store::Backend) -> usize {
+    match backend {
+        crate::store::Backend::Sqlite => DEFAULT_BATCH,
+        crate::store::Backend::Postgres => DEFAULT_BATCH_POSTGRES,
+    }
+}
 
 /// The first batch of a bulk load ([`Ramp`]).
 pub const FIRST_BATCH: usize = 10_000;

@@ -40,6 +40,15 @@ fn contended(e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001" | "55P03")) => {
             StoreError::Contended(d.message().to_owned())
         }
+        // The server's lock table holds `max_locks_per_transaction` ×
+        // (`max_connections` + `max_prepared_transactions`) locks, shared by
+        // every session: 6,400 with PostgreSQL's defaults.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("53200") => StoreError::Busy(format!(
+            "PostgreSQL ran out of lock space for this batch's advisory locks ({}): pass a smaller --batch \
+             (cdp ingest's default on PostgreSQL is {}) or raise max_locks_per_transaction",
+            d.message(),
+            crate::ingest::pipeline::DEFAULT_BATCH_POSTGRES
+        )),
         _ => StoreError::Sql(e),
     }
 }
