@@ -6,7 +6,7 @@
 
 use super::people::{self, Labeled};
 use crate::ingest::Mapper;
-use crate::ingest::pipeline::{self, Ramp};
+use crate::ingest::pipeline::{self, Batcher};
 use crate::manifest::{self, Manifest};
 use crate::store::ingest::{Batch, BatchReport, IdentityConfig};
 use crate::store::{Backend, Store, values_clause};
@@ -43,14 +43,12 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
     let cfg = IdentityConfig::from_manifest(&m);
     let reader_cfg = cfg.clone();
     let (tx, mut rx) = pipeline::handoff::<(Batch, u64)>();
-    let mut sizes = Ramp::new(batch_size);
     let producer = std::thread::spawn(move || -> Result<()> {
-        let mut batch_size = sizes.next().unwrap_or(1);
         let mut mappers: Vec<(&str, Mapper<'_>)> = ["crm", "web", "pos"]
             .into_iter()
             .map(|s| Mapper::new(&m, s).map(|mp| (s, mp)).map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?;
-        let mut batch = Vec::with_capacity(batch_size);
+        let mut batch = Batcher::new(batch_size);
         let mut rejected = 0;
         let mut sent = 0usize;
         'outer: for chunk in chunks(n) {
@@ -60,13 +58,14 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                 }
                 sent += 1;
                 let Some((_, mapper)) = mappers.iter_mut().find(|(s, _)| *s == l.source) else { continue };
-                match mapper.map(&l.record, 0) {
+                let full = match mapper.map(&l.record, 0) {
                     Ok(r) => batch.push(r),
-                    Err(_) => rejected += 1,
-                }
-                if batch.len() >= batch_size {
-                    batch_size = sizes.next().unwrap_or(batch_size);
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                    Err(_) => {
+                        rejected += 1;
+                        None
+                    }
+                };
+                if let Some(full) = full {
                     if !tx.send((Batch::prepare(full, &reader_cfg), rejected)) {
                         return Ok(());
                     }
@@ -74,7 +73,7 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
                 }
             }
         }
-        tx.send((Batch::prepare(batch, &reader_cfg), rejected));
+        tx.send((Batch::prepare(batch.finish(), &reader_cfg), rejected));
         Ok(())
     });
     let start = Instant::now();
@@ -96,10 +95,8 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
         .await?;
     // The same transactions as cdp's run: the same ramp of batch sizes.
     let (tx, mut rx) = pipeline::handoff::<Vec<(String, String, String, String)>>();
-    let mut sizes = Ramp::new(batch_size);
     let producer = std::thread::spawn(move || {
-        let mut batch_size = sizes.next().unwrap_or(1);
-        let mut batch = Vec::with_capacity(batch_size);
+        let mut batch = Batcher::new(batch_size);
         let mut sent = 0usize;
         'outer: for chunk in chunks(n) {
             for l in chunk {
@@ -109,16 +106,14 @@ pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> 
                 sent += 1;
                 let id = l.record["id"].as_str().unwrap_or_default().to_owned();
                 let at = l.record["at"].as_str().unwrap_or_default().to_owned();
-                batch.push((l.source.to_owned(), id, at, l.record.to_string()));
-                if batch.len() >= batch_size {
-                    batch_size = sizes.next().unwrap_or(batch_size);
-                    if !tx.send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))) {
-                        return;
-                    }
+                if let Some(full) = batch.push((l.source.to_owned(), id, at, l.record.to_string()))
+                    && !tx.send(full)
+                {
+                    return;
                 }
             }
         }
-        tx.send(batch);
+        tx.send(batch.finish());
     });
     let start = Instant::now();
     while let Some(batch) = rx.recv().await {

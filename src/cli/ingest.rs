@@ -141,13 +141,12 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
     let (tx, mut rx) = pipeline::handoff::<Chunk>();
     let manifest = m.clone();
     let source = a.source.to_owned();
-    let mut sizes = pipeline::Ramp::new(a.batch.unwrap_or_else(|| pipeline::default_batch(store.backend())));
+    let max_batch = a.batch.unwrap_or_else(|| pipeline::default_batch(store.backend()));
     let reader_cfg = cfg.clone();
     let reader = std::thread::spawn(move || -> Result<()> {
         let mut mapper = Mapper::new(&manifest, &source).map_err(anyhow::Error::msg)?;
         let now = crate::store::now_ms();
-        let mut batch_size = sizes.next().unwrap_or(1);
-        let (mut recs, mut rejs) = (Vec::with_capacity(batch_size), Vec::new());
+        let (mut recs, mut rejs) = (pipeline::Batcher::new(max_batch), Vec::new());
         let mut last_line = 0u64;
         let mut skipped = 0u64;
         let mut read = 0u64;
@@ -158,15 +157,16 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
                 continue;
             }
             read += 1;
-            match rec.and_then(|v| mapper.map(&v, now)) {
+            let full = match rec.and_then(|v| mapper.map(&v, now)) {
                 Ok(r) => recs.push(r),
-                Err(e) => rejs.push((line, e)),
-            }
-            if recs.len() >= batch_size {
+                Err(e) => {
+                    rejs.push((line, e));
+                    None
+                }
+            };
+            if let Some(full) = full {
                 let dropped = std::mem::take(&mut mapper.dropped_ids);
-                batch_size = sizes.next().unwrap_or(batch_size);
-                let prepared =
-                    Batch::prepare(std::mem::replace(&mut recs, Vec::with_capacity(batch_size)), &reader_cfg);
+                let prepared = Batch::prepare(full, &reader_cfg);
                 let batch = (prepared, std::mem::take(&mut rejs), last_line, skipped, dropped, read);
                 (skipped, read) = (0, 0);
                 if !tx.send(batch) {
@@ -175,7 +175,7 @@ pub async fn run(a: Args<'_>) -> Result<Summary> {
             }
         }
         let dropped = std::mem::take(&mut mapper.dropped_ids);
-        tx.send((Batch::prepare(recs, &reader_cfg), rejs, last_line, skipped, dropped, read));
+        tx.send((Batch::prepare(recs.finish(), &reader_cfg), rejs, last_line, skipped, dropped, read));
         Ok(())
     });
 

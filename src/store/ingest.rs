@@ -973,11 +973,10 @@ impl Store {
 
     /// Applies `batch` on `conn`; returns what it did, the outbox entry of
     /// the profiles it changed (JSON; empty when none) and those profiles.
-    /// The steps, each
-    /// below: look up the batch's identifiers (locking what it touches),
-    /// store its new records, resolve the components its links change,
-    /// write the graph, then what the records attach (traits, entity rows,
-    /// consent) and the ledger.
+    /// The steps, each below: look up the batch's identifiers (locking what
+    /// it touches), store its new records, resolve the components its links
+    /// change, write the graph, then what the records attach (traits, entity
+    /// rows, consent) and the ledger.
     async fn apply_in(
         &self,
         conn: &mut AnyConnection,
