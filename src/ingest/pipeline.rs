@@ -254,9 +254,9 @@ mod tests {
     #[test]
     fn a_batcher_hands_out_batches_of_the_ramps_sizes() {
         let mut b = Batcher::new(25_000);
-        let sizes: Vec<usize> = (0..80_000).filter_map(|i| b.push(i)).map(|v| v.len()).collect();
+        let sizes: Vec<usize> = (0..70_000).filter_map(|i| b.push(i)).map(|v| v.len()).collect();
         assert_eq!(sizes, [10_000, 20_000, 25_000]);
-        assert_eq!(b.finish().len(), 25_000, "what is left is the last batch");
+        assert_eq!(b.finish().len(), 15_000, "what is left is the last batch");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
