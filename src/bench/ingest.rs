@@ -90,27 +90,37 @@ pub async fn run_cdp(store: &Store, n: usize, batch_size: usize) -> Result<(Batc
 /// The baseline: the same records as rows (source, message id, time, JSON)
 /// appended with multi-row INSERTs, one transaction per batch.
 pub async fn run_raw(store: &Store, n: usize, batch_size: usize) -> Result<f64> {
+    let rows = chunks(n).flatten().take(n).map(|l| {
+        let id = l.record["id"].as_str().unwrap_or_default().to_owned();
+        let at = l.record["at"].as_str().unwrap_or_default().to_owned();
+        (l.source.to_owned(), id, at, l.record.to_string())
+    });
+    insert_raw(store, rows, batch_size).await
+}
+
+/// A row of the raw baseline: source, message id, time, the record as JSON.
+pub type RawRow = (String, String, String, String);
+
+/// Appends `rows` to a new `raw_records` table of `store` with multi-row
+/// INSERTs, in transactions of the sizes `cdp ingest` ramps through (a
+/// thread produces the next batch while one is written, as `cdp ingest`'s
+/// reader does); the seconds the writes took.
+pub async fn insert_raw(
+    store: &Store,
+    rows: impl Iterator<Item = RawRow> + Send + 'static,
+    batch_size: usize,
+) -> Result<f64> {
     sqlx::query("CREATE TABLE raw_records (source TEXT NOT NULL, message_id TEXT NOT NULL, at TEXT, payload TEXT NOT NULL, PRIMARY KEY (source, message_id))")
         .execute(store.pool())
         .await?;
-    // The same transactions as cdp's run: the same ramp of batch sizes.
-    let (tx, mut rx) = pipeline::handoff::<Vec<(String, String, String, String)>>();
+    let (tx, mut rx) = pipeline::handoff::<Vec<RawRow>>();
     let producer = std::thread::spawn(move || {
         let mut batch = Batcher::new(batch_size);
-        let mut sent = 0usize;
-        'outer: for chunk in chunks(n) {
-            for l in chunk {
-                if sent >= n {
-                    break 'outer;
-                }
-                sent += 1;
-                let id = l.record["id"].as_str().unwrap_or_default().to_owned();
-                let at = l.record["at"].as_str().unwrap_or_default().to_owned();
-                if let Some(full) = batch.push((l.source.to_owned(), id, at, l.record.to_string()))
-                    && !tx.send(full)
-                {
-                    return;
-                }
+        for row in rows {
+            if let Some(full) = batch.push(row)
+                && !tx.send(full)
+            {
+                return;
             }
         }
         tx.send(batch.finish());

@@ -121,7 +121,10 @@ struct Index {
     /// Per record: the identifier it attaches to (its strongest), or
     /// [`NO_ANCHOR`].
     anchor: Vec<u32>,
-    /// Trait observations folded per (anchor, trait, source).
+    /// The identifiers by key, then value: the order the writer probes the
+    /// store's `(key, value)` index in.
+    by_value: Vec<u32>,
+    /// Trait observations folded per (anchor, trait, source), in that order.
     folds: Vec<Fold>,
 }
 
@@ -189,8 +192,17 @@ impl Index {
                     .or_insert_with(|| (at, TraitFold::new(r.at, text, num)));
             }
         }
+        let mut folds: Vec<_> = folds.into_iter().collect();
+        folds.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         index.folds =
             folds.into_iter().map(|((anchor, _, _), (at, f))| Fold { anchor, at, fold: f.map(|t| t.at) }).collect();
+        let ident = |i: u32| {
+            let (ri, pos) = index.idents[i as usize];
+            &records[ri as usize].ids[pos as usize]
+        };
+        let mut by_value: Vec<u32> = (0..index.idents.len() as u32).collect();
+        by_value.sort_unstable_by(|a, b| ident(*a).cmp(ident(*b)));
+        index.by_value = by_value;
         index
     }
 
@@ -1421,7 +1433,9 @@ impl Store {
                 (id, fresh, name, r.source.as_str(), f.fold.clone().map(text))
             })
             .collect();
-        folds.sort_unstable_by(|a, b| (a.0, a.2, a.3).cmp(&(b.0, b.2, b.3)));
+        // The index has them by (anchor, name, source) and one identifier has
+        // one id: a stable sort by id puts them in key order.
+        folds.sort_by_key(|f| f.0);
         let s = |x: &str| P::S(x.to_owned());
         let (mut single, mut multi, mut stored) = (Vec::new(), Vec::new(), Vec::new());
         for (id, fresh, name, source, f) in folds {
@@ -1514,33 +1528,38 @@ impl Store {
             &batch.records[ri as usize].ids[pos as usize]
         };
         // By key, then value: neighbouring probes of the (key, value) index.
-        let mut order: Vec<u32> = (0..index.idents.len() as u32).collect();
-        order.sort_unstable_by(|a, b| ident(*a).cmp(ident(*b)));
-        let mut found: Vec<Option<Known>> = vec![None; order.len()];
-        for group in order.chunk_by(|a, b| ident(*a).0 == ident(*b).0) {
-            let key = ident(group[0]).0.as_str();
-            for chunk in group.chunks(IN_CHUNK) {
-                let sql = self.rows_sql(
+        let chunks: Vec<(&str, &[u32])> = index
+            .by_value
+            .chunk_by(|a, b| ident(*a).0 == ident(*b).0)
+            .flat_map(|group| group.chunks(IN_CHUNK).map(|chunk| (ident(chunk[0]).0.as_str(), chunk)))
+            .collect();
+        let mut shapes: FxHashMap<usize, String> = FxHashMap::default();
+        for (_, chunk) in &chunks {
+            shapes.entry(chunk.len()).or_insert_with(|| {
+                self.rows_sql(
                     "v.column2, i.id, i.profile_id, i.component, i.first_at",
                     &format!(
                         "FROM (VALUES {}) AS v JOIN identities i ON i.value = v.column1 AND i.key = ?",
                         values_clause(chunk.len(), 2)
                     ),
-                );
-                let mut q = sqlx::query(&sql);
-                for i in chunk {
-                    q = q.bind(ident(*i).1.as_str()).bind(i64::from(*i));
-                }
-                q = q.bind(key);
-                for row in self.fetch_rows(conn, q).await? {
-                    let slot = usize::try_from(row.int(0)?)
-                        .ok()
-                        .and_then(|i| found.get_mut(i))
-                        .ok_or_else(|| super::StoreError::Invariant("identifier lookup: a row for no value".into()))?;
-                    let stored = Stored { profile: row.int(2)?, component: row.int(3)?, first_at: row.int(4)? };
-                    *slot = Some(Known { id: row.int(1)?, stored: Some(stored) });
-                }
+                )
+            });
+        }
+        let queries = chunks.iter().map(|(key, chunk)| {
+            let mut q = sqlx::query(&shapes[&chunk.len()]);
+            for i in *chunk {
+                q = q.bind(ident(*i).1.as_str()).bind(i64::from(*i));
             }
+            q.bind(*key)
+        });
+        let mut found: Vec<Option<Known>> = vec![None; index.by_value.len()];
+        for row in self.fetch_chunks(conn, queries).await? {
+            let slot = usize::try_from(row.int(0)?)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+                .ok_or_else(|| super::StoreError::Invariant("identifier lookup: a row for no value".into()))?;
+            let stored = Stored { profile: row.int(2)?, component: row.int(3)?, first_at: row.int(4)? };
+            *slot = Some(Known { id: row.int(1)?, stored: Some(stored) });
         }
         let mut fresh = self.take_ids(conn, found.iter().filter(|k| k.is_none()).count()).await?;
         found.into_iter().map(|k| k.map_or_else(|| Ok(Known { id: fresh.next()?, stored: None }), Ok)).collect()
@@ -1551,19 +1570,24 @@ impl Store {
         conn: &mut AnyConnection,
         keys: Vec<String>,
     ) -> Result<FxHashMap<String, (i64, String, String)>> {
-        let mut out = FxHashMap::default();
-        for chunk in keys.chunks(IN_CHUNK) {
-            let sql = self.rows_sql(
+        let shape = |k: usize| {
+            self.rows_sql(
                 "l.ids, l.at, l.source, l.message_id",
-                &format!("FROM ({}) AS v JOIN links l ON l.ids = v.column1", values_list(chunk.len())),
-            );
-            let mut q = sqlx::query(&sql);
+                &format!("FROM ({}) AS v JOIN links l ON l.ids = v.column1", values_list(k)),
+            )
+        };
+        let full = shape(IN_CHUNK.min(keys.len()));
+        let last = shape(keys.len() % IN_CHUNK);
+        let queries = keys.chunks(IN_CHUNK).map(|chunk| {
+            let mut q = sqlx::query(if chunk.len() == IN_CHUNK { &full } else { &last });
             for k in chunk {
                 q = q.bind(k.as_str());
             }
-            for row in self.fetch_rows(conn, q).await? {
-                out.insert(row.text(0)?, (row.int(1)?, row.text(2)?, row.text(3)?));
-            }
+            q
+        });
+        let mut out = FxHashMap::default();
+        for row in self.fetch_chunks(conn, queries).await? {
+            out.insert(row.text(0)?, (row.int(1)?, row.text(2)?, row.text(3)?));
         }
         Ok(out)
     }

@@ -350,18 +350,70 @@ impl Store {
 
     /// Runs a query built on [`Store::rows_sql`].
     pub(crate) async fn fetch_rows(&self, conn: &mut sqlx::AnyConnection, q: ingest::Query<'_>) -> Result<Vec<Rowish>> {
-        match self.backend {
-            Backend::Sqlite => {
-                let text: Option<String> = q.fetch_one(&mut *conn).await?.try_get(0)?;
-                let rows: Vec<Vec<serde_json::Value>> = match text {
-                    Some(t) => serde_json::from_str(&t)
-                        .map_err(|e| StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}")))?,
-                    None => Vec::new(),
-                };
-                Ok(rows.into_iter().map(Rowish::Json).collect())
-            }
-            Backend::Postgres => Ok(q.fetch_all(&mut *conn).await?.into_iter().map(Rowish::Row).collect()),
+        self.fetch_chunks(conn, std::iter::once(q)).await
+    }
+
+    /// Runs queries built on [`Store::rows_sql`] one after another and
+    /// returns their rows in order. `queries` is lazy: binding a chunk's
+    /// parameters and unpacking a chunk's rows are as much work for this
+    /// thread as running the chunk is for the database's, so the three
+    /// overlap — while the database runs one chunk, this task binds the next
+    /// and unpacks the one before.
+    pub(crate) async fn fetch_chunks<'q>(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        queries: impl Iterator<Item = ingest::Query<'q>>,
+    ) -> Result<Vec<Rowish>> {
+        enum Fetched {
+            Packed(Option<String>),
+            Rows(Vec<sqlx::any::AnyRow>),
         }
+        let backend = self.backend;
+        let (query_tx, query_rx) = tokio::sync::mpsc::channel::<ingest::Query<'q>>(1);
+        let (rows_tx, rows_rx) = tokio::sync::mpsc::channel::<Fetched>(1);
+        let bind = async {
+            for q in queries {
+                if query_tx.send(q).await.is_err() {
+                    return; // a chunk failed; its error is returned below
+                }
+            }
+            drop(query_tx);
+        };
+        let run = async {
+            // Owned here: a failed chunk drops the receiver, which stops the binding.
+            let mut query_rx = query_rx;
+            while let Some(q) = query_rx.recv().await {
+                let fetched = match backend {
+                    Backend::Sqlite => Fetched::Packed(q.fetch_one(&mut *conn).await?.try_get(0)?),
+                    Backend::Postgres => Fetched::Rows(q.fetch_all(&mut *conn).await?),
+                };
+                if rows_tx.send(fetched).await.is_err() {
+                    break; // unpacking failed; its error is returned below
+                }
+            }
+            drop(rows_tx);
+            Ok::<(), StoreError>(())
+        };
+        let unpack = async {
+            let mut rows_rx = rows_rx;
+            let mut out = Vec::new();
+            while let Some(fetched) = rows_rx.recv().await {
+                match fetched {
+                    Fetched::Packed(None) => {}
+                    Fetched::Packed(Some(text)) => {
+                        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&text).map_err(|e| {
+                            StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}"))
+                        })?;
+                        out.extend(rows.into_iter().map(Rowish::Json));
+                    }
+                    Fetched::Rows(rows) => out.extend(rows.into_iter().map(Rowish::Row)),
+                }
+            }
+            Ok::<_, StoreError>(out)
+        };
+        let ((), ran, unpacked) = tokio::join!(bind, run, unpack);
+        ran?;
+        unpacked
     }
 
     /// [`Store::rows_sql`] over an IN list: `SELECT {cols} {from}` where the
@@ -373,16 +425,18 @@ impl Store {
         from: &str,
         ids: &[i64],
     ) -> Result<Vec<Rowish>> {
-        let mut rows = Vec::new();
-        for chunk in ids.chunks(IN_CHUNK) {
-            let sql = self.rows_sql(cols, &from.replacen("{}", &in_list(chunk.len()), 1));
-            let mut q = sqlx::query(&sql);
+        // Two statement shapes: the full chunks' and the last one's.
+        let shape = |k: usize| self.rows_sql(cols, &from.replacen("{}", &in_list(k), 1));
+        let full = shape(IN_CHUNK.min(ids.len()));
+        let last = shape(ids.len() % IN_CHUNK);
+        let queries = ids.chunks(IN_CHUNK).map(|chunk| {
+            let mut q = sqlx::query(if chunk.len() == IN_CHUNK { &full } else { &last });
             for id in chunk {
                 q = q.bind(*id);
             }
-            rows.extend(self.fetch_rows(conn, q).await?);
-        }
-        Ok(rows)
+            q
+        });
+        self.fetch_chunks(conn, queries).await
     }
 
     /// Where a named input stream stopped, if it ever ran.
