@@ -55,15 +55,30 @@ impl<'a> Changes<'a> {
         if self.is_empty() {
             return String::new();
         }
-        let mut sorted: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-        for (p, fields) in &self.by_profile {
-            let mut f = fields.clone();
-            f.sort_unstable();
-            sorted.insert(*p, f);
+        // Written directly: a batch of 100,000 records changes as many
+        // profiles, and building a JSON value of them first cost more than
+        // writing the text.
+        let mut sorted: Vec<(i64, &Vec<&str>)> = self.by_profile.iter().map(|(p, f)| (*p, f)).collect();
+        sorted.sort_unstable_by_key(|(p, _)| *p);
+        let mut out = String::with_capacity(sorted.len() * 24);
+        let mut fields: Vec<&str> = Vec::new();
+        for (i, (profile, f)) in sorted.into_iter().enumerate() {
+            out.push_str(if i == 0 { "{\"" } else { ",\"" });
+            out.push_str(&profile.to_string());
+            out.push_str("\":[");
+            fields.clear();
+            fields.extend(f.iter().copied());
+            fields.sort_unstable();
+            for (j, field) in fields.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::from(*field).to_string());
+            }
+            out.push(']');
         }
-        let map: serde_json::Map<String, serde_json::Value> =
-            sorted.into_iter().map(|(p, f)| (p.to_string(), serde_json::json!(f))).collect();
-        serde_json::Value::Object(map).to_string()
+        out.push('}');
+        out
     }
 }
 
@@ -129,5 +144,23 @@ impl Store {
                    WHERE excluded.position > outbox_readers.position";
         sqlx::query(&self.sql(sql)).bind(reader).bind(seq).bind(now_ms()).execute(self.pool()).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_written_as_sorted_json() {
+        let mut c = Changes::default();
+        assert_eq!(c.to_json(), "");
+        for (p, f) in [(12, "x"), (3, "b"), (3, "a"), (3, "b"), (-1, "say \"hi\"")] {
+            c.add(p, f);
+        }
+        let json = c.to_json();
+        assert_eq!(json, r#"{"-1":["say \"hi\""],"3":["a","b"],"12":["x"]}"#);
+        let read: BTreeMap<String, Vec<String>> = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(read["3"], ["a", "b"]);
     }
 }
