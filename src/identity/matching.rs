@@ -284,7 +284,12 @@ pub fn candidates_touching(items: &[Item], rules: &[Vec<usize>], focus: Option<&
         // gathered (a pass after the first focuses on a few thousand of
         // hundreds of thousands of profiles).
         let wanted: Option<FxHashSet<Vec<&str>>> = focus.map(|_| {
-            items.iter().enumerate().filter(|(i, _)| focused(*i as u32)).filter_map(|(_, it)| block_key(it, rule)).collect()
+            items
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| focused(*i as u32))
+                .filter_map(|(_, it)| block_key(it, rule))
+                .collect()
         });
         let mut blocks: FxHashMap<Vec<&str>, Vec<u32>> = FxHashMap::default();
         for (i, it) in items.iter().enumerate() {

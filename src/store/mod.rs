@@ -401,9 +401,8 @@ impl Store {
                 match fetched {
                     Fetched::Packed(None) => {}
                     Fetched::Packed(Some(text)) => {
-                        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&text).map_err(|e| {
-                            StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}"))
-                        })?;
+                        let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&text)
+                            .map_err(|e| StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}")))?;
                         out.extend(rows.into_iter().map(Rowish::Json));
                     }
                     Fetched::Rows(rows) => out.extend(rows.into_iter().map(Rowish::Row)),
