@@ -791,6 +791,59 @@ fn attachments(
     (entity_rows, consent_rows)
 }
 
+/// What resolving a batch's links needs from the store, read by
+/// [`Store::plan_resolution`]; [`Resolution::resolve`] is pure and runs on
+/// any thread.
+struct Resolution {
+    /// The batch's new or earlier links, by key.
+    changing: Vec<(String, PendingLink)>,
+    /// The stored links among the batch's, by key: (at, source, message id).
+    stored_links: FxHashMap<String, (i64, String, String)>,
+    /// The batch's stored identifiers, where they are.
+    stored: Vec<(i64, Stored)>,
+    /// Every identifier and link of the components `changing` touches.
+    stored_nodes: Vec<Node>,
+    old_links: Vec<(String, PendingLink)>,
+    /// The identifiers the batch creates: (id, key, value), in index order.
+    fresh: Vec<(i64, String, String)>,
+    /// Ids for new profiles.
+    profile_ids: super::Ids,
+}
+
+impl Resolution {
+    /// The batch's identifiers resolved: stored ones where they are, the
+    /// components `changing` links touch regrouped ([`regroup::regroup`]),
+    /// and a profile of its own for each new identifier no changing link
+    /// joins. `profile_of` and `component_of` of the result cover all of
+    /// them. Returns the plan too: what is left of it is written next.
+    fn resolve(mut self, cfg: &IdentityConfig) -> Result<(regroup::Regrouping, Resolution)> {
+        let mut profile_of: FxHashMap<i64, i64> = self.stored.iter().map(|(id, s)| (*id, s.profile)).collect();
+        let mut component_of: FxHashMap<i64, i64> = self.stored.iter().map(|(id, s)| (*id, s.component)).collect();
+        let mut graph = regroup::Regrouping::default();
+        if !self.changing.is_empty() {
+            let fresh: Vec<(i64, &str, &str)> =
+                self.fresh.iter().map(|(id, key, value)| (*id, key.as_str(), value.as_str())).collect();
+            let ids = &mut self.profile_ids;
+            let nodes = std::mem::take(&mut self.stored_nodes);
+            graph = regroup::regroup(cfg, nodes, &fresh, &self.old_links, &self.changing, &mut || ids.next())?;
+        }
+        profile_of.extend(graph.profile_of.drain());
+        component_of.extend(graph.component_of.drain());
+        // New identifiers outside any link (or in links already resolved) get profiles of their own.
+        for (id, _, _) in &self.fresh {
+            if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(*id) {
+                let p = self.profile_ids.next()?;
+                graph.new_profiles.push(p);
+                e.insert(p);
+                component_of.insert(*id, *id);
+            }
+        }
+        graph.profile_of = profile_of;
+        graph.component_of = component_of;
+        Ok((graph, self))
+    }
+}
+
 fn unindexed() -> super::StoreError {
     super::StoreError::Invariant("a batch was applied without its identifier index".to_owned())
 }
@@ -1009,11 +1062,41 @@ impl Store {
         }
         let mut known = self.lookup_locked(conn, batch).await?;
         steps.mark("lookup");
-        report.duplicates += self.store_records(conn, cfg, batch, &mut known, received).await?;
+
+        // 2. The records, and resolution: the components the batch's links
+        // change are read and regrouped. A batch that creates identifiers
+        // holds new records, so it is resolved on a thread of its own while
+        // this task stores the records (two cores at work instead of one);
+        // one that creates none may be input stored before (a re-run), so its
+        // records go first and only what is left is resolved. Should records
+        // stored before leave a batch resolved early, it is resolved again.
+        let early = if known.iter().any(|k| k.stored.is_none()) {
+            let plan = self.plan_resolution(conn, batch, &known, &mut steps).await?;
+            let cfg = cfg.clone();
+            Some(tokio::task::spawn_blocking(move || plan.resolve(&cfg)))
+        } else {
+            None
+        };
+        let dropped = self.store_records(conn, cfg, batch, &mut known, received).await?;
+        report.duplicates += dropped;
         steps.mark("records");
+        let mut early = match early {
+            Some(task) => Some(task.await.map_err(|e| super::StoreError::Invariant(format!("resolution failed: {e}")))??),
+            None => None,
+        };
+        if dropped > 0
+            && let Some((_, plan)) = early.take()
+        {
+            self.give_back_ids(plan.profile_ids);
+        }
         if batch.is_empty() {
             return Ok((report, String::new(), Vec::new()));
         }
+        let (graph, plan) = match early {
+            Some(resolved) => resolved,
+            None => self.plan_resolution(conn, batch, &known, &mut steps).await?.resolve(cfg)?,
+        };
+        steps.mark("resolve");
         let batch: &Batch = batch;
         let records = &batch.records;
         let index = batch.index.as_ref().ok_or_else(unindexed)?;
@@ -1021,30 +1104,13 @@ impl Store {
         let new_nodes = new_identifiers(batch, index, &known);
         let redated = self.write_first_sightings(conn, records, index, &known).await?;
         steps.mark("first_seen");
-
-        // 2. Links: a link changes the graph when its identifier set is new,
-        // or earlier than the stored one.
-        let links = batch_links(records, index, &known);
-        let stored_links = self.lookup_links(conn, links.keys().cloned().collect()).await?;
-        steps.mark("links");
-        let changing: Vec<(String, PendingLink)> = links
-            .into_iter()
-            .filter(|(key, l)| match stored_links.get(key) {
-                None => true,
-                Some((at, src, msg)) => (l.at, &l.source, &l.message_id) < (*at, src, msg),
-            })
-            .collect();
-
-        // 3. Resolve every component a changing link touches.
-        let mut profile_ids = self.take_ids(conn, new_nodes.len()).await?;
-        let graph = self.resolve_graph(conn, cfg, &known, &new_nodes, &changing, &mut profile_ids, &mut steps).await?;
         report.splits += graph.report.splits;
         report.merges += graph.report.merges;
         report.conflicts += graph.report.conflicts;
         report.new_profiles = graph.new_profiles.len() as u64;
-        steps.mark("resolve");
+        let Resolution { changing, stored_links, profile_ids, .. } = plan;
 
-        // 4. Writes: the graph, then what each record attaches.
+        // 3. Writes: the graph, then what each record attaches.
         let stored = |key: &str| stored_links.contains_key(key);
         self.write_graph(conn, &graph, &new_nodes, &changing, &stored, received, &mut steps).await?;
         report.accepted = records.len() as u64;
@@ -1156,27 +1222,37 @@ impl Store {
         Ok(redated)
     }
 
-    /// The profile and component of every identifier the batch carries:
-    /// stored ones where they are, the components `changing` links touch
-    /// regrouped ([`regroup::regroup`]), and a profile of its own for each
-    /// new identifier no changing link joins. `profile_of` and
-    /// `component_of` of the result cover all of them.
-    #[allow(clippy::too_many_arguments)]
-    async fn resolve_graph(
+    /// Reads what resolving `batch` needs: its links (a link changes the
+    /// graph when its identifier set is new, or earlier than the stored
+    /// one), and every identifier and link of the components the changing
+    /// ones touch; takes the ids its new profiles may need.
+    async fn plan_resolution(
         &self,
         conn: &mut AnyConnection,
-        cfg: &IdentityConfig,
+        batch: &Batch,
         known: &[Known],
-        new_nodes: &[NewNode<'_>],
-        changing: &[(String, PendingLink)],
-        profile_ids: &mut super::Ids,
         steps: &mut Steps,
-    ) -> Result<regroup::Regrouping> {
-        let stored = || known.iter().filter_map(|x| Some((x.id, x.stored?)));
-        let mut profile_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.profile)).collect();
-        let mut component_of: FxHashMap<i64, i64> = stored().map(|(id, e)| (id, e.component)).collect();
-        let mut graph = regroup::Regrouping::default();
+    ) -> Result<Resolution> {
+        let index = batch.index.as_ref().ok_or_else(unindexed)?;
+        let links = batch_links(&batch.records, index, known);
+        let stored_links = self.lookup_links(conn, links.keys().cloned().collect()).await?;
+        steps.mark("links");
+        let changing: Vec<(String, PendingLink)> = links
+            .into_iter()
+            .filter(|(key, l)| match stored_links.get(key) {
+                None => true,
+                Some((at, src, msg)) => (l.at, &l.source, &l.message_id) < (*at, src, msg),
+            })
+            .collect();
+        let fresh: Vec<(i64, String, String)> = new_identifiers(batch, index, known)
+            .into_iter()
+            .map(|(id, key, value, _)| (id, key.to_owned(), value.to_owned()))
+            .collect();
+        let stored: Vec<(i64, Stored)> = known.iter().filter_map(|k| Some((k.id, k.stored?))).collect();
+        let mut profile_ids = self.take_ids(conn, fresh.len()).await?;
+        let (mut stored_nodes, mut old_links) = (Vec::new(), Vec::new());
         if !changing.is_empty() {
+            let component_of: FxHashMap<i64, i64> = stored.iter().map(|(id, s)| (*id, s.component)).collect();
             let mut touched: Vec<i64> = changing
                 .iter()
                 .flat_map(|(_, l)| l.ids.iter())
@@ -1184,28 +1260,12 @@ impl Store {
                 .collect();
             touched.sort_unstable();
             touched.dedup();
-            let (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
+            (stored_nodes, old_links) = self.load_components(conn, &touched).await?;
             // A profile per cluster at most: one per node.
-            let more = self.take_ids(conn, stored_nodes.len() + new_nodes.len()).await?;
-            profile_ids.extend(more);
-            steps.mark("components");
-            let fresh: Vec<(i64, &str, &str)> = new_nodes.iter().map(|n| (n.0, n.1, n.2)).collect();
-            graph = regroup::regroup(cfg, stored_nodes, &fresh, &old_links, changing, &mut || profile_ids.next())?;
+            profile_ids.extend(self.take_ids(conn, stored_nodes.len() + fresh.len()).await?);
         }
-        profile_of.extend(graph.profile_of.drain());
-        component_of.extend(graph.component_of.drain());
-        // New identifiers outside any link (or in links already resolved) get profiles of their own.
-        for n in new_nodes {
-            if let std::collections::hash_map::Entry::Vacant(e) = profile_of.entry(n.0) {
-                let p = profile_ids.next()?;
-                graph.new_profiles.push(p);
-                e.insert(p);
-                component_of.insert(n.0, n.0);
-            }
-        }
-        graph.profile_of = profile_of;
-        graph.component_of = component_of;
-        Ok(graph)
+        steps.mark("components");
+        Ok(Resolution { changing, stored_links, stored, stored_nodes, old_links, fresh, profile_ids })
     }
 
     /// Writes what resolution decided: new profiles, merges, new
