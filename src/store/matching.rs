@@ -81,6 +81,9 @@ impl Store {
     /// links changed are read again. The last write records that matching is
     /// done up to the records present when it started.
     async fn match_run(&self, m: &Manifest, incremental: bool) -> Result<MatchReport> {
+        // Reading and comparing come first: the log a load left behind is
+        // copied meanwhile, not by the first link's commit.
+        self.checkpoint_in_background();
         let watermark = self.newest_received().await?;
         let mut focus = match (incremental, self.matched_up_to().await?) {
             (true, Some(done)) => Some(self.profiles_since(done).await?),

@@ -209,6 +209,28 @@ impl Store {
         &self.writer
     }
 
+    /// SQLite: starts copying the write-ahead log into the database file on
+    /// the writer's connection, in the background (a passive checkpoint:
+    /// readers go on). For a command that reads and computes before it
+    /// writes, as matching does: the log a bulk load leaves behind (up to
+    /// `wal_autocheckpoint`, 256 MiB) is otherwise copied by its first
+    /// commit, with nothing else running. That write waits for the
+    /// checkpoint if it is still running.
+    pub(crate) fn checkpoint_in_background(&self) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_optional(&writer).await {
+                Ok(_) => tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "write-ahead log checkpointed"),
+                // Not an error of the command: the next commits checkpoint as usual.
+                Err(e) => tracing::debug!(error = %e, "background checkpoint skipped"),
+            }
+        });
+    }
+
     /// The pool for reads: on SQLite it never waits for the writer.
     pub fn read_pool(&self) -> &AnyPool {
         &self.pool
