@@ -1081,7 +1081,9 @@ impl Store {
         report.duplicates += dropped;
         steps.mark("records");
         let mut early = match early {
-            Some(task) => Some(task.await.map_err(|e| super::StoreError::Invariant(format!("resolution failed: {e}")))??),
+            Some(task) => {
+                Some(task.await.map_err(|e| super::StoreError::Invariant(format!("resolution failed: {e}")))??)
+            }
             None => None,
         };
         if dropped > 0
