@@ -130,21 +130,31 @@ impl Store {
         );
         let page = self.sql("SELECT MAX(id) FROM (SELECT id FROM identities WHERE id > ? ORDER BY id LIMIT ?) AS page");
         let mut conn = self.pool.acquire().await?;
-        let mut out = Vec::new();
+        // The pages' bounds first (a walk of the identities' key), then the
+        // pages, each unpacked while the database reads the next.
+        let mut pages = Vec::new();
         let mut after = i64::MIN;
         loop {
             let last: Option<i64> =
                 sqlx::query(&page).bind(after).bind(TRAIT_PAGE).fetch_one(&mut *conn).await?.try_get(0)?;
-            let Some(last) = last else { return Ok(out) };
+            let Some(last) = last else { break };
+            pages.push((after, last));
+            after = last;
+        }
+        let queries = pages.iter().map(|(after, last)| {
             let mut q = sqlx::query(&sql);
             for n in names {
                 q = q.bind(*n);
             }
-            for r in self.fetch_rows(&mut conn, q.bind(after).bind(last)).await? {
-                out.push((r.int(0)?, r.text(1)?, r.text(2)?, r.int(3)?));
-            }
-            after = last;
-        }
+            q.bind(*after).bind(*last)
+        });
+        let mut out = Vec::new();
+        self.fetch_chunks_each(&mut conn, queries, |r| {
+            out.push((r.int(0)?, r.text(1)?, r.text(2)?, r.int(3)?));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
     }
 
     /// [`Store::compared_traits`] of the profiles `ids` only (every trait

@@ -370,11 +370,6 @@ impl Store {
         }
     }
 
-    /// Runs a query built on [`Store::rows_sql`].
-    pub(crate) async fn fetch_rows(&self, conn: &mut sqlx::AnyConnection, q: ingest::Query<'_>) -> Result<Vec<Rowish>> {
-        self.fetch_chunks(conn, std::iter::once(q)).await
-    }
-
     /// Runs queries built on [`Store::rows_sql`] one after another and
     /// returns their rows in order. `queries` is lazy: binding a chunk's
     /// parameters and unpacking a chunk's rows are as much work for this
@@ -386,6 +381,24 @@ impl Store {
         conn: &mut sqlx::AnyConnection,
         queries: impl Iterator<Item = ingest::Query<'q>>,
     ) -> Result<Vec<Rowish>> {
+        let mut out = Vec::new();
+        self.fetch_chunks_each(conn, queries, |row| {
+            out.push(row);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// [`Store::fetch_chunks`], handing each row to `each` as it is unpacked
+    /// instead of collecting them: for reads of many rows that keep less
+    /// than a row (matching's compared traits).
+    pub(crate) async fn fetch_chunks_each<'q>(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        queries: impl Iterator<Item = ingest::Query<'q>>,
+        mut each: impl FnMut(Rowish) -> Result<()>,
+    ) -> Result<()> {
         enum Fetched {
             Packed(Option<String>),
             Rows(Vec<sqlx::any::AnyRow>),
@@ -418,19 +431,18 @@ impl Store {
         };
         let unpack = async {
             let mut rows_rx = rows_rx;
-            let mut out = Vec::new();
             while let Some(fetched) = rows_rx.recv().await {
                 match fetched {
                     Fetched::Packed(None) => {}
                     Fetched::Packed(Some(text)) => {
                         let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&text)
                             .map_err(|e| StoreError::Invariant(format!("unreadable packed rows from SQLite: {e}")))?;
-                        out.extend(rows.into_iter().map(Rowish::Json));
+                        rows.into_iter().map(Rowish::Json).try_for_each(&mut each)?;
                     }
-                    Fetched::Rows(rows) => out.extend(rows.into_iter().map(Rowish::Row)),
+                    Fetched::Rows(rows) => rows.into_iter().map(Rowish::Row).try_for_each(&mut each)?,
                 }
             }
-            Ok::<_, StoreError>(out)
+            Ok::<(), StoreError>(())
         };
         let ((), ran, unpacked) = tokio::join!(bind, run, unpack);
         ran?;
@@ -470,7 +482,7 @@ impl Store {
     }
 }
 
-/// A result row of [`Store::fetch_rows`]: packed JSON or a database row.
+/// A result row of [`Store::fetch_chunks`]: packed JSON or a database row.
 pub(crate) enum Rowish {
     Json(Vec<serde_json::Value>),
     Row(sqlx::any::AnyRow),
