@@ -10,7 +10,7 @@
 //! reads), never rewrites trait history.
 
 use super::outbox::Changes;
-use super::{IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
+use super::{ChunkSql, IN_CHUNK, Result, Store, now_ms, values_clause, values_list};
 use crate::identity::regroup::{self, Node, PendingLink};
 use crate::ingest::Record;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -538,20 +538,15 @@ async fn insert_chunks(
     {
         return insert_staged(store, staging, conn, prefix, cols, rows, suffix).await;
     }
-    // One statement shape for the full chunks, one for the last.
-    let shape = |k: usize| store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned();
-    let full = shape(per.min(n));
-    let rest = (n > per && !n.is_multiple_of(per)).then(|| (n % per, shape(n % per)));
+    let sql = ChunkSql::new(n, per, |k| {
+        store.sql(&format!("{prefix} VALUES {} {suffix}", values_clause(k, cols))).into_owned()
+    });
     let (tx, rx) = tokio::sync::mpsc::channel::<Query<'_>>(1);
     let bind_chunks = async {
         let mut rows = rows;
         while rows.len() > 0 {
             let k = rows.len().min(per);
-            let sql = match &rest {
-                Some((r, sql)) if *r == k => sql,
-                _ => &full,
-            };
-            let mut q = sqlx::query(sql);
+            let mut q = sqlx::query(sql.of(k));
             for row in rows.by_ref().take(k) {
                 for p in row {
                     q = bind(q, p);
@@ -1632,16 +1627,14 @@ impl Store {
         conn: &mut AnyConnection,
         keys: Vec<String>,
     ) -> Result<FxHashMap<String, (i64, String, String)>> {
-        let shape = |k: usize| {
+        let sql = ChunkSql::new(keys.len(), IN_CHUNK, |k| {
             self.rows_sql(
                 "l.ids, l.at, l.source, l.message_id",
                 &format!("FROM ({}) AS v JOIN links l ON l.ids = v.column1", values_list(k)),
             )
-        };
-        let full = shape(IN_CHUNK.min(keys.len()));
-        let last = shape(keys.len() % IN_CHUNK);
+        });
         let queries = keys.chunks(IN_CHUNK).map(|chunk| {
-            let mut q = sqlx::query(if chunk.len() == IN_CHUNK { &full } else { &last });
+            let mut q = sqlx::query(sql.of(chunk.len()));
             for k in chunk {
                 q = q.bind(k.as_str());
             }

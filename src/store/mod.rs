@@ -458,12 +458,9 @@ impl Store {
         from: &str,
         ids: &[i64],
     ) -> Result<Vec<Rowish>> {
-        // Two statement shapes: the full chunks' and the last one's.
-        let shape = |k: usize| self.rows_sql(cols, &from.replacen("{}", &in_list(k), 1));
-        let full = shape(IN_CHUNK.min(ids.len()));
-        let last = shape(ids.len() % IN_CHUNK);
+        let sql = ChunkSql::new(ids.len(), IN_CHUNK, |k| self.rows_sql(cols, &from.replacen("{}", &in_list(k), 1)));
         let queries = ids.chunks(IN_CHUNK).map(|chunk| {
-            let mut q = sqlx::query(if chunk.len() == IN_CHUNK { &full } else { &last });
+            let mut q = sqlx::query(sql.of(chunk.len()));
             for id in chunk {
                 q = q.bind(*id);
             }
@@ -479,6 +476,28 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+}
+
+/// The statement texts of a query over `n` items in chunks of `per`: one
+/// for the full chunks and one for a shorter last chunk, each built once.
+pub(crate) struct ChunkSql {
+    per: usize,
+    full: String,
+    last: String,
+}
+
+impl ChunkSql {
+    pub(crate) fn new(n: usize, per: usize, shape: impl Fn(usize) -> String) -> Self {
+        let per = per.max(1);
+        let full = if n >= per { shape(per) } else { String::new() };
+        let last = if n.is_multiple_of(per) { String::new() } else { shape(n % per) };
+        ChunkSql { per, full, last }
+    }
+
+    /// The text for a chunk of `len` items.
+    pub(crate) fn of(&self, len: usize) -> &str {
+        if len == self.per { &self.full } else { &self.last }
     }
 }
 
@@ -590,6 +609,18 @@ pub fn in_list(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_sql_builds_a_text_for_full_chunks_and_one_for_the_last() {
+        let shape = |k: usize| format!("IN ({})", in_list(k));
+        let sql = ChunkSql::new(5, 2, shape);
+        assert_eq!((sql.of(2), sql.of(1)), ("IN (?, ?)", "IN (?)"));
+        let sql = ChunkSql::new(4, 2, shape);
+        assert_eq!((sql.of(2), sql.of(1)), ("IN (?, ?)", ""));
+        let sql = ChunkSql::new(1, 2, shape);
+        assert_eq!(sql.of(1), "IN (?)");
+        assert_eq!(ChunkSql::new(0, 2, shape).of(2), "", "no chunks, nothing built");
+    }
     use sqlx::Executor;
 
     #[test]
